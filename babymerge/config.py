@@ -1,0 +1,225 @@
+"""Typed stage configs: dataclasses whose fields are the CLI flags, a config file format, and the
+resolved config saved beside every output.
+
+A stage declares ``@dataclass class XConfig`` with fields made by :func:`opt` (a flag) or
+:func:`arg` (a positional argument). :func:`config_command` turns it into a click command whose
+options are generated from the fields, so flags and config never drift apart. ``--config FILE``
+(TOML or YAML) sets fields; flags given on the command line win over the file; unknown keys are
+errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+
+C = TypeVar("C")
+
+
+def opt(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None = None,
+        short: str | None = None) -> Any:
+    """A config field exposed as ``--name`` (underscores become dashes)."""
+    meta = {"help": help, "choices": choices, "short": short}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "") -> Any:
+    """A config field exposed as a positional argument (a list field takes one or more)."""
+    meta = {"help": help, "positional": True}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _resolve_type(cls: type, f: dataclasses.Field) -> tuple[type, bool, bool]:
+    """(scalar type, is_list, is_optional) of a field's annotation."""
+    hints = typing.get_type_hints(cls)
+    tp = hints[f.name]
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return typing.get_args(tp)[0], True, optional
+    return tp, False, optional
+
+
+def _coerce(value: Any, scalar: type, is_list: bool, name: str) -> Any:
+    if value is None:
+        return None
+    if is_list:
+        if isinstance(value, (str, Path)):
+            value = [value]
+        return [_coerce(v, scalar, False, name) for v in value]
+    if scalar is Path:
+        return Path(value)
+    if scalar is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+        return bool(value)
+    if scalar in (int, float, str):
+        try:
+            return scalar(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{name}: expected {scalar.__name__}, got {value!r}") from e
+    return value
+
+
+class ConfigError(click.UsageError):
+    """A bad config value or file; the message names the flag or key."""
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) mapping of field names to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ConfigError(f"config file {path}: use .toml, .yaml, .yml or .json")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    """Make ``cls`` from a mapping (dashes or underscores), rejecting unknown keys."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}; "
+                              f"known: {', '.join(sorted(known))}")
+        scalar, is_list, _ = _resolve_type(cls, known[name])
+        kwargs[name] = _coerce(value, scalar, is_list, f"{source}: {key}")
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready dict of a config (paths as strings)."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if dataclasses.is_dataclass(v):
+            return config_to_dict(v)
+        return v
+
+    return {f.name: conv(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_config(cfg: Any, path: str | Path, **extra: Any) -> None:
+    """Save the resolved config (plus versions and ``extra``) as JSON beside an output."""
+    from babymerge import __version__
+
+    record = {"stage_config": type(cfg).__name__, "babymerge_version": __version__,
+              "python": sys.version.split()[0], "config": config_to_dict(cfg), **extra}
+    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
+
+
+def _click_params(cls: type) -> list[click.Parameter]:
+    params: list[click.Parameter] = []
+    for f in dataclasses.fields(cls):
+        scalar, is_list, optional = _resolve_type(cls, f)
+        meta = f.metadata
+        click_type: Any = {Path: click.Path(path_type=Path), int: int, float: float, bool: bool}.get(
+            scalar, str)
+        if meta.get("choices"):
+            click_type = click.Choice(list(meta["choices"]))
+        if meta.get("positional"):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            params.append(click.Argument([f.name], type=click_type, nargs=-1 if is_list else 1,
+                                         required=required))
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag] + ([meta["short"]] if meta.get("short") else [])
+        # defaults stay None on the click side so that a config file value is not overridden by
+        # a default nobody typed; the dataclass holds the real default.
+        if scalar is bool and not is_list:
+            names = [f"{flag}/--no-{f.name.replace('_', '-')}"]
+            params.append(click.Option(names, f.name, default=None, help=meta.get("help", "")
+                                       + f"  [default: {f.default}]"))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            params.append(click.Option(names, f.name, type=click_type, multiple=is_list, default=None,
+                                       help=meta.get("help", "") + (f"  [default: {shown}]"
+                                                                    if shown not in (None, "") else "")))
+    params.append(click.Option(["--config", "config_file"], type=click.Path(path_type=Path),
+                               default=None, help="TOML/YAML file setting any of these options"))
+    return params
+
+
+def config_command(group: click.Group, name: str, cls: type[C], run: Callable[[C], Any],
+                   help: str) -> click.Command:
+    """Register ``name`` on ``group``: parse flags (and --config) into ``cls``, then ``run(cfg)``."""
+
+    def callback(**kwargs: Any) -> Any:
+        config_file = kwargs.pop("config_file")
+        values = load_config_file(config_file) if config_file else {}
+        for key, value in kwargs.items():
+            if value is None or (isinstance(value, tuple) and len(value) == 0):
+                continue
+            values[key] = list(value) if isinstance(value, tuple) else value
+        try:
+            cfg = build_config(cls, values, source=str(config_file) if config_file else "options")
+        except ValueError as e:  # validation in __post_init__
+            raise click.UsageError(str(e)) from e
+        return run(cfg)
+
+    cmd = click.Command(name, callback=callback, params=_click_params(cls), help=help)
+    group.add_command(cmd)
+    return cmd

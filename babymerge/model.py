@@ -1,0 +1,196 @@
+"""BabyLLaVA: the paper's model, one architecture for the text-only LM and the VLM.
+
+A ``LlavaForConditionalGeneration`` whose vision tower is replaced by a cached feature: the image is
+ONE token whose embedding is ``projector(feature)``, the feature being DINOv2's ``hidden_states[-2]``
+mean-pooled over patch tokens (stage 1). Attention, the decoder and generation are transformers'
+own Llama code; only the image path is ours. Text-only inputs carry the black image's feature.
+
+Checkpoints are HF directories (``model_type: babyllava``); ``import babymerge`` registers the
+classes with the ``Auto*`` factories so ``AutoModelForImageTextToText.from_pretrained(dir)`` works,
+and :func:`export_language_model` writes a plain ``LlamaForCausalLM`` directory for tools that only
+know transformers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub.dataclasses import strict
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaModel)
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import kernels
+
+IMAGE_TOKEN = "<image>"
+
+
+@dataclass
+class ModelConfig:
+    """Decoder sizes. Defaults are the paper's: 6 Llama layers, hidden 768, 30k vocabulary."""
+
+    num_layers: int = 6
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_heads: int = 12
+    max_positions: int = 1024
+    feature_dim: int = 1024  # DINOv2-large hidden size; the projector's input
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "paper": ModelConfig(),
+    "small": ModelConfig(num_layers=4, hidden_size=256, intermediate_size=1024, num_heads=4,
+                         max_positions=512),
+    "tiny": ModelConfig(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                        max_positions=256),
+}
+
+
+@strict
+class BabyLlavaConfig(LlavaConfig):
+    """LlavaConfig with one image token and a pooled-feature input.
+
+    ``vision_config`` describes the encoder whose pooled feature the projector reads (its
+    ``hidden_size`` is the feature dimension); no vision weights live in the checkpoint.
+    """
+
+    model_type = "babyllava"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2",
+                                       init_kwargs={"hidden_size": 1024, "num_hidden_layers": 24,
+                                                    "num_attention_heads": 16,
+                                                    "intermediate_size": 4096 // 1, "patch_size": 14}),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+    image_seq_length: int = 1
+    encoder: str = "facebook/dinov2-large"
+    pooling: str = "mean_patch"
+
+
+class BabyLlavaModel(LlavaModel):
+    config_class = BabyLlavaConfig
+
+    def __init__(self, config: BabyLlavaConfig):
+        # LlavaModel.__init__ would build a vision tower; the feature is cached, so skip it.
+        super(LlavaModel, self).__init__(config)
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """``pixel_values`` is the pooled feature, shape (B, D): one image token per image."""
+        if pixel_values.dim() != 2:
+            raise ValueError("BabyLLaVA takes pooled image features of shape (batch, feature_dim); "
+                             f"got {tuple(pixel_values.shape)}. Encode pixels with "
+                             "babymerge.features first.")
+        proj = self.multi_modal_projector
+        x = pixel_values.to(proj.linear_1.weight.dtype)
+        out = kernels.project(x, proj.linear_1.weight, proj.linear_1.bias, proj.linear_2.weight,
+                              proj.linear_2.bias)
+        return BaseModelOutputWithPooling(pooler_output=list(out.unsqueeze(1)))
+
+
+class BabyLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    config_class = BabyLlavaConfig
+
+    def __init__(self, config: BabyLlavaConfig):
+        super(LlavaForConditionalGeneration, self).__init__(config)
+        self.model = BabyLlavaModel(config)
+        self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size,
+                                       bias=False)
+        self.post_init()
+
+
+def register_with_auto_classes() -> None:
+    """Let ``Auto*.from_pretrained`` load ``babyllava`` directories (idempotent)."""
+    try:
+        AutoConfig.register("babyllava", BabyLlavaConfig)
+    except ValueError:
+        return  # already registered
+    AutoModel.register(BabyLlavaConfig, BabyLlavaModel)
+    AutoModelForImageTextToText.register(BabyLlavaConfig, BabyLlavaForConditionalGeneration)
+    AutoModelForCausalLM.register(BabyLlavaConfig, BabyLlavaForConditionalGeneration)
+
+
+register_with_auto_classes()
+
+
+def build_config(model: ModelConfig, *, vocab_size: int, image_token_id: int, pad_token_id: int,
+                 bos_token_id: int, eos_token_id: int, encoder: str = "facebook/dinov2-large"
+                 ) -> BabyLlavaConfig:
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=model.hidden_size,
+                       intermediate_size=model.intermediate_size, num_hidden_layers=model.num_layers,
+                       num_attention_heads=model.num_heads, num_key_value_heads=model.num_heads,
+                       max_position_embeddings=model.max_positions, pad_token_id=pad_token_id,
+                       bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                       tie_word_embeddings=False)
+    return BabyLlavaConfig(text_config=text, vision_config={"model_type": "dinov2",
+                                                            "hidden_size": model.feature_dim},
+                           image_token_index=image_token_id, encoder=encoder,
+                           pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                           eos_token_id=eos_token_id)
+
+
+def build_model(model: ModelConfig, *, seed: int, **ids) -> BabyLlavaForConditionalGeneration:
+    """A randomly initialised BabyLLaVA; the same seed gives the same weights (one basin)."""
+    cfg = build_config(model, **ids)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BabyLlavaForConditionalGeneration(cfg)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> BabyLlavaForConditionalGeneration:
+    """Load a BabyLLaVA checkpoint directory (safetensors only)."""
+    model = BabyLlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype,
+                                                              use_safetensors=True)
+    return model.to(device).eval()
+
+
+def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=None,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Write an HF directory atomically: a crash leaves the old directory or the complete new one."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def export_language_model(model: BabyLlavaForConditionalGeneration, directory: str | Path,
+                          tokenizer=None) -> Path:
+    """The decoder + LM head as a plain ``LlamaForCausalLM`` directory (no image path)."""
+    lm = LlamaForCausalLM(model.config.text_config)
+    lm.model.load_state_dict(model.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(model.lm_head.state_dict())
+    return save_checkpoint(lm, directory, tokenizer)
+
+
+def image_prefix_ids(tokenizer) -> list[int]:
+    """Token ids that start every sequence: BOS then the one image token (the paper's
+    ``"<image> " + sentence``)."""
+    return [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)]

@@ -1,0 +1,53 @@
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from babymerge.config import (ConfigError, arg, build_config, config_command, opt, save_config)
+
+
+@dataclass
+class DemoCfg:
+    sources: list[Path] = arg(help="inputs")
+    batch_size: int = opt(8, "batch")
+    dtype: str = opt("float16", "dtype", choices=("float16", "float32"))
+    compile: bool = opt(False, "compile")
+    alphas: list[float] = opt([0.0, 1.0], "alphas")
+
+
+def _cli(seen):
+    group = click.Group()
+    config_command(group, "run", DemoCfg, seen.append, "test")
+    return group
+
+
+def test_flags_map_to_fields_and_file_is_overridden_by_flags(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('batch-size = 32\ndtype = "float32"\ncompile = true\n')
+    seen = []
+    res = CliRunner().invoke(_cli(seen), ["run", "a", "b", "--config", str(cfg_file),
+                                          "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    cfg = seen[0]
+    assert cfg.sources == [Path("a"), Path("b")]
+    assert cfg.batch_size == 4 and cfg.dtype == "float32" and cfg.compile is True
+    assert cfg.alphas == [0.0, 1.0]
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("batch_sise: 3\n")
+    res = CliRunner().invoke(_cli([]), ["run", "a", "--config", str(cfg_file)])
+    assert res.exit_code != 0 and "batch_sise" in res.output
+    with pytest.raises(ConfigError, match="expected int"):
+        build_config(DemoCfg, {"sources": ["x"], "batch_size": "many"})
+
+
+def test_save_config_records_versions(tmp_path):
+    cfg = build_config(DemoCfg, {"sources": ["x"]})
+    save_config(cfg, tmp_path / "config.json", stage="test")
+    rec = json.loads((tmp_path / "config.json").read_text())
+    assert rec["config"]["sources"] == ["x"] and rec["babymerge_version"] and rec["stage"] == "test"
