@@ -1,0 +1,593 @@
+"""Stage 1, ``babymerge extract-features``: one pooled DINOv2 feature per image, into HDF5.
+
+Feature = ``hidden_states[-2]`` of the encoder (the second-to-last block's output, before the final
+LayerNorm), CLS and register tokens dropped, mean over patch tokens: the paper's model code. Only
+the blocks up to that layer are run.
+
+Crash safety: an HDF5 file being written is not safe against SIGKILL (its metadata cache reaches
+the disk in no particular order). So progress goes into small part files under ``OUT.partial/``,
+each written to a temporary name and renamed into place, i.e. every part on disk is whole. A re-run
+skips the ids found in OUT and in the parts; a clean finish merges them into OUT (again via a
+temporary name) with ``complete`` set, then removes the parts. Until then OUT is a stub with the
+attributes, ``/black`` and ``complete = False``, so a reader gets a clear "did not finish".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from babymerge import __version__
+from babymerge.config import config_to_dict, opt, arg
+from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
+                                   FeatureFileError, decode_strings)
+from babymerge.images import (DEFAULT_MAX_PIXELS, ImageDataset, Preprocess, collate, list_images,
+                              to_rgb)
+
+DEFAULT_ENCODER = "facebook/dinov2-large"
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+BLACK_SIZE = (640, 420)  # (width, height) of the black image whose feature text-only inputs carry
+# Attributes that make two feature files comparable; appending or joining requires them equal.
+IDENTITY = ("encoder", "layer", "pooling", "image_size", "dtype")
+# /black of the same encoder recomputed on another device or precision differs by ~1e-2 relative;
+# a different checkpoint behind the same name differs by O(1).
+BLACK_RTOL = 0.05
+_READ_BLOCK = 65536  # rows per read when merging files: 128 MB at D=1024 in float16
+
+
+@dataclass
+class ExtractConfig:
+    """``babymerge extract-features SOURCE --out FILE.h5``."""
+
+    source: str = arg(help="images: a folder (recursive), a .jsonl (image_id + path), a .tsv "
+                           "(id<TAB>path), or web-dataset .tar shard(s) (file, glob, {000..009})")
+    out: Path = opt(Path("cache/features.h5"), "feature file to write (or complete, or extend)")
+    encoder: str = opt(DEFAULT_ENCODER, "hub id or local directory of a DINOv2 model")
+    batch_size: int = opt(128, "images per forward pass")
+    device: str = opt("auto", "auto = cuda if available (cuda:LOCAL_RANK under torchrun)",
+                      choices=("auto", "cpu", "cuda"))
+    dtype: str = opt("float16", "storage dtype of /features", choices=tuple(STORAGE_DTYPES))
+    precision: str = opt("auto", "compute precision; auto = bfloat16 autocast on CUDA, float32 "
+                         "on CPU", choices=("auto", *PRECISIONS))
+    num_workers: int = opt(-1, "decoding processes; -1 = one per CPU core (per local rank) "
+                           "minus the main process")
+    image_root: Path | None = opt(None, "folder that relative paths in a .jsonl/.tsv are under "
+                                  "(default: the list's folder)")
+    id_column: str = opt("image_id", "id key of a .jsonl SOURCE")
+    path_column: str = opt("path", "image path key of a .jsonl SOURCE")
+    shard: str | None = opt(None, "i/n: encode only slice i of n into OUT.shard-i-of-n.h5 "
+                            "(torchrun's RANK/WORLD_SIZE do the same)")
+    max_pixels: int = opt(DEFAULT_MAX_PIXELS, "larger images are recorded as failed "
+                          "(decompression-bomb guard)")
+    jpeg_draft: bool = opt(True, "let the JPEG decoder downscale by 2/4/8 towards the resize target")
+    flush_every: int = opt(8192, "images per crash-safe part file (rounded up to whole batches)")
+    retry_failed: bool = opt(False, "try again the images already recorded in /failed")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "flush_every", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < -1:
+            raise ValueError(f"--num-workers must be >= -1, got {self.num_workers}")
+        if self.shard is not None:
+            parse_shard(self.shard)
+
+
+@dataclass
+class JoinConfig:
+    """``babymerge join-features SHARDS... --out FILE.h5``."""
+
+    shards: list[Path] = arg(help="feature files written by extract-features (e.g. one per rank)")
+    out: Path = opt(Path("cache/features.h5"), "joined feature file")
+    virtual: bool = opt(False, "make /features an HDF5 virtual dataset pointing into the shards "
+                        "(no copy; the shards must stay beside it)")
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("join-features needs at least one shard")
+
+
+# ---------------------------------------------------------------------------------------------
+# The encoder
+
+
+class EncoderError(ValueError):
+    """An encoder that cannot be loaded or is not a DINOv2-family model."""
+
+
+def pool_patch_tokens(hidden: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Mean over patch tokens in float32; the first ``num_prefix_tokens`` (CLS, registers) dropped."""
+    return hidden[:, num_prefix_tokens:].float().mean(dim=1)
+
+
+class ImageEncoder:
+    """A DINOv2 model cut after the pooled layer, with its processor's preprocessing.
+
+    ``preprocess`` (picklable) turns bytes into uint8 crops in DataLoader workers;
+    :meth:`encode_pixels` normalises on the device and pools. :meth:`encode` does both for PIL
+    images: the same path as extraction.
+    """
+
+    def __init__(self, model: torch.nn.Module, preprocess: Preprocess, mean: list[float],
+                 std: list[float], rescale: float, name: str, device: torch.device,
+                 dtype: torch.dtype):
+        blocks = model.encoder.layer
+        keep = len(blocks) + 1 + LAYER if LAYER < 0 else LAYER  # hidden_states[0] = embeddings
+        # The later blocks never run: free them (dinov2-large: 1 of 24 blocks).
+        model.encoder.layer = blocks[:keep]
+        self.model = model.eval().to(device)
+        self.preprocess = preprocess
+        self.name = name
+        self.device = device
+        self.dtype = dtype
+        self.dim = int(model.config.hidden_size)
+        self.num_prefix_tokens = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
+        self.image_size = preprocess.crop_height
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._rescale = rescale
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, D) float32, on the device, of uint8 crops (B, 3, H, W)."""
+        x = pixels.to(self.device, non_blocking=True).float()
+        # rescale then normalise in float32, in the processor's order
+        x = (x * self._rescale - self._mean) / self._std
+        with torch.autocast(self.device.type, dtype=self.dtype,
+                            enabled=self.dtype != torch.float32):
+            hidden = self.model.embeddings(x)
+            for block in self.model.encoder.layer:
+                hidden = block(hidden)
+        return pool_patch_tokens(hidden, self.num_prefix_tokens)
+
+    def encode(self, images: list[Image.Image]) -> torch.Tensor:
+        """Pooled features (N, D) float32 on the CPU, exactly as ``extract-features`` computes."""
+        pixels = torch.stack([self.preprocess.pixels(to_rgb(im)) for im in images])
+        return self.encode_pixels(pixels).cpu()
+
+
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL resample codes in processor configs
+
+
+def load_encoder(name_or_path: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 jpeg_draft: bool = True) -> ImageEncoder:
+    """Load a DINOv2(-with-registers) model and its image processor's settings (hub id or dir).
+
+    ``dtype`` is the compute precision (autocast when not float32; weights stay float32).
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    name = str(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name)
+        if config.model_type not in ("dinov2", "dinov2_with_registers"):
+            raise EncoderError(f"--encoder {name}: model_type {config.model_type!r} is not "
+                               "dinov2 or dinov2_with_registers")
+        model = AutoModel.from_pretrained(name, dtype=torch.float32)
+        proc = AutoImageProcessor.from_pretrained(name).to_dict()
+    except OSError as e:
+        raise EncoderError(f"--encoder {name}: cannot load ({e}); offline, pass a local "
+                           "directory") from e
+    for key in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+        if not proc.get(key, False):
+            raise EncoderError(f"--encoder {name}: image processor has {key}=false; only the "
+                               "DINOv2 resize + centre-crop pipeline is implemented")
+    size, crop = proc.get("size") or {}, proc.get("crop_size") or {}
+    if "shortest_edge" not in size or not {"height", "width"} <= set(crop):
+        raise EncoderError(f"--encoder {name}: expected size.shortest_edge and crop_size "
+                           f"height/width in the image processor, got {size} and {crop}")
+    if size["shortest_edge"] < max(crop["height"], crop["width"]):
+        raise EncoderError(f"--encoder {name}: shortest_edge {size['shortest_edge']} is smaller "
+                           f"than the crop {crop}")
+    resample = int(proc.get("resample", 3))
+    if resample not in _RESAMPLE:
+        raise EncoderError(f"--encoder {name}: resample={resample} not supported (2 bilinear, "
+                           "3 bicubic)")
+    preprocess = Preprocess(shortest_edge=int(size["shortest_edge"]),
+                            crop_height=int(crop["height"]), crop_width=int(crop["width"]),
+                            interpolation=_RESAMPLE[resample], max_pixels=max_pixels,
+                            jpeg_draft=jpeg_draft)
+    return ImageEncoder(model, preprocess, list(proc["image_mean"]), list(proc["image_std"]),
+                        float(proc.get("rescale_factor", 1 / 255)), name, torch.device(device),
+                        dtype)
+
+
+def save_random_dinov2(directory: str | Path, hidden_size: int = 64, num_layers: int = 2,
+                       num_heads: int = 4, patch_size: int = 14, image_size: int = 224,
+                       seed: int = 0) -> Path:
+    """Save a randomly initialised ``Dinov2Model`` and a DINOv2 image processor (shortest edge
+    256/224 of the crop, centre crop ``image_size``, ImageNet mean/std) as an HF directory."""
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from transformers.models.bit import BitImageProcessorPil
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    config = Dinov2Config(hidden_size=hidden_size, num_hidden_layers=num_layers,
+                          num_attention_heads=num_heads, patch_size=patch_size,
+                          image_size=image_size)
+    Dinov2Model(config).save_pretrained(directory)
+    # The PIL processor saves as "BitImageProcessor", what facebook/dinov2-* ship.
+    BitImageProcessorPil(size={"shortest_edge": round(image_size * 256 / 224)},
+                         crop_size={"height": image_size, "width": image_size},
+                         image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD),
+                         resample=3).save_pretrained(directory)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError as e:
+        raise ValueError(f"--shard must be i/n (e.g. 0/4), got {text!r}") from e
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def resolve_shard(shard: str | None) -> tuple[int, int]:
+    """(rank, world) from ``--shard`` or torchrun's RANK/WORLD_SIZE; (0, 1) for a single run."""
+    env = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    if shard is None:
+        return env
+    given = parse_shard(shard)
+    if env[1] > 1 and env != given:
+        raise ValueError(f"--shard {shard} disagrees with RANK={env[0]} WORLD_SIZE={env[1]}")
+    return given
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` writes: OUT itself for a single run."""
+    if world == 1:
+        return out
+    return out.with_name(f"{out.stem}.shard-{rank:05d}-of-{world:05d}{out.suffix}")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature files
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_h5(path: Path) -> Iterator[h5py.File]:
+    """An HDF5 file that appears at ``path`` whole or not at all (write, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")  # a fixed name: a killed writer leaves one stale tmp
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_path(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_strings(group: h5py.Group, name: str, values: list[str]) -> None:
+    group.create_dataset(name, shape=(len(values),), dtype=STR_DTYPE,
+                         data=np.array(values, dtype=object) if values else None)
+
+
+def _write_failed(f: h5py.File, failed: dict[str, str]) -> None:
+    g = f.create_group(FAILED)
+    _write_strings(g, "ids", list(failed))
+    _write_strings(g, "reasons", list(failed.values()))
+
+
+def _read_failed(f: h5py.File) -> dict[str, str]:
+    if FAILED not in f:
+        return {}
+    return dict(zip(decode_strings(f[FAILED]["ids"][:]), decode_strings(f[FAILED]["reasons"][:])))
+
+
+def _check_identity(path: Path, attrs: dict, black: np.ndarray | None, what: str) -> None:
+    """Refuse a file made with another encoder, layer, pooling, crop or dtype (or other weights
+    behind the same encoder name, seen in ``/black``)."""
+    with h5py.File(path, "r") as f:
+        if FEATURES not in f or IDS not in f or BLACK not in f:
+            raise FeatureFileError(f"{path}: not a babymerge feature file (no /{FEATURES}, "
+                                   f"/{IDS} or /{BLACK})")
+        for key in IDENTITY:
+            theirs = f.attrs.get(key)
+            theirs = theirs.item() if hasattr(theirs, "item") else theirs
+            if theirs != attrs[key]:
+                raise FeatureFileError(f"{path} was made with {key}={theirs!r}, {what} has "
+                                       f"{key}={attrs[key]!r}; refusing to mix them (use another "
+                                       "--out)")
+        if black is not None:
+            theirs = np.asarray(f[BLACK][:], dtype=np.float32)
+            ours = black.astype(np.float32)
+            err = np.linalg.norm(theirs - ours) / max(np.linalg.norm(ours), 1e-12)
+            if theirs.shape != ours.shape or err > BLACK_RTOL:
+                raise FeatureFileError(f"{path}: its /black differs from this encoder's "
+                                       f"(relative error {err:.3g}): other weights behind "
+                                       f"encoder={attrs['encoder']!r}? Use another --out")
+
+
+def _merge_into(out: Path, sources: list[Path], attrs: dict, black: np.ndarray,
+                duplicates: str) -> dict:
+    """Write ``out`` (atomically) holding the rows of all ``sources`` in order.
+
+    ``duplicates="skip"`` keeps the first row of a repeated id (a resumed run's parts may repeat
+    rows already merged when a kill came between the merge and the clean-up); ``"error"`` refuses.
+    A later ``/failed`` entry replaces an earlier one; an id with a feature is not failed.
+    """
+    seen: dict[str, Path] = {}
+    keep: list[np.ndarray] = []
+    ids: list[str] = []
+    failed: dict[str, str] = {}
+    for src in sources:
+        with h5py.File(src, "r") as f:
+            n = int(f.attrs.get("count", f[IDS].shape[0]))
+            src_ids = decode_strings(f[IDS][:n])
+            mask = np.ones(n, dtype=bool)
+            for i, image_id in enumerate(src_ids):
+                if image_id in seen:
+                    if duplicates == "error":
+                        raise FeatureFileError(f"image id {image_id!r} is in both {seen[image_id]} "
+                                               f"and {src}")
+                    mask[i] = False
+                else:
+                    seen[image_id] = src
+                    ids.append(image_id)
+            keep.append(mask)
+            failed.update(_read_failed(f))
+    failed = {k: v for k, v in failed.items() if k not in seen}
+    dim = black.shape[0]
+    with _atomic_h5(out) as f:
+        dset = f.create_dataset(FEATURES, shape=(len(ids), dim), dtype=STORAGE_DTYPES[attrs["dtype"]])
+        row = 0
+        for src, mask in zip(sources, keep):
+            with h5py.File(src, "r") as g:
+                for start in range(0, len(mask), _READ_BLOCK):
+                    block = g[FEATURES][start:start + _READ_BLOCK][mask[start:start + _READ_BLOCK]]
+                    dset[row:row + len(block)] = block
+                    row += len(block)
+        _write_strings(f, IDS, ids)
+        f.create_dataset(BLACK, data=black)
+        _write_failed(f, failed)
+        f.attrs.update({**attrs, "count": len(ids), "complete": True})
+    return {"rows": len(ids), "failed": len(failed)}
+
+
+def _write_part(path: Path, ids: list[str], features: np.ndarray, failed: dict[str, str],
+                black: np.ndarray, attrs: dict) -> None:
+    with _atomic_h5(path) as f:
+        f.create_dataset(FEATURES, data=features)
+        _write_strings(f, IDS, ids)
+        f.create_dataset(BLACK, data=black)
+        _write_failed(f, failed)
+        f.attrs.update({**attrs, "count": len(ids), "complete": False})
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One writer per feature file: a second run on the same OUT fails instead of interleaving."""
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise FeatureFileError(f"another extract-features run is writing {lock_path.parent}"
+                                   ) from e
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"babymerge": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "h5py": h5py.__version__}
+
+
+def extract_features(cfg: ExtractConfig) -> dict:
+    """Encode every image of ``cfg.source`` not yet in ``cfg.out`` (or this rank's shard of it).
+
+    Returns a summary: ``out``, ``rows`` (features in the file), ``new``, ``failed`` (in /failed),
+    ``new_failed``, ``seconds``, ``images_per_s``.
+    """
+    rank, world = resolve_shard(cfg.shard)
+    out = shard_path(Path(cfg.out), rank, world)
+    items = list_images(cfg.source, cfg.image_root, cfg.id_column, cfg.path_column)
+    items = items[rank * len(items) // world:(rank + 1) * len(items) // world]
+
+    device = _resolve_device(cfg.device)
+    precision = cfg.precision if cfg.precision != "auto" else (
+        "bfloat16" if device.type == "cuda" else "float32")
+    encoder = load_encoder(cfg.encoder, device, PRECISIONS[precision], cfg.max_pixels,
+                           cfg.jpeg_draft)
+    storage = STORAGE_DTYPES[cfg.dtype]
+    black = encoder.encode([Image.new("RGB", BLACK_SIZE)])[0].numpy().astype(storage)
+    attrs = {"encoder": cfg.encoder, "layer": LAYER, "pooling": POOLING,
+             "image_size": encoder.image_size, "dtype": cfg.dtype,
+             "babymerge_version": __version__,
+             "config": json.dumps({**config_to_dict(cfg), "precision_resolved": precision,
+                                   "shard_resolved": f"{rank}/{world}", "versions": _versions()})}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts_dir = out.with_name(out.name + ".partial")
+    parts_dir.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    with _exclusive(parts_dir / "lock"):
+        done: set[str] = set()
+        failed_before: set[str] = set()
+        parts = sorted(parts_dir.glob("part-*.h5"))
+        existing = ([out] if out.exists() else []) + parts
+        for path in existing:
+            _check_identity(path, attrs, black, f"this run (--encoder {cfg.encoder})")
+            with h5py.File(path, "r") as f:
+                done.update(decode_strings(f[IDS][:int(f.attrs.get("count", f[IDS].shape[0]))]))
+                failed_before.update(_read_failed(f))
+        if not out.exists():
+            _write_part(out, [], np.zeros((0, black.shape[0]), storage), {}, black, attrs)
+        skip = done if cfg.retry_failed else done | failed_before
+        todo = [item for item in items if item.id not in skip]
+        new, new_failed = _encode_into_parts(todo, encoder, cfg, parts_dir, len(parts), black,
+                                             attrs, storage, desc=out.name)
+        parts = sorted(parts_dir.glob("part-*.h5"))
+        merged = _merge_into(out, [out] + parts, attrs, black, duplicates="skip")
+    shutil.rmtree(parts_dir)
+    seconds = time.perf_counter() - start
+    summary = {"out": str(out), "rows": merged["rows"], "new": new, "failed": merged["failed"],
+               "new_failed": new_failed, "skipped": len(items) - len(todo),
+               "seconds": round(seconds, 3),
+               "images_per_s": round((new + new_failed) / seconds, 2) if seconds > 0 else 0.0}
+    print(json.dumps(summary))
+    return summary
+
+
+def _num_workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(per_rank - 1, 0)
+
+
+def _encode_into_parts(todo, encoder: ImageEncoder, cfg: ExtractConfig, parts_dir: Path,
+                       first_part: int, black: np.ndarray, attrs: dict, storage,
+                       desc: str) -> tuple[int, int]:
+    """Encode ``todo`` in order, writing a part file every ``flush_every`` images (whole batches,
+    so a resumed run forms the same batches as an uninterrupted one). Returns (new, failed)."""
+    if not todo:
+        return 0, 0
+    workers = _num_workers(cfg.num_workers)
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(todo, encoder.preprocess), batch_size=cfg.batch_size, shuffle=False,
+        num_workers=workers, collate_fn=collate, pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if workers else None)
+    flush_rows = -(-cfg.flush_every // cfg.batch_size) * cfg.batch_size
+    part = first_part
+    ids: list[str] = []
+    feats: list[torch.Tensor] = []  # kept on the device until a flush: no sync per batch
+    failed: dict[str, str] = {}
+    pending = new = new_failed = 0
+
+    def flush() -> None:
+        nonlocal part, ids, feats, failed, pending
+        rows = (torch.cat(feats).cpu().numpy().astype(storage) if feats
+                else np.zeros((0, black.shape[0]), storage))
+        _write_part(parts_dir / f"part-{part:06d}.h5", ids, rows, failed, black, attrs)
+        part, ids, feats, failed, pending = part + 1, [], [], {}, 0
+
+    with tqdm(total=len(todo), desc=desc, unit="img", smoothing=0.1, dynamic_ncols=True) as bar:
+        for good, pixels, bad, reasons in loader:
+            if pixels is not None:
+                feats.append(encoder.encode_pixels(pixels))
+                ids.extend(todo[i].id for i in good)
+            for i, reason in zip(bad, reasons):
+                failed[todo[i].id] = reason
+            new += len(good)
+            new_failed += len(bad)
+            pending += len(good) + len(bad)
+            bar.update(len(good) + len(bad))
+            if bad:
+                bar.set_postfix(failed=new_failed)
+            if pending >= flush_rows:
+                flush()
+        if pending:
+            flush()
+    return new, new_failed
+
+
+def join_features(cfg: JoinConfig) -> dict:
+    """Join complete feature files (e.g. one per rank) into ``cfg.out`` with the same layout;
+    ids must be unique across them and encoder/layer/pooling/crop/dtype equal."""
+    shards = [Path(p) for p in cfg.shards]
+    for path in shards:
+        if not path.is_file():
+            raise FeatureFileError(f"shard not found: {path}")
+        with h5py.File(path, "r") as f:
+            if not bool(f.attrs.get("complete", False)):
+                raise FeatureFileError(f"{path}: extraction did not finish (complete is not "
+                                       "true); re-run its extract-features first")
+    with h5py.File(shards[0], "r") as f:
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        black = np.asarray(f[BLACK][:])
+    for path in shards[1:]:
+        _check_identity(path, attrs, black, str(shards[0]))
+    attrs["config"] = json.dumps({"join": config_to_dict(cfg),
+                                  "extract": json.loads(attrs.get("config", "{}")),
+                                  "versions": _versions()})
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.virtual:
+        result = _join_virtual(out, shards, attrs, black)
+    else:
+        result = _merge_into(out, shards, attrs, black, duplicates="error")
+    summary = {"out": str(out), **result, "shards": len(shards), "virtual": cfg.virtual}
+    print(json.dumps(summary))
+    return summary
+
+
+def _join_virtual(out: Path, shards: list[Path], attrs: dict, black: np.ndarray) -> dict:
+    """/features as a virtual dataset over the shards' /features (paths stored relative to OUT's
+    folder, so the set can move together); ids, black and failed are copied."""
+    ids: list[str] = []
+    owner: dict[str, Path] = {}
+    failed: dict[str, str] = {}
+    counts = []
+    for path in shards:
+        with h5py.File(path, "r") as f:
+            n = int(f.attrs["count"])
+            for image_id in decode_strings(f[IDS][:n]):
+                if image_id in owner:
+                    raise FeatureFileError(f"image id {image_id!r} is in both {owner[image_id]} "
+                                           f"and {path}")
+                owner[image_id] = path
+                ids.append(image_id)
+            failed.update(_read_failed(f))
+            counts.append(n)
+    dim = black.shape[0]
+    layout = h5py.VirtualLayout(shape=(len(ids), dim), dtype=STORAGE_DTYPES[attrs["dtype"]])
+    row = 0
+    for path, n in zip(shards, counts):
+        rel = os.path.relpath(path.resolve(), out.parent.resolve())
+        layout[row:row + n] = h5py.VirtualSource(rel, FEATURES, shape=(n, dim))
+        row += n
+    with _atomic_h5(out) as f:
+        f.create_virtual_dataset(FEATURES, layout)
+        _write_strings(f, IDS, ids)
+        f.create_dataset(BLACK, data=black)
+        _write_failed(f, {k: v for k, v in failed.items() if k not in owner})
+        f.attrs.update({**attrs, "count": len(ids), "complete": True})
+    return {"rows": len(ids), "failed": len(failed)}
