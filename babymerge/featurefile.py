@@ -38,7 +38,9 @@ class FeatureTable:
     """
 
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float16,
-                 require_complete: bool = True):
+                 require_complete: bool = True, load_features: bool = True):
+        """``load_features=False`` reads only ``/black`` and the attrs (a text-only LM needs no
+        image rows; the table is then empty)."""
         path = Path(path)
         if not path.is_file():
             raise FeatureFileError(f"feature file not found: {path}")
@@ -49,10 +51,11 @@ class FeatureTable:
             if require_complete and not bool(f.attrs.get("complete", False)):
                 raise FeatureFileError(f"{path}: extraction did not finish (attr complete is not "
                                        "true); re-run `babymerge extract-features` to complete it")
-            n = int(f.attrs.get("count", f[IDS].shape[0]))
+            n = int(f.attrs.get("count", f[IDS].shape[0])) if load_features else 0
             self.ids: list[str] = decode_strings(f[IDS][:n])
-            self.features = torch.from_numpy(np.asarray(f[FEATURES][:n])).to(dtype)
             self.black = torch.from_numpy(np.asarray(f[BLACK][:])).to(dtype)
+            self.features = (torch.from_numpy(np.asarray(f[FEATURES][:n])).to(dtype) if load_features
+                             else self.black.new_empty((0, self.black.shape[0])))
             self.failed: dict[str, str] = {}
             if FAILED in f:
                 g = f[FAILED]

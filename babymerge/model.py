@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,8 +157,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 
 def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=None,
-                    extra_files: dict[str, str] | None = None) -> Path:
-    """Write an HF directory atomically: a crash leaves the old directory or the complete new one."""
+                    extra_files: dict[str, str] | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write an HF directory atomically: a crash leaves the old directory or the complete new one.
+
+    ``write_extra(tmp_dir)`` may add more files (e.g. optimizer state) inside the same atomic swap.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
@@ -167,6 +172,8 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=Non
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        if write_extra is not None:
+            write_extra(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
