@@ -1,0 +1,171 @@
+"""Stage 2a: the BPE tokenizer (BERT pre-tokenizer, ``<image>`` token), saved as a Llama tokenizer.
+
+Training splits text the way BERT's pre-tokenizer does (on whitespace, and every punctuation
+character on its own), with a ``▁`` marking each space as in Llama/SentencePiece so that decoding
+restores the text. Merges therefore never cross a word or punctuation boundary, and the result is
+saved as transformers' Llama tokenizer (BPE + ``▁`` spaces, no byte-level), which
+``AutoTokenizer.from_pretrained(dir)`` rebuilds from the vocabulary and merges alone. Because no
+merge spans a BERT boundary, that rebuilt tokenizer segments text exactly as the trained pipeline
+does (a test checks it on a corpus).
+
+Conventions the rest of babymerge relies on:
+
+- ``tokenizer(text)`` prepends BOS (Llama's ``add_bos_token``), so the evaluation pipeline's
+  ``"<image> " + sentence`` encodes as ``[BOS, <image>] + ids(sentence)``, the training layout.
+- ``normalize_text`` is applied to every training line: runs of whitespace become one space, since
+  the Llama tokenizer has no token for a newline or tab.
+- A token starting with ``▁`` starts a whitespace-separated word: word counts (BabyLM's budget and
+  checkpoint schedule) are counted from token ids with :func:`word_start_mask`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from babymerge.config import arg, opt, save_config
+from babymerge.model import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE_TOKEN]  # ids 0..4, in this order
+SPACE = "▁"  # U+2581, Llama's space marker; not whitespace or punctuation, so BERT keeps it
+
+
+class TokenizerError(ValueError):
+    """A corpus or tokenizer directory babymerge cannot use; the message names it."""
+
+
+@dataclass
+class TokenizerConfig:
+    """``babymerge tokenizer CORPUS... --out DIR``."""
+
+    corpus: list[Path] = arg([], help="plain text files, one document per line (BabyLM style)")
+    out: Path = opt(Path("run/tokenizer"), help="output directory (HF tokenizer files)")
+    vocab_size: int = opt(30_000, help="vocabulary size, special tokens included (paper: 30,000)")
+    min_frequency: int = opt(2, help="a merge must occur at least this often")
+    limit_alphabet: int = opt(1000, help="keep at most this many initial characters")
+    ratio_lines: int = opt(200_000, help="lines read to measure the word-to-subword ratio")
+
+    def __post_init__(self) -> None:
+        if not self.corpus:
+            raise ValueError("CORPUS: give at least one text file")
+        for path in self.corpus:
+            if not Path(path).is_file():
+                raise ValueError(f"CORPUS: not a file: {path}")
+        if self.vocab_size <= len(SPECIAL_TOKENS):
+            raise ValueError(f"--vocab-size must exceed {len(SPECIAL_TOKENS)} (the special tokens)")
+
+
+def normalize_text(line: str) -> str:
+    """One space between words, none at the ends (the form every training line is fed in)."""
+    return " ".join(line.split())
+
+
+def iter_lines(paths: Iterable[Path]) -> Iterator[str]:
+    """Non-empty normalised lines of the text files, in order."""
+    for path in paths:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    text = normalize_text(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise TokenizerError(f"{path}:{lineno}: not UTF-8 ({e})") from e
+                if text:
+                    yield text
+
+
+def _pipeline(vocab_size: int, min_frequency: int, limit_alphabet: int
+              ) -> tuple[Tokenizer, trainers.BpeTrainer]:
+    # byte_fallback/fuse_unk as in transformers' LlamaTokenizer, so both segment unknown
+    # characters the same way (to <unk>: the vocabulary has no byte tokens).
+    tok = Tokenizer(models.BPE(unk_token=UNK, fuse_unk=True, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=True),
+        pre_tokenizers.BertPreTokenizer(),
+    ])
+    tok.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=SPECIAL_TOKENS, limit_alphabet=limit_alphabet,
+                                  show_progress=True)
+    return tok, trainer
+
+
+def train_tokenizer(cfg: TokenizerConfig) -> dict:
+    """Train on ``cfg.corpus``, save to ``cfg.out``; returns vocabulary size and the ratio."""
+    from transformers import LlamaTokenizer
+
+    tok, trainer = _pipeline(cfg.vocab_size, cfg.min_frequency, cfg.limit_alphabet)
+    lines = iter_lines(cfg.corpus)
+    first = next(lines, None)
+    if first is None:
+        raise TokenizerError(f"corpus is empty (no non-blank line): {', '.join(map(str, cfg.corpus))}")
+    tok.train_from_iterator(_chain(first, lines), trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    llama = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list)
+                                                         else tuple(m.split(" "))
+                                                         for m in model["merges"]],
+                           unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                           extra_special_tokens=[IMAGE_TOKEN], add_bos_token=True,
+                           add_eos_token=False, padding_side="right")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    llama.save_pretrained(cfg.out)
+    # The training pipeline itself, kept for reference and for the equivalence test.
+    tok.save(str(cfg.out / "bpe_bert_pretokenizer.json"))
+    words, subwords = subword_ratio(load_tokenizer(cfg.out), cfg.corpus, cfg.ratio_lines)
+    stats = {"out": str(cfg.out), "vocab_size": tok.get_vocab_size(), "words": words,
+             "subwords": subwords, "subwords_per_word": round(subwords / max(words, 1), 4)}
+    save_config(cfg, cfg.out / "babymerge_tokenizer.json", stats=stats)
+    print(json.dumps(stats))
+    return stats
+
+
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+def subword_ratio(tokenizer, paths: list[Path], max_lines: int) -> tuple[int, int]:
+    """(whitespace words, subword tokens) over the first ``max_lines`` lines (paper: 1.36)."""
+    words = subwords = 0
+    batch: list[str] = []
+    for i, line in enumerate(iter_lines(paths)):
+        if i >= max_lines:
+            break
+        batch.append(line)
+    for enc in tokenizer.backend_tokenizer.encode_batch(batch, add_special_tokens=False):
+        subwords += len(enc.ids)
+    words = sum(len(line.split()) for line in batch)
+    return words, subwords
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in ``path`` (a tokenizer or model directory), checked for our tokens."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise TokenizerError(f"{path}: no tokenizer.json; make one with `babymerge tokenizer`")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id is None or image_id == tok.unk_token_id:
+        raise TokenizerError(f"{path}: tokenizer has no {IMAGE_TOKEN} token; not a babymerge tokenizer")
+    if tok.bos_token_id is None or tok.eos_token_id is None or tok.pad_token_id is None:
+        raise TokenizerError(f"{path}: tokenizer lacks a BOS, EOS or PAD token")
+    return tok
+
+
+def word_start_mask(tokenizer) -> np.ndarray:
+    """Boolean per token id: True where the token begins a whitespace-separated word."""
+    mask = np.zeros(len(tokenizer), dtype=bool)
+    for token, i in tokenizer.get_vocab().items():
+        if token.startswith(SPACE):
+            mask[i] = True
+    return mask

@@ -1,0 +1,448 @@
+"""Stage 2c: ``babymerge train``: the text-only LM (``--kind lm``) or the VLM (``--kind vlm``) from
+cached image features, one architecture for both (``babymerge.model``).
+
+The loop is written out top to bottom in :func:`train`, nanoGPT style. Around it: the config, the
+learning-rate schedule, the BabyLM word-count checkpoint schedule, and the checkpoint/resume
+component. A run writes to ``--out``:
+
+    out/config.json, model.safetensors, tokenizer files   the final model (HF directory)
+    out/metrics.jsonl                                      one JSON record per logged step
+    out/train_config.json                                  the resolved config and versions
+    out/checkpoints/words_1M/ ... words_1B/                 HF directories at BabyLM word counts
+    out/resume/                                            model, optimizer, RNG, data position
+
+Running the same command again resumes from ``out/resume`` and ends with the same weights as an
+uninterrupted run (on CPU; CUDA kernels are not bitwise deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from babymerge import distributed
+from babymerge.config import atomic_write_text, config_to_dict, opt, save_config
+from babymerge.data import CAPTIONS, ORDERS, TEXT, EpochPlan, load_captions, load_text
+from babymerge.featurefile import FeatureFileError, FeatureTable
+from babymerge.model import (MODEL_PRESETS, BabyLlavaForConditionalGeneration, build_model,
+                             save_checkpoint)
+from babymerge.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+BABYLM_MAX_EPOCHS = 10
+RESUME_DIR = "resume"
+CHECKPOINTS_DIR = "checkpoints"
+# Fields that may change between a run and its resumption without changing what it computes.
+RESUME_FREE_FIELDS = {"max_steps", "progress", "log_every", "save_every", "resume", "device",
+                      "compile", "cache_dir"}
+
+
+@dataclass
+class TrainConfig:
+    """``babymerge train --kind lm|vlm ...``; defaults are the paper's set-up."""
+
+    kind: str = opt("", help="lm: text only (with the black image); vlm: captions + text",
+                    choices=("lm", "vlm"))
+    text: list[Path] = opt([], help="text corpus files (BabyLM style, one document per line)")
+    captions: list[Path] = opt([], help="caption files: jsonl {image_id, caption} or TSV id<TAB>text")
+    features: Path | None = opt(None, help="feature file (.h5): caption images and /black")
+    tokenizer: Path | None = opt(None, help="tokenizer directory (default: the --init-from model's)")
+    out: Path | None = opt(None, help="output directory (final model, checkpoints, metrics)")
+    preset: str = opt("paper", help="model size", choices=tuple(MODEL_PRESETS))
+    init_from: Path | None = opt(None, help="start from this checkpoint instead of a random init")
+    seed: int = opt(0, help="initial weights and data order; same seed = same init for LM and VLM")
+    order: str = opt("mixed", help="VLM curriculum over the run", choices=ORDERS)
+    seq_len: int = opt(256, help="tokens per sequence, [BOS, <image>] included")
+    batch_size: int = opt(32, help="sequences per micro-batch per device")
+    grad_accum: int = opt(1, help="micro-batches per optimizer step")
+    epochs: int = opt(10, help="passes over the data (BabyLM allows at most 10)")
+    lr: float = opt(5e-4, help="peak learning rate")
+    min_lr_ratio: float = opt(0.1, help="cosine decays to lr * this")
+    warmup_steps: int = opt(500, help="linear warm-up steps")
+    weight_decay: float = opt(0.1, help="AdamW weight decay on matrices (not on norms or biases)")
+    beta1: float = opt(0.9, help="AdamW beta1")
+    beta2: float = opt(0.95, help="AdamW beta2")
+    grad_clip: float = opt(1.0, help="clip the gradient norm to this (0: no clipping)")
+    precision: str = opt("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU",
+                         choices=("auto", "bf16", "fp32"))
+    compile: bool = opt(False, help="torch.compile the model")
+    device: str = opt("auto", help="auto, cpu, cuda, cuda:N")
+    checkpoint_unit: int = opt(1_000_000, help="words per first checkpoint; the schedule is "
+                               "1..10, 20..100, 200..1000 units (BabyLM: 1M)")
+    save_every: int = opt(1000, help="also save the resume state every N steps (0: only at "
+                          "word-count checkpoints)")
+    log_every: int = opt(10, help="steps between metrics records")
+    max_steps: int = opt(0, help="stop (resumably) after this many steps in total; 0: no limit")
+    cache_dir: Path = opt(Path("cache/tokens"), help="where tokenised corpora are cached")
+    resume: bool = opt(True, help="resume from OUT/resume if present")
+    progress: bool = opt(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("lm", "vlm"):
+            raise ValueError("--kind is required: lm or vlm")
+        if self.out is None:
+            raise ValueError("--out is required")
+        if self.features is None:
+            raise ValueError("--features is required: caption samples use its image rows and "
+                             "text samples its /black feature (the LM too)")
+        if self.kind == "lm" and not self.text:
+            raise ValueError("--kind lm needs --text")
+        if self.kind == "lm" and self.captions:
+            raise ValueError("--captions are for --kind vlm; the LM is trained on text only")
+        if self.kind == "vlm" and not self.captions:
+            raise ValueError("--kind vlm needs --captions")
+        if self.tokenizer is None and self.init_from is None:
+            raise ValueError("--tokenizer is required (or --init-from a model holding one)")
+        for flag, paths in (("--text", self.text), ("--captions", self.captions),
+                            ("--features", [self.features])):
+            for p in paths:
+                if not Path(p).is_file():
+                    raise ValueError(f"{flag}: file not found: {p}")
+        for flag in ("batch_size", "grad_accum", "epochs", "seq_len", "checkpoint_unit",
+                     "log_every"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+        if self.init_from is None and self.seq_len > MODEL_PRESETS[self.preset].max_positions:
+            raise ValueError(f"--seq-len {self.seq_len} exceeds preset {self.preset}'s "
+                             f"{MODEL_PRESETS[self.preset].max_positions} positions")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_schedule(unit: int = 1_000_000) -> list[int]:
+    """BabyLM's word counts: every unit to 10, every 10 to 100, every 100 to 1000 units."""
+    return ([unit * k for k in range(1, 10)] + [unit * 10 * k for k in range(1, 10)]
+            + [unit * 100 * k for k in range(1, 11)])
+
+
+def words_label(n: int) -> str:
+    """1_000_000 -> '1M', 20_000_000 -> '20M', 1_000_000_000 -> '1B', 1500 -> '1500'."""
+    for size, suffix in ((10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n % size == 0:
+            return f"{n // size}{suffix}"
+    return str(n)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up to ``cfg.lr``, then cosine to ``cfg.lr * cfg.min_lr_ratio``."""
+    warmup = min(cfg.warmup_steps, max(total_steps // 10, 1))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(total_steps - warmup, 1))
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint / resume component
+# ---------------------------------------------------------------------------------------------
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def save_resume(directory: Path, model, tokenizer, optimizer, state: dict) -> None:
+    """Model, optimizer (torch.save of tensors and numbers), RNG and ``state`` (JSON: step, data
+    position, counters, config) in one atomic directory swap."""
+
+    def write(tmp: Path) -> None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+    save_checkpoint(model, directory, tokenizer, write_extra=write)
+
+
+def read_resume_state(directory: Path) -> dict | None:
+    path = directory / "state.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def load_resume(directory: Path, optimizer, device: torch.device) -> None:
+    """Restore optimizer and RNG saved by :func:`save_resume` (``weights_only`` loads: no pickle)."""
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device,
+                                         weights_only=True))
+    rng = torch.load(directory / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _check_resumable(cfg: TrainConfig, state: dict, directory: Path) -> None:
+    old, new = state["config"], config_to_dict(cfg)
+    diff = sorted(k for k in new if k not in RESUME_FREE_FIELDS and old.get(k) != new[k])
+    if diff:
+        shown = "; ".join(f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
+        raise ValueError(f"{directory} holds a run with another config ({shown}); resume with the "
+                         "same options, or pass --no-resume with a new --out")
+
+
+def _publish_final(model, tokenizer, out: Path) -> None:
+    """Write the final HF files into ``out`` itself (beside checkpoints/ and metrics), each file
+    replaced atomically."""
+    tmp = save_checkpoint(model, out / ".final", tokenizer)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    shutil.rmtree(tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and optimizer
+# ---------------------------------------------------------------------------------------------
+
+def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int
+                        ) -> BabyLlavaForConditionalGeneration:
+    """The starting weights: ``--init-from`` or a seeded random init that is the same for the LM
+    and the VLM (same seed, tokenizer and feature dimension: one basin for merging)."""
+    from babymerge.model import IMAGE_TOKEN
+
+    if cfg.init_from is not None:
+        model = BabyLlavaForConditionalGeneration.from_pretrained(str(cfg.init_from),
+                                                                  use_safetensors=True)
+    else:
+        preset = MODEL_PRESETS[cfg.preset]
+        preset = type(preset)(**{**preset.__dict__, "feature_dim": feature_dim})
+        model = build_model(preset, seed=cfg.seed, vocab_size=len(tokenizer),
+                            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    return model
+
+
+def _check_model(model, cfg: TrainConfig, tokenizer, table: FeatureTable, source: str) -> None:
+    dim = model.config.vision_config.hidden_size
+    if dim != table.dim:
+        raise FeatureFileError(f"feature dimension mismatch: {source} takes {dim}-d features, "
+                               f"{table.path} holds {table.dim}-d ones (another encoder?)")
+    vocab = model.config.text_config.vocab_size
+    if vocab != len(tokenizer):
+        raise ValueError(f"vocabulary mismatch: {source} has {vocab} tokens, the tokenizer "
+                         f"{cfg.tokenizer or cfg.init_from} {len(tokenizer)}")
+    if cfg.seq_len > model.config.text_config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds {source}'s "
+                         f"{model.config.text_config.max_position_embeddings} positions")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
+                   ) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (nanoGPT); the fused kernel on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> Path:
+    """Train per ``cfg``; returns ``cfg.out``, the final HF checkpoint directory."""
+    world = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, world)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(cfg: TrainConfig, world: distributed.World) -> Path:
+    out: Path = cfg.out
+    resume_dir = out / RESUME_DIR
+    state = read_resume_state(resume_dir)
+    if state is not None and not cfg.resume:
+        raise ValueError(f"{out} already holds a run; use a new --out, or drop --no-resume")
+    if state is not None:
+        _check_resumable(cfg, state, resume_dir)
+        if state["finished"] or (cfg.max_steps and state["step"] >= cfg.max_steps):
+            if world.is_main:
+                print(f"{out}: already at step {state['step']} "
+                      f"({'finished' if state['finished'] else '--max-steps'}); nothing to do")
+            return out
+    device = world.device
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
+    table = FeatureTable(cfg.features, load_features=cfg.kind == "vlm")
+
+    # Data: the first rank on each node tokenises into the cache, the others then read it.
+    if world.local_rank != 0:
+        distributed.barrier(world)
+    progress = cfg.progress and world.local_rank == 0
+    sources = {}
+    if cfg.text:
+        sources[TEXT] = load_text(cfg.text, tokenizer, cfg.cache_dir, cfg.seq_len, progress)
+    if cfg.captions:
+        sources[CAPTIONS] = load_captions(cfg.captions, tokenizer, cfg.cache_dir, cfg.seq_len,
+                                          table, progress)
+    if world.local_rank == 0:
+        distributed.barrier(world)
+    accum, ws, rank = cfg.grad_accum, world.world_size, world.rank
+    plan = EpochPlan(sources, cfg.batch_size, cfg.epochs, cfg.order, accum * ws, cfg.seed)
+    if cfg.epochs > BABYLM_MAX_EPOCHS:
+        warnings.warn(f"--epochs {cfg.epochs}: the BabyLM rules allow at most "
+                      f"{BABYLM_MAX_EPOCHS} epochs over the data", stacklevel=2)
+
+    # Model: resumed, --init-from, or the shared seeded init.
+    if state is not None:
+        raw = BabyLlavaForConditionalGeneration.from_pretrained(str(resume_dir),
+                                                                use_safetensors=True)
+        source = str(resume_dir)
+    else:
+        raw = build_initial_model(cfg, tokenizer, table.dim)
+        source = str(cfg.init_from) if cfg.init_from else f"preset {cfg.preset}"
+    _check_model(raw, cfg, tokenizer, table, source)
+    raw.to(device).train()
+    optimizer = make_optimizer(raw, cfg, device)
+    if state is not None:
+        load_resume(resume_dir, optimizer, device)
+    model = torch.compile(raw) if cfg.compile else raw
+    if world.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
+                else contextlib.nullcontext())
+    black = table.black.to(device=device, dtype=torch.float32)
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t
+
+    # Position and counters (a fresh run starts at zero).
+    pos = state or {"step": 0, "epoch": 0, "step_in_epoch": 0, "words": 0, "tokens": 0}
+    step, words, tokens = pos["step"], pos["words"], pos["tokens"]
+    schedule = checkpoint_schedule(cfg.checkpoint_unit)
+    next_ckpt = sum(1 for w in schedule if w <= words)
+    metrics_path = out / "metrics.jsonl"
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, step)
+        save_config(cfg, out / "train_config.json", world_size=ws, total_steps=plan.total_steps,
+                    epochs_planned=plan.epochs,
+                    samples={"text_sequences": len(sources.get(TEXT, ())),
+                             "captions": len(sources.get(CAPTIONS, ()))})
+    metrics = open(metrics_path, "a", encoding="utf-8") if world.is_main else None
+
+    def position(epoch: int, k: int, finished: bool = False) -> dict:
+        return {"step": step, "epoch": epoch, "step_in_epoch": k, "words": words,
+                "tokens": tokens, "finished": finished, "world_size": ws,
+                "config": config_to_dict(cfg)}
+
+    bar = tqdm(total=plan.total_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (cfg.progress and world.is_main), desc=f"train {cfg.kind}")
+    last_log_time, last_log_tokens, last_log_step = time.perf_counter(), tokens, step
+    data_s, loss_acc, loss_n = 0.0, 0.0, 0
+    stopped = False
+    for epoch in range(pos["epoch"], plan.epochs):
+        batches = plan.batches(epoch)
+        step_words, step_tokens = plan.step_counts(batches)
+        first_k = pos["step_in_epoch"] if epoch == pos["epoch"] else 0
+        for k in range(first_k, plan.steps[epoch]):
+            lr = lr_at(step, cfg, plan.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = plan.step_batches(batches, k, rank, ws, accum)
+            for a, (src, index) in enumerate(micro):
+                t0 = time.perf_counter()
+                batch = sources[src].batch(index)
+                ids, labels = to_device(batch["input_ids"]), to_device(batch["labels"])
+                feats = (to_device(batch["features"]) if src == CAPTIONS
+                         else black.expand(len(index), -1))
+                data_s += time.perf_counter() - t0
+                # Right padding + causal attention: a real token never attends to the pads after
+                # it, so no attention mask is needed (and SDPA keeps its causal fast path).
+                sync = (model.no_sync() if world.distributed and a < accum - 1
+                        else contextlib.nullcontext())
+                with sync, autocast:
+                    loss = model(input_ids=ids, pixel_values=feats, labels=labels,
+                                 use_cache=False).loss
+                (loss / accum).backward()
+                loss_acc += loss.detach().float()
+                loss_n += 1
+            grad_norm = (torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+                         if cfg.grad_clip > 0 else None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            words += int(step_words[k])
+            tokens += int(step_tokens[k])
+            bar.update(1)
+
+            last = step == plan.total_steps or (cfg.max_steps and step >= cfg.max_steps)
+            if step % cfg.log_every == 0 or last:
+                mean_loss = distributed.mean_over_ranks(
+                    torch.as_tensor(loss_acc / max(loss_n, 1), device=device), world).item()
+                now = time.perf_counter()
+                tok_s = (tokens - last_log_tokens) / max(now - last_log_time, 1e-9)
+                record = {"step": step, "epoch": epoch, "loss": round(mean_loss, 5), "lr": lr,
+                          "words": words, "tokens": tokens, "tokens_per_s": round(tok_s, 1),
+                          "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+                          "data_ms_per_step": round(1000 * data_s / (step - last_log_step), 3)}
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                last_log_time, last_log_tokens, last_log_step = now, tokens, step
+                data_s, loss_acc, loss_n = 0.0, 0.0, 0
+
+            next_pos = (epoch, k + 1) if k + 1 < plan.steps[epoch] else (epoch + 1, 0)
+            crossed = [w for w in schedule[next_ckpt:] if w <= words]
+            if crossed:
+                next_ckpt += len(crossed)
+            if world.is_main and crossed:
+                # One step can pass several counts only on tiny data; the checkpoint is named by
+                # the largest, and the record lists them all.
+                name = f"words_{words_label(crossed[-1])}"
+                save_checkpoint(raw, out / CHECKPOINTS_DIR / name, tokenizer, extra_files={
+                    "train_state.json": json.dumps({"step": step, "words": words,
+                                                    "tokens": tokens}) + "\n"})
+                metrics.write(json.dumps({"event": "checkpoint", "name": name, "step": step,
+                                          "words": words,
+                                          "counts": [words_label(w) for w in crossed]}) + "\n")
+                metrics.flush()
+            stop_now = bool(cfg.max_steps and step >= cfg.max_steps and not
+                            step == plan.total_steps)
+            if world.is_main and (crossed or stop_now or
+                                  (cfg.save_every and step % cfg.save_every == 0)):
+                save_resume(resume_dir, raw, tokenizer, optimizer, position(*next_pos))
+            if stop_now:
+                stopped = True
+                break
+        if stopped:
+            break
+    bar.close()
+    if world.is_main:
+        if not stopped:
+            _publish_final(raw, tokenizer, out)
+            save_resume(resume_dir, raw, tokenizer, optimizer, position(plan.epochs, 0, True))
+        metrics.close()
+    distributed.barrier(world)
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step`` (written after the resume state by a run that was killed)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
