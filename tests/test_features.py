@@ -92,3 +92,145 @@ def test_folder_extraction_file_layout(tmp_path, encoder_dir):
     torch.testing.assert_close(table.lookup(["sub/im3"])[0].float(), expected, atol=2e-3, rtol=2e-3)
     black = encoder.encode([Image.new("RGB", (640, 420))])[0]
     torch.testing.assert_close(table.black.float(), black, atol=2e-3, rtol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def write_images(folder, names, seed=0, size=(48, 64)):
+    rng = np.random.default_rng(seed)
+    for name in names:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        smooth_image(rng, *size).save(path)
+
+
+def ids_of(path):
+    with h5py.File(path, "r") as f:
+        return [x.decode() for x in f[IDS][:]]
+
+
+def test_jsonl_tsv_and_tar_sources(tmp_path, encoder_dir):
+    import tarfile
+
+    write_images(tmp_path / "root", ["a.png", "b.jpg", "d/c.png"])
+    # Localized Narratives style: one line per narrative, so an image repeats; the path is under
+    # --image-root.
+    lines = [{"image_id": "a", "path": "a.png", "caption": "x"},
+             {"image_id": "b", "path": "b.jpg", "caption": "y"},
+             {"image_id": "a", "path": "a.png", "caption": "z"},
+             {"image_id": "c", "path": "d/c.png", "caption": "w"}]
+    (tmp_path / "ln.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    extract(tmp_path / "ln.jsonl", tmp_path / "j.h5", encoder_dir, image_root=tmp_path / "root")
+    assert ids_of(tmp_path / "j.h5") == ["a", "b", "c"]
+
+    (tmp_path / "root" / "list.tsv").write_text("id\tpath\nb\tb.jpg\nc\td/c.png\n")
+    extract(tmp_path / "root" / "list.tsv", tmp_path / "t.h5", encoder_dir)
+    assert ids_of(tmp_path / "t.h5") == ["b", "c"]
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s, keys in enumerate([["k0", "k1"], ["k2"]]):
+        with tarfile.open(shards / f"s-{s:02d}.tar", "w") as tar:
+            for k in keys:
+                tar.add(tmp_path / "root" / "a.png", arcname=f"{k}.png")
+                (tmp_path / "cap.txt").write_text("caption")
+                tar.add(tmp_path / "cap.txt", arcname=f"{k}.txt")
+    extract(str(shards / "s-{00..01}.tar"), tmp_path / "w.h5", encoder_dir)
+    assert ids_of(tmp_path / "w.h5") == ["k0", "k1", "k2"]
+    with h5py.File(tmp_path / "w.h5", "r") as w, h5py.File(tmp_path / "j.h5", "r") as j:
+        np.testing.assert_array_equal(w[FEATURES][0], j[FEATURES][0])  # same bytes, same feature
+    extract(shards, tmp_path / "w2.h5", encoder_dir)  # a folder holding only shards
+    assert ids_of(tmp_path / "w2.h5") == ["k0", "k1", "k2"]
+
+
+def test_duplicate_ids_fail_before_any_work(tmp_path, encoder_dir):
+    from babymerge.images import SourceError
+
+    write_images(tmp_path / "imgs", ["x.png", "x.jpg"])
+    with pytest.raises(SourceError, match="duplicate image id 'x'"):
+        extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir)
+    (tmp_path / "l.jsonl").write_text('{"image_id": "x", "path": "imgs/x.png"}\n'
+                                      '{"image_id": "x", "path": "imgs/x.jpg"}\n')
+    with pytest.raises(SourceError, match=r"l.jsonl:1 and .*l.jsonl:2"):
+        extract(tmp_path / "l.jsonl", tmp_path / "f.h5", encoder_dir)
+    (tmp_path / "bad.jsonl").write_text('{"image_id": "x"}\n')
+    with pytest.raises(SourceError, match=r"bad.jsonl:1: no 'path' key \(set --path-column\)"):
+        extract(tmp_path / "bad.jsonl", tmp_path / "f.h5", encoder_dir)
+    assert not (tmp_path / "f.h5").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad files
+
+
+def _png_header_only(width, height):
+    """A PNG whose header claims width x height (a decompression bomb's signature) and no data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
+        + chunk(b"IEND", b"")
+
+
+def test_bad_files_are_converted_or_recorded(tmp_path, encoder_dir):
+    rng = np.random.default_rng(3)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    base = smooth_image(rng, 50, 60)
+    rgb = {}  # id -> the RGB image its feature must equal
+    base.convert("CMYK").save(d / "cmyk.jpg", quality=95)
+    rgb["cmyk"] = Image.open(d / "cmyk.jpg").convert("RGB")
+    gray16 = (np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(gray16).save(d / "gray16.png")
+    assert Image.open(d / "gray16.png").mode == "I;16"
+    rgb["gray16"] = base.convert("L").convert("RGB")  # 16 -> 8 bits scaled, not clipped to white
+    base.convert("P", palette=Image.Palette.ADAPTIVE).save(d / "palette.png")
+    rgb["palette"] = Image.open(d / "palette.png").convert("RGB")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    rgba.save(d / "rgba.png")
+    rgb["rgba"] = Image.alpha_composite(Image.new("RGBA", base.size, "white"), rgba).convert("RGB")
+    base.convert("L").save(d / "gray.png")
+    rgb["gray"] = base.convert("L").convert("RGB")
+    base.save(d / "good.png")
+    rgb["good"] = base
+
+    base.save(d / "full.jpg", quality=90)
+    data = (d / "full.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(data[:len(data) // 2])
+    (d / "full.jpg").unlink()
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.png").write_text("this is not an image\n")
+    (d / "bomb.png").write_bytes(_png_header_only(10_000, 10_000))
+    (tmp_path / "list.tsv").write_text("".join(f"{p.stem}\t{p}\n" for p in sorted(d.iterdir()))
+                                       + f"missing\t{d / 'missing.png'}\n")
+
+    out = tmp_path / "f.h5"
+    summary = extract(tmp_path / "list.tsv", out, encoder_dir, num_workers=2)
+    assert summary["rows"] == len(rgb) and summary["failed"] == 5
+    table = FeatureTable(out, dtype=torch.float32)
+    assert set(table.ids) == set(rgb)
+    reasons = table.failed
+    assert reasons["truncated"].startswith("truncated or corrupt")
+    assert reasons["empty"] == "empty file (0 bytes)"
+    assert reasons["notes"].startswith("not an image")
+    assert reasons["bomb"].startswith("too large (decompression-bomb guard): 10000x10000")
+    assert reasons["missing"].startswith("unreadable (FileNotFoundError")
+
+    encoder = load_encoder(encoder_dir)
+    expected = encoder.encode([rgb[i] for i in table.ids])
+    torch.testing.assert_close(table.features, expected, atol=2e-3, rtol=2e-3)
+
+    # Failed ids are not retried by default; --retry-failed tries them again.
+    base.save(d / "truncated.jpg", quality=90)
+    assert extract(tmp_path / "list.tsv", out, encoder_dir)["new"] == 0
+    summary = extract(tmp_path / "list.tsv", out, encoder_dir, retry_failed=True)
+    assert summary["new"] == 1 and summary["failed"] == 4
+    assert "truncated" in FeatureTable(out).row
