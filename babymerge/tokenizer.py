@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = [UNK, BOS, EOS, PAD, IMAGE_TOKEN]  # ids 0..4, in this order
+# Llama's byte fallback: a character outside the learned alphabet is spelled in UTF-8 bytes, so no
+# text ever becomes <unk> and decoding restores it (ids 5..260).
+BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 SPACE = "▁"  # U+2581, Llama's space marker; not whitespace or punctuation, so BERT keeps it
 
 
@@ -60,8 +63,9 @@ class TokenizerConfig:
         for path in self.corpus:
             if not Path(path).is_file():
                 raise ValueError(f"CORPUS: not a file: {path}")
-        if self.vocab_size <= len(SPECIAL_TOKENS):
-            raise ValueError(f"--vocab-size must exceed {len(SPECIAL_TOKENS)} (the special tokens)")
+        reserved = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)
+        if self.vocab_size <= reserved:
+            raise ValueError(f"--vocab-size must exceed {reserved} (special and byte tokens)")
 
 
 def normalize_text(line: str) -> str:
@@ -84,16 +88,17 @@ def iter_lines(paths: Iterable[Path]) -> Iterator[str]:
 
 def _pipeline(vocab_size: int, min_frequency: int, limit_alphabet: int
               ) -> tuple[Tokenizer, trainers.BpeTrainer]:
-    # byte_fallback/fuse_unk as in transformers' LlamaTokenizer, so both segment unknown
-    # characters the same way (to <unk>: the vocabulary has no byte tokens).
+    # byte_fallback/fuse_unk as in transformers' LlamaTokenizer, which rebuilds this model.
     tok = Tokenizer(models.BPE(unk_token=UNK, fuse_unk=True, byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=True),
         pre_tokenizers.BertPreTokenizer(),
     ])
-    tok.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="first", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=SPECIAL_TOKENS, limit_alphabet=limit_alphabet,
+                                  special_tokens=SPECIAL_TOKENS + BYTE_TOKENS,
+                                  limit_alphabet=limit_alphabet,
                                   show_progress=True)
     return tok, trainer
 

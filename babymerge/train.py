@@ -258,11 +258,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 def train(cfg: TrainConfig) -> Path:
     """Train per ``cfg``; returns ``cfg.out``, the final HF checkpoint directory."""
+    from transformers.utils import logging as hf_logging
+
+    # transformers draws a bar per checkpoint write; ours is the one that matters.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     world = distributed.setup(cfg.device)
     try:
         return _train(cfg, world)
     finally:
         distributed.teardown(world)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _train(cfg: TrainConfig, world: distributed.World) -> Path:

@@ -49,7 +49,7 @@ def caption_of(i: int) -> str:
     return f"a {color} {animal} is here."
 
 
-def make_world(root: Path, n_images: int = 64, n_lines: int = 400, seed: int = 0) -> dict:
+def make_world(root: Path, n_images: int = 128, n_lines: int = 400, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     proto_c, proto_a = rng.normal(size=(4, DIM)), rng.normal(size=(4, DIM))
@@ -71,7 +71,7 @@ def make_world(root: Path, n_images: int = 64, n_lines: int = 400, seed: int = 0
     captions.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     tok_dir = root / "tokenizer"
     train_tokenizer(TokenizerConfig(corpus=[text, captions_as_text(root, recs)], out=tok_dir,
-                                    vocab_size=120, min_frequency=1))
+                                    vocab_size=400, min_frequency=1))
     return {"root": root, "features": features, "text": text, "captions": captions,
             "tokenizer": tok_dir, "ids": ids, "feats": feats}
 

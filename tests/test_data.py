@@ -1,0 +1,115 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from babymerge.data import (CAPTIONS, IGNORE_INDEX, TEXT, DataError, EpochPlan, load_captions,
+                            load_text, tokenize_file)
+from babymerge.featurefile import FeatureTable
+from babymerge.model import IMAGE_TOKEN, image_prefix_ids
+from babymerge.tokenizer import iter_lines, load_tokenizer, word_start_mask
+from test_data_fixtures import world  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return load_tokenizer(world["tokenizer"])
+
+
+def test_corpus_cached_once_and_packed_behind_the_image_prefix(world, tok, tmp_path):
+    first = tokenize_file(world["text"], tok, tmp_path, "text", progress=False)
+    cached = sorted(tmp_path.iterdir())
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    again = tokenize_file(world["text"], tok, tmp_path, "text", progress=False)
+    assert [p.stat().st_mtime_ns for p in sorted(tmp_path.iterdir())] == stamps  # reused
+    assert isinstance(again.tokens, np.memmap)
+    lines = list(iter_lines([world["text"]]))
+    stream = sum((tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in lines), [])
+    assert first.tokens.tolist() == stream and first.meta["documents"] == len(lines)
+
+    seq_len = 24
+    packed = load_text([world["text"], world["text"]], tok, tmp_path, seq_len, progress=False)
+    chunk = seq_len - 2
+    assert len(packed) == 2 * len(stream) // chunk
+    idx = np.array([0, len(stream) // chunk, len(packed) - 1])  # incl. one across the two files
+    batch = packed.batch(idx)
+    both = stream + stream
+    for row, i in zip(batch["input_ids"].tolist(), idx):
+        assert row == image_prefix_ids(tok) + both[i * chunk:(i + 1) * chunk]
+    assert (batch["labels"][:, :2] == IGNORE_INDEX).all()
+    assert torch.equal(batch["labels"][:, 2:], batch["input_ids"][:, 2:])
+    # words are counted from word-start tokens: whitespace words of what was packed
+    n_words = sum(len(t.split()) for t in lines)
+    assert packed.words.sum() == word_start_mask(tok)[np.array(both[:len(packed) * chunk])].sum()
+    assert abs(packed.words.sum() - 2 * n_words) <= 2 * chunk
+
+
+def test_image_token_written_in_text_stays_text(world, tok, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("look <image> here\n")
+    tf = tokenize_file(corpus, tok, tmp_path / "cache", "text", progress=False)
+    assert tok.convert_tokens_to_ids(IMAGE_TOKEN) not in tf.tokens.tolist()
+
+
+def test_captions_join_features_and_skip_missing_with_a_warning(world, tok, tmp_path):
+    table = FeatureTable(world["features"])
+    with pytest.warns(UserWarning, match=r"1 image failed in feature extraction, 1 image id not "
+                                         r"in feature file; 128 kept"):
+        caps = load_captions([world["captions"]], tok, tmp_path, 64, table, progress=False)
+    assert len(caps) == len(world["ids"])
+    idx = np.array([3, 0, 7])
+    batch = caps.batch(idx)
+    assert torch.equal(batch["features"], table.lookup([world["ids"][i] for i in idx]))
+    for r, i in enumerate(idx):
+        from test_data_fixtures import caption_of
+        want = (image_prefix_ids(tok) + tok(caption_of(int(i)), add_special_tokens=False).input_ids
+                + [tok.eos_token_id])
+        row = batch["input_ids"][r].tolist()
+        assert row[:len(want)] == want and set(row[len(want):]) <= {tok.pad_token_id}
+        labels = batch["labels"][r].tolist()
+        assert labels[2:len(want)] == want[2:] and set(labels[:2] + labels[len(want):]) == {-100}
+    assert caps.words[0] == len(caption_of(0).split())
+
+
+def test_bad_caption_and_corpus_inputs_are_clear_errors(world, tok, tmp_path):
+    table = FeatureTable(world["features"])
+    absent = tmp_path / "absent.tsv"
+    absent.write_text("nope1\ta red cat.\nnope2\ta blue dog.\n")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="no usable caption"):
+        load_captions([absent], tok, tmp_path, 32, table, progress=False)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"image_id": "img000", "caption": "x"}) + "\n{\"image_id\": 1}\n")
+    with pytest.raises(DataError, match=r"broken.jsonl:2: expected a JSON object"):
+        load_captions([broken], tok, tmp_path, 32, table, progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty.txt: no text"):
+        load_text([empty], tok, tmp_path, 32, progress=False)
+
+
+def test_epoch_plan_orders_and_rank_slices(world, tok, tmp_path):
+    table = FeatureTable(world["features"])
+    text = load_text([world["text"]], tok, tmp_path, 16, progress=False)
+    with pytest.warns(UserWarning):
+        caps = load_captions([world["captions"]], tok, tmp_path, 16, table, progress=False)
+    sources = {TEXT: text, CAPTIONS: caps}
+    mixed = EpochPlan(sources, 8, 2, "mixed", per_step=2, seed=1)
+    kinds = [s for s, _ in mixed.batches(0)]
+    assert set(kinds) == {TEXT, CAPTIONS} and kinds != sorted(kinds)  # interleaved
+    again = EpochPlan(sources, 8, 2, "mixed", per_step=2, seed=1).batches(0)
+    assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(mixed.batches(0), again))
+    assert not np.array_equal(mixed.batches(0)[0][1], mixed.batches(1)[0][1])
+    mm_first = EpochPlan(sources, 8, 2, "multimodal-first", per_step=2, seed=1)
+    assert [{s for s, _ in mm_first.batches(e)} for e in range(4)] == [{CAPTIONS}] * 2 + [{TEXT}] * 2
+    text_first = EpochPlan(sources, 8, 2, "text-first", per_step=2, seed=1)
+    assert [{s for s, _ in text_first.batches(e)} for e in range(4)] == [{TEXT}] * 2 + [{CAPTIONS}] * 2
+    # every caption appears exactly once per epoch it is in (minus the dropped tail)
+    seen = np.concatenate([i for s, i in mm_first.batches(0)])
+    assert len(np.unique(seen)) == len(seen) and len(seen) >= len(caps) - 8 * 2
+    # two ranks x accumulation 2 split each step's 4 global batches between them, no overlap
+    plan = EpochPlan(sources, 4, 1, "mixed", per_step=4, seed=0)
+    batches = plan.batches(0)
+    for step in range(plan.steps[0]):
+        mine = [id(b) for r in range(2) for b in plan.step_batches(batches, step, r, 2, 2)]
+        assert sorted(mine) == sorted(id(b) for b in batches[step * 4:(step + 1) * 4])

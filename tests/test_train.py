@@ -1,0 +1,206 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
+
+from babymerge.cli import main
+from babymerge.data import DataError
+from babymerge.featurefile import FeatureFileError, FeatureTable
+from babymerge.model import image_prefix_ids, load_model
+from babymerge.tokenizer import load_tokenizer
+from babymerge.train import (TrainConfig, build_initial_model, checkpoint_schedule, train,
+                             words_label)
+from test_data_fixtures import DIM, caption_of, world, write_feature_file  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two threads on a shared 2-core machine make tiny steps ~10x slower, not faster.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def lm_config(world, out, **kw) -> TrainConfig:
+    base = dict(kind="lm", text=[world["text"]], features=world["features"],
+                tokenizer=world["tokenizer"], out=out, preset="tiny", seq_len=32, batch_size=8,
+                epochs=2, lr=3e-3, warmup_steps=3, checkpoint_unit=10**6, log_every=2,
+                save_every=0, cache_dir=world["root"] / "cache", progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm") / "full"
+    train(lm_config(world, out, checkpoint_unit=2000))
+    return out
+
+
+def test_checkpoint_schedule_is_babylm():
+    sched = checkpoint_schedule()
+    names = [words_label(w) for w in sched]
+    assert names[:10] == [f"{k}M" for k in range(1, 10)] + ["10M"]
+    assert names[9:19] == [f"{k}0M" for k in range(1, 10)] + ["100M"]
+    assert names[-2:] == ["900M", "1B"] and len(sched) == len(set(sched)) == 28
+    assert words_label(1500) == "1500" and words_label(2000) == "2K"
+
+
+def test_lm_learns_writes_word_checkpoints_that_load(world, uninterrupted):
+    out = uninterrupted
+    steps = [r for r in records(out) if "loss" in r]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
+    assert {"lr", "words", "tokens", "tokens_per_s", "grad_norm"} <= set(steps[0])
+    final_words = steps[-1]["words"]
+    want = [f"words_{words_label(w)}" for w in checkpoint_schedule(2000) if w <= final_words]
+    got = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert got == sorted(want) and len(want) >= 2
+    tok = load_tokenizer(out / "checkpoints" / want[0])
+    ids = torch.tensor([image_prefix_ids(tok) + tok("the red cat.", add_special_tokens=False).input_ids])
+    black = FeatureTable(world["features"], dtype=torch.float32).black[None]
+    for d in [out / "checkpoints" / want[0], out]:
+        model = AutoModelForImageTextToText.from_pretrained(d)
+        assert model(input_ids=ids, pixel_values=black).logits.shape[-1] == len(tok)
+    ck = weights(out / "checkpoints" / want[0])
+    assert any(not torch.equal(ck[k], v) for k, v in weights(out).items())
+    state = json.loads((out / "resume" / "state.json").read_text())
+    assert state["finished"] and state["words"] == final_words
+
+
+def test_stopped_run_resumes_to_identical_weights(world, uninterrupted, tmp_path):
+    out = tmp_path / "stopped"
+    train(lm_config(world, out, checkpoint_unit=2000, max_steps=7))
+    assert not (out / "model.safetensors").exists()
+    assert json.loads((out / "resume" / "state.json").read_text())["step"] == 7
+    train(lm_config(world, out, checkpoint_unit=2000))  # same command, no limit: resumes
+    ref, got = weights(uninterrupted), weights(out)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    steps = [r["step"] for r in records(out) if "loss" in r]
+    assert steps == sorted(set(steps))  # no step logged twice
+    with pytest.raises(ValueError, match="another config"):
+        train(lm_config(world, out, checkpoint_unit=2000, lr=1e-3))
+
+
+def test_sigkilled_cli_run_resumes_to_identical_weights(world, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    cfg = lm_config(world, out, checkpoint_unit=2000, save_every=2)
+    argv = [sys.executable, "-m", "babymerge.cli", "train", "--kind", "lm", "--text",
+            str(world["text"]), "--features", str(world["features"]), "--tokenizer",
+            str(world["tokenizer"]), "--out", str(out), "--preset", "tiny", "--seq-len", "32",
+            "--batch-size", "8", "--epochs", "2", "--lr", "3e-3", "--warmup-steps", "3",
+            "--checkpoint-unit", "2000", "--log-every", "2", "--save-every", "2",
+            "--cache-dir", str(cfg.cache_dir), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = out / "resume" / "state.json"
+    deadline = time.time() + 60
+    while not state.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.is_file(), "the run saved no resume state before the deadline"
+    train(cfg)
+    ref, got = weights(uninterrupted), weights(out)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_vlm_scores_captions_higher_with_their_own_images(world, tmp_path):
+    out = tmp_path / "vlm"
+    cfg = lm_config(world, out, kind="vlm", text=[], captions=[world["captions"]], epochs=12,
+                    batch_size=16, lr=5e-3, log_every=10)
+    with pytest.warns(UserWarning) as caught:
+        train(cfg)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "at most 10 epochs" in messages and "1 image id not in feature file" in messages
+    model, tok = load_model(out), load_tokenizer(out)
+    feats = torch.tensor(world["feats"], dtype=torch.float32)
+    n = len(feats)
+    texts = [image_prefix_ids(tok) + tok(caption_of(i), add_special_tokens=False).input_ids
+             for i in range(n)]
+    ids = torch.tensor(texts)  # all captions have the same length here
+
+    @torch.no_grad()
+    def logprob(f: torch.Tensor) -> torch.Tensor:
+        lp = model(input_ids=ids, pixel_values=f).logits.log_softmax(-1)
+        return lp[:, 1:-1].gather(-1, ids[:, 2:, None]).squeeze(-1).sum(1)
+
+    right = logprob(feats)
+    shuffled = logprob(feats[torch.tensor([(i + 5) % n for i in range(n)])])
+    assert (right > shuffled).float().mean() > 0.9
+    assert (right - shuffled).mean() > 1.0
+
+
+def test_lm_and_vlm_start_from_the_same_weights(world, tmp_path):
+    tok = load_tokenizer(world["tokenizer"])
+    lm = build_initial_model(lm_config(world, tmp_path / "a"), tok, DIM)
+    vlm = build_initial_model(lm_config(world, tmp_path / "b", kind="vlm", text=[],
+                                        captions=[world["captions"]]), tok, DIM)
+    assert all(torch.equal(p, q) for p, q in zip(lm.state_dict().values(),
+                                                   vlm.state_dict().values()))
+
+
+def test_ddp_two_processes_match_single_process_accumulation(world, tmp_path):
+    cfg = lm_config(world, tmp_path / "single", batch_size=4, grad_accum=2, epochs=1)
+    train(cfg)
+    out = tmp_path / "ddp"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", str(29500 + os.getpid() % 1000), "-m", "babymerge.cli", "train",
+            "--kind", "lm", "--text", str(world["text"]), "--features", str(world["features"]),
+            "--tokenizer", str(world["tokenizer"]), "--out", str(out), "--preset", "tiny",
+            "--seq-len", "32", "--batch-size", "4", "--grad-accum", "1", "--epochs", "1",
+            "--lr", "3e-3", "--warmup-steps", "3", "--log-every", "2", "--save-every", "0",
+            "--cache-dir", str(cfg.cache_dir), "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref, got = weights(cfg.out), weights(out)
+    for k in ref:  # the all-reduce sums in another order than accumulation: float tolerance
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+    a = [r for r in records(cfg.out) if "loss" in r]
+    b = [r for r in records(out) if "loss" in r]
+    assert [r["words"] for r in a] == [r["words"] for r in b]
+    assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
+
+
+def test_bad_inputs_are_clear_errors(world, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--kind", "lm", "--text", str(world["text"]),
+                                  "--tokenizer", str(world["tokenizer"]), "--out",
+                                  str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--features is required" in result.output
+    result = runner.invoke(main, ["train", "--kind", "vlm", "--features", str(world["features"]),
+                                  "--tokenizer", str(world["tokenizer"]), "--out",
+                                  str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--kind vlm needs --captions" in result.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty.txt: no text"):
+        train(lm_config(world, tmp_path / "e", text=[empty]))
+    # a model made for 16-d features cannot train on 8-d ones
+    init = tmp_path / "init"
+    train(lm_config(world, init, max_steps=1, epochs=1))
+    train(lm_config(world, init, epochs=1))
+    other = write_feature_file(tmp_path / "f8.h5", ["a"], np.zeros((1, 8)), np.zeros(8))
+    with pytest.raises(FeatureFileError, match="dimension mismatch.*16-d.*8-d"):
+        train(lm_config(world, tmp_path / "y", features=other, init_from=init))
