@@ -1,0 +1,191 @@
+"""Stage 1 robustness: SIGKILL + resume, refusing to mix encoders, shards + join, the CLI."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from babymerge.cli import main as cli
+from babymerge.featurefile import FEATURES, IDS, FeatureFileError, FeatureTable
+from babymerge.features import ExtractConfig, JoinConfig, join_features, save_random_dinov2
+from test_features import extract, write_images
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    return save_random_dinov2(tmp_path_factory.mktemp("enc") / "dinov2", image_size=56)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    write_images(folder, [f"{i:03d}.png" for i in range(48)], size=(40, 52))
+    return folder
+
+
+def read(path):
+    with h5py.File(path, "r") as f:
+        return [x.decode() for x in f[IDS][:]], np.asarray(f[FEATURES][:])
+
+
+def cli_args(source, out, encoder_dir, *extra):
+    return ["extract-features", str(source), "--out", str(out), "--encoder", str(encoder_dir),
+            "--batch-size", "2", "--flush-every", "4", "--num-workers", "0", *extra]
+
+
+# Subprocesses run the stage through its config like the CLI does, but import only stage 1:
+# `python -m babymerge.cli` imports every stage (~10 s per process on a loaded 2-core machine).
+RUNNER = """import json, sys
+from babymerge.config import build_config
+from babymerge.features import ExtractConfig, extract_features
+extract_features(build_config(ExtractConfig, json.loads(sys.argv[1])))
+"""
+
+
+def runner_command(tmp_path, source, out, encoder_dir):
+    script = tmp_path / "run_extract.py"
+    script.write_text(RUNNER)
+    return [str(script), json.dumps({"source": str(source), "out": str(out),
+                                     "encoder": str(encoder_dir), "batch_size": 2,
+                                     "flush_every": 4, "num_workers": 0})]
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path, images, encoder_dir):
+    reference = tmp_path / "ref.h5"
+    extract(images, reference, encoder_dir, batch_size=2, flush_every=4)
+
+    out = tmp_path / "f.h5"
+    parts = tmp_path / "f.h5.partial"
+    proc = subprocess.Popen([sys.executable, *runner_command(tmp_path, images, out, encoder_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(list(parts.glob("part-*.h5"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    with pytest.raises(FeatureFileError, match="did not finish"):
+        FeatureTable(out)  # the stub says so until a clean finish
+    assert 3 <= len(list(parts.glob("part-*.h5"))) < 12
+
+    summary = extract(images, out, encoder_dir, batch_size=2, flush_every=4)
+    assert summary["skipped"] >= 12 and summary["rows"] == 48
+    ids, feats = read(out)
+    ref_ids, ref_feats = read(reference)
+    assert ids == ref_ids  # no duplicated, no missing id, same order
+    # Parts end on whole batches, so the resumed run forms the same batches: identical features.
+    np.testing.assert_array_equal(feats, ref_feats)
+    assert not parts.exists()
+
+
+def test_kill_between_merge_and_cleanup_leaves_no_duplicates(tmp_path, images, encoder_dir,
+                                                             monkeypatch):
+    out = tmp_path / "f.h5"
+    import babymerge.features as features
+
+    monkeypatch.setattr(features.shutil, "rmtree", lambda path: None)  # "killed" right here
+    extract(images, out, encoder_dir, batch_size=8, flush_every=16)
+    assert (tmp_path / "f.h5.partial").is_dir()
+    (tmp_path / "f.h5.partial" / "part-000099.h5.tmp").write_bytes(b"half a part")  # killed mid-write
+    (tmp_path / "f.h5.tmp").write_bytes(b"half a merge")
+    monkeypatch.undo()
+    summary = extract(images, out, encoder_dir, batch_size=8, flush_every=16)
+    assert summary["new"] == 0 and summary["rows"] == 48
+    ids, _ = read(out)
+    assert len(ids) == len(set(ids)) == 48
+    assert not (tmp_path / "f.h5.partial").exists()
+
+
+def test_appending_refuses_other_encoder_layer_or_dtype(tmp_path, encoder_dir):
+    write_images(tmp_path / "imgs", ["a.png", "b.png"])
+    out = tmp_path / "f.h5"
+    extract(tmp_path / "imgs", out, encoder_dir)
+    write_images(tmp_path / "imgs", ["c.png"], seed=1)
+    assert extract(tmp_path / "imgs", out, encoder_dir)["new"] == 1  # same encoder: appends
+
+    other = save_random_dinov2(tmp_path / "other", image_size=56, seed=1)
+    with pytest.raises(FeatureFileError, match="encoder="):
+        extract(tmp_path / "imgs", out, other)
+    with pytest.raises(FeatureFileError, match="dtype='float16'"):
+        extract(tmp_path / "imgs", out, encoder_dir, dtype="float32")
+    # Same encoder name, other crop or other weights (the latter caught by /black).
+    swap = tmp_path / "swap"
+    shutil.copytree(encoder_dir, swap)
+    extract(tmp_path / "imgs", tmp_path / "g.h5", swap)
+    save_random_dinov2(swap, image_size=70)
+    with pytest.raises(FeatureFileError, match="image_size=56"):
+        extract(tmp_path / "imgs", tmp_path / "g.h5", swap)
+    save_random_dinov2(swap, image_size=56, seed=7)
+    with pytest.raises(FeatureFileError, match="/black differs"):
+        extract(tmp_path / "imgs", tmp_path / "g.h5", swap)
+    with h5py.File(out, "r") as f:
+        f_layer = dict(f.attrs)
+    assert f_layer["count"] == 3 and bool(f_layer["complete"])
+
+
+def test_two_torchrun_ranks_then_join_equal_one_run(tmp_path, images, encoder_dir):
+    single = tmp_path / "single.h5"
+    extract(images, single, encoder_dir, batch_size=2, flush_every=4)
+    out = tmp_path / "multi.h5"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                "2"]
+    subprocess.run(torchrun + runner_command(tmp_path, images, out, encoder_dir), check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    shards = sorted(tmp_path.glob("multi.shard-*-of-00002.h5"))
+    assert [s.name for s in shards] == ["multi.shard-00000-of-00002.h5",
+                                        "multi.shard-00001-of-00002.h5"]
+    assert len(read(shards[0])[0]) == len(read(shards[1])[0]) == 24
+
+    result = CliRunner().invoke(cli, ["join-features", *map(str, shards), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ids, feats = read(out)
+    ref_ids, ref_feats = read(single)
+    assert ids == ref_ids
+    # Ranks run with one thread each (torchrun's default): float sums may differ in the last bit.
+    np.testing.assert_allclose(feats.astype(np.float32), ref_feats.astype(np.float32),
+                               rtol=2e-3, atol=2e-3)
+
+    # A virtual join reads the same, and survives moving the folder (paths stored relative).
+    join_features(JoinConfig(shards=shards, out=tmp_path / "virtual.h5", virtual=True))
+    moved = tmp_path.parent / (tmp_path.name + "_moved")
+    shutil.move(tmp_path, moved)
+    virtual = FeatureTable(moved / "virtual.h5", dtype=torch.float32)
+    assert virtual.ids == ref_ids
+    np.testing.assert_array_equal(virtual.features.numpy(), feats.astype(np.float32))
+
+    with pytest.raises(FeatureFileError, match="is in both"):
+        join_features(JoinConfig(shards=[moved / shards[0].name, moved / shards[0].name],
+                                 out=moved / "dup.h5"))
+
+
+def test_cli_and_shard_flag(tmp_path, encoder_dir):
+    write_images(tmp_path / "imgs", [f"{i}.png" for i in range(5)])
+    runner = CliRunner()
+    result = runner.invoke(cli, cli_args(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir,
+                                         "--shard", "1/2"))
+    assert result.exit_code == 0, result.output
+    assert read(tmp_path / "f.shard-00001-of-00002.h5")[0] == ["2", "3", "4"]
+    result = runner.invoke(cli, cli_args(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir,
+                                         "--shard", "2/2"))
+    assert result.exit_code != 0 and "--shard 2/2" in result.output
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        ExtractConfig(source="x", batch_size=0)
+    with pytest.raises(FeatureFileError, match="did not finish"):
+        join_features(JoinConfig(shards=[_stub(tmp_path)], out=tmp_path / "j.h5"))
+
+
+def _stub(tmp_path):
+    path = tmp_path / "stub.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["complete"] = False
+    return path
