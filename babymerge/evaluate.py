@@ -274,8 +274,10 @@ def prepare_task(spec: TaskSpec, tokenizer, table: FeatureTable | None,
 def load_tasks(specs: list[str], tokenizer, features: str | Path | FeatureTable | None,
                max_positions: int | None = None) -> list[PreparedTask]:
     """Parse ``KIND:PATH`` specs and prepare every task (names must be unique)."""
-    table = FeatureTable(features) if isinstance(features, (str, Path)) else features
     parsed = [parse_task_spec(s) for s in specs]
+    # text-only tasks need just /black: skip reading the rows (the file may be a 600k-image one)
+    table = FeatureTable(features, load_features=any(p.kind not in GRAMMAR_KINDS for p in parsed)) \
+        if isinstance(features, (str, Path)) else features
     names = [p.name for p in parsed]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -1,0 +1,484 @@
+"""Stage 3b: interpolate the text-only LM into the VLM over an alpha grid, evaluating every point.
+
+``babymerge merge --lm run/lm --vlm run/vlm --alpha-grid 0:1:0.1 --task ... --out run/merge``
+
+``theta = alpha * theta_LM + (1 - alpha) * theta_VLM`` (alpha = 0 is the VLM, alpha = 1 the LM).
+Names and shapes are checked from the safetensors headers before any tensor is read; tensors only in
+the VLM (the projector, when the LM has none) are kept as they are.
+
+The sweep runs in memory: the VLM is loaded as the live model, both endpoints stay resident on the
+device, and for each alpha the live parameters are overwritten in place through
+``kernels.interpolate_`` (fused Triton on CUDA, multi-tensor torch elsewhere) and then scored with
+:mod:`babymerge.evaluate`. Nothing is written per alpha except for the alphas asked to be kept.
+
+Beyond the paper: ``--method`` picks any method of :mod:`babymerge.merge_methods` (task arithmetic,
+TIES and DARE take ``--base``, the shared initial checkpoint), and several ``--vlm`` checkpoints make
+a checkpoint sweep, each merged with the same LM, like the paper's curves over training.
+
+The chosen alpha follows :data:`RULE`: the grid point maximising the mean of the grammar score (mean
+over minimal-pairs tasks) and the multimodal score (mean over image tasks).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import click
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from babymerge.config import atomic_write_bytes, atomic_write_text, opt, save_config
+from babymerge.evaluate import (DTYPES, GRAMMAR_KINDS, MULTIMODAL_KINDS, PreparedTask,
+                                check_feature_dim, checkpoint_max_positions, evaluate_tasks, load_tasks, parse_task_spec,
+                                resolve_device, task_summary)
+from babymerge.merge_methods import MERGE_METHODS, MergeMethod
+from babymerge.model import load_model, save_checkpoint
+
+RULE = ("chosen_alpha maximises the mean of the grammar score (mean accuracy over minimal_pairs "
+        "tasks) and the multimodal score (mean over winoground and vqa tasks), a kind absent from "
+        "the tasks left out; over every grid point of every --vlm; ties go to the smaller alpha, "
+        "then to the earlier --vlm")
+MAX_GRID_POINTS = 1001  # more is a typo in the step, not a sweep anyone means to run
+
+
+@dataclass
+class MergeConfig:
+    """``babymerge merge``: the alpha sweep between a text-only LM and one or more VLMs."""
+
+    lm: Path | None = opt(None, "text-only LM checkpoint directory (alpha = 1)")
+    vlm: list[Path] = opt([], "VLM checkpoint directory (alpha = 0); repeat it for a checkpoint "
+                          "sweep, each merged with the same LM")
+    alpha_grid: str = opt("0:1:0.1", "START:STOP:STEP (STOP included when on the grid) or a list "
+                          "0,0.3,0.5,0.8")
+    task: list[str] = opt([], "task as KIND:PATH or NAME=KIND:PATH (repeatable), as in eval",
+                          short="-t")
+    features: Path | None = opt(None, "feature file with the tasks' image ids and the black feature")
+    out: Path = opt(Path("run/merge"), "output folder: results.json/.md, alpha_curve.png, "
+                    "alpha_<a>/")
+    keep: str = opt("chosen", "alphas whose merged checkpoints are written as alpha_<a>/: a list "
+                    "(0.3,0.8), 'chosen' (may be in the list), or 'none'")
+    method: str = opt("linear", "merge method", choices=tuple(MERGE_METHODS))
+    base: Path | None = opt(None, "shared initial checkpoint (task-arithmetic, ties, dare)")
+    density: float = opt(0.2, "ties/dare: fraction of each task vector's entries kept")
+    scale: float = opt(1.0, "task-vector methods: factor on the merged task vector")
+    seed: int = opt(0, "dare: seed of the drop masks")
+    allow_extrapolation: bool = opt(False, "allow alphas outside [0, 1]")
+    batch_size: int = opt(64, "sequences per forward pass when scoring")
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    dtype: str = opt("float32", "dtype of the live model and the resident endpoints",
+                     choices=tuple(DTYPES))
+
+    def __post_init__(self) -> None:
+        if self.lm is None:
+            raise ValueError("--lm: the text-only LM checkpoint is required")
+        if not self.vlm:
+            raise ValueError("--vlm: give at least one VLM checkpoint")
+        if not self.task:
+            raise ValueError("--task: give at least one task to score every alpha on")
+        if self.method not in MERGE_METHODS:
+            raise ValueError(f"--method {self.method!r}: choose one of {', '.join(MERGE_METHODS)}")
+        method = MERGE_METHODS[self.method]
+        if method.needs_base and self.base is None:
+            raise ValueError(f"--method {self.method} needs --base (the shared initial checkpoint)")
+        if self.allow_extrapolation and not method.extrapolates:
+            raise ValueError(f"--allow-extrapolation: --method {self.method} is not defined "
+                             "outside [0, 1]")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"--density must be in (0, 1], got {self.density}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        parse_alpha_grid(self.alpha_grid, self.allow_extrapolation)
+        parse_keep(self.keep, self.allow_extrapolation)
+        for spec in self.task:
+            parse_task_spec(spec)
+
+
+class MergeError(click.ClickException, ValueError):
+    """Checkpoints that cannot be merged, or a bad alpha; the message names the flag or tensor."""
+
+
+def _alpha(text: str, flag: str) -> Decimal:
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise MergeError(f"{flag}: {text.strip()!r} is not a number") from None
+    if not value.is_finite():
+        raise MergeError(f"{flag}: {text.strip()!r} is not a finite number")
+    return value
+
+
+def _check_range(alphas: list[float], allow_extrapolation: bool, flag: str) -> None:
+    outside = [a for a in alphas if not 0.0 <= a <= 1.0]
+    if outside and not allow_extrapolation:
+        raise MergeError(f"{flag}: {', '.join(map(repr, outside))} outside [0, 1] (extrapolation); "
+                         "pass --allow-extrapolation if that is meant")
+
+
+def parse_alpha_grid(text: str, allow_extrapolation: bool = False) -> list[float]:
+    """``START:STOP:STEP`` (STOP included when on the grid) or ``a,b,c``; sorted, exact decimals.
+
+    Decimal arithmetic makes ``0:1:0.1`` exactly the 11 floats 0.0, 0.1, ..., 1.0 (float steps
+    would give 0.30000000000000004 and might drop 1.0).
+    """
+    flag = f"--alpha-grid {text!r}"
+    if not text or not text.strip():
+        raise MergeError("--alpha-grid: empty")
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise MergeError(f"{flag}: expected START:STOP:STEP")
+        start, stop, step = (_alpha(p, flag) for p in parts)
+        if step == 0 or (stop - start) * step < 0:
+            raise MergeError(f"{flag}: STEP must be non-zero and point from START to STOP")
+        count = int((stop - start) / step) + 1
+        if count > MAX_GRID_POINTS:
+            raise MergeError(f"{flag}: {count} points (more than {MAX_GRID_POINTS}); check STEP")
+        values = [start + i * step for i in range(count)]
+    else:
+        values = [_alpha(p, flag) for p in text.split(",")]
+    alphas = sorted(float(v) for v in values)
+    if len(set(alphas)) != len(alphas):
+        raise MergeError(f"{flag}: repeated alpha")
+    _check_range(alphas, allow_extrapolation, "--alpha-grid")
+    return alphas
+
+
+def parse_keep(text: str, allow_extrapolation: bool = False) -> tuple[list[float], bool]:
+    """``--keep``: (alphas, whether the chosen alpha is kept too)."""
+    if text.strip().lower() in ("", "none"):
+        return [], False
+    parts = [p.strip() for p in text.split(",")]
+    chosen = "chosen" in parts
+    alphas = sorted({float(_alpha(p, f"--keep {text!r}")) for p in parts if p != "chosen"})
+    _check_range(alphas, allow_extrapolation, "--keep")
+    return alphas, chosen
+
+
+def format_alpha(alpha: float) -> str:
+    """``alpha_<a>`` directory suffix: the shortest decimal that reads back as ``alpha``."""
+    return repr(float(alpha))
+
+
+# --- checkpoint headers and tensors -------------------------------------------------------------
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors file(s) of an HF directory, single or sharded."""
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / s for s in shards]
+    raise MergeError(f"{directory}: no model.safetensors (or sharded index); not a checkpoint "
+                     "directory written by babymerge train")
+
+
+def read_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors headers (no tensor data is read)."""
+    shapes = {}
+    for path in _weight_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def read_tensors(directory: Path, names: list[str], device: torch.device,
+                 dtype: torch.dtype) -> list[torch.Tensor]:
+    """``names`` from a checkpoint, in that order, on ``device`` in ``dtype``."""
+    found: dict[str, torch.Tensor] = {}
+    for path in _weight_files(directory):
+        found.update({k: v for k, v in load_file(str(path)).items() if k in set(names)})
+    return [found[n].to(device=device, dtype=dtype) for n in names]
+
+
+def check_mergeable(lm: dict[str, tuple], vlm: dict[str, tuple], lm_dir: Path,
+                    vlm_dir: Path, lm_flag: str = "--lm") -> list[str]:
+    """Names to merge (all of the LM's); errors list every missing name and shape mismatch."""
+    missing = sorted(set(lm) - set(vlm))
+    mismatched = sorted(n for n in set(lm) & set(vlm) if lm[n] != vlm[n])
+    problems = []
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        problems.append(f"{len(missing)} tensor(s) of {lm_flag} {lm_dir} not in --vlm {vlm_dir}: "
+                        f"{shown}")
+    if mismatched:
+        shown = ", ".join(f"{n} {lm[n]} vs {vlm[n]}" for n in mismatched[:8])
+        problems.append(f"{len(mismatched)} shape mismatch(es) between {lm_flag} {lm_dir} and "
+                        f"--vlm {vlm_dir}: {shown}{' ...' if len(mismatched) > 8 else ''}")
+    if problems:
+        raise MergeError("cannot merge: " + "; ".join(problems) + " (both must be BabyLLaVA "
+                         "checkpoints of one architecture preset)")
+    return sorted(lm)
+
+
+# --- scores and the chosen alpha ----------------------------------------------------------------
+
+def objective(scores: dict[str, float], tasks: dict[str, dict]) -> dict[str, float]:
+    """Grammar and multimodal means and the rule's objective (their mean) for one record."""
+    out = {}
+    for key, kinds in (("grammar", GRAMMAR_KINDS), ("multimodal", MULTIMODAL_KINDS)):
+        vals = [s for n, s in scores.items() if tasks[n]["kind"] in kinds]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    out["objective"] = sum(out.values()) / len(out)
+    return out
+
+
+def choose(records: list[dict], vlm_names: list[str]) -> dict:
+    """The record :data:`RULE` picks."""
+    return max(records, key=lambda r: (r["objective"], -r["alpha"], -vlm_names.index(r["vlm"])))
+
+
+# --- the sweep ----------------------------------------------------------------------------------
+
+def _vlm_names(vlms: list[Path]) -> list[str]:
+    names = [v.resolve().name for v in vlms]
+    return names if len(set(names)) == len(names) else [str(v) for v in vlms]
+
+
+def _check_tokenizers(lm: Path, vlm: Path, tokenizer) -> None:
+    """Same vocabulary, or the merge mixes rows of different tokens."""
+    if not any((lm / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return  # an LM without tokenizer files: nothing to compare
+    if AutoTokenizer.from_pretrained(str(lm)).get_vocab() != tokenizer.get_vocab():
+        raise MergeError(f"--lm {lm} and --vlm {vlm} have different tokenizer vocabularies; "
+                         "merging them would mix the embeddings of different tokens")
+
+
+class _Sweep:
+    """One VLM: the live model (loaded from it), its resident copy, and the merge method."""
+
+    def __init__(self, cfg: MergeConfig, index: int, vlm_name: str, names: list[str],
+                 tasks: list[PreparedTask], tokenizer, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.vlm_dir, self.vlm_name = cfg, cfg.vlm[index], vlm_name
+        self.tasks, self.tokenizer, self.device = tasks, tokenizer, device
+        self.summary = task_summary(tasks)
+        self.model = load_model(self.vlm_dir, device, dtype)
+        check_feature_dim(self.model, tasks)
+        params = dict(self.model.named_parameters())
+        self.live = [params[n].data for n in names]  # overwritten in place at every alpha
+        self.vlm_copy = [p.detach().clone() for p in self.live]
+
+    def _score(self, alpha: float | None, merge_s: float) -> dict:
+        t0 = time.perf_counter()
+        result = evaluate_tasks(self.model, self.tasks, self.cfg.batch_size)
+        scores = {n: r["accuracy"] for n, r in result.items()}
+        return {"alpha": alpha, "vlm": self.vlm_name, "scores": scores,
+                **objective(scores, self.summary),
+                "groups": {n: r["groups"] for n, r in result.items() if len(r["groups"]) > 1},
+                "merge_s": merge_s, "eval_s": time.perf_counter() - t0}
+
+    def merge_and_score(self, method: MergeMethod, alpha: float) -> dict:
+        t0 = time.perf_counter()
+        method.merge_into_(self.live, alpha)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so merge_s times the merge, not its launch
+        return self._score(alpha, time.perf_counter() - t0)
+
+    def score_unmerged(self, tensors: list[torch.Tensor]) -> dict[str, float]:
+        """Scores of the live model with ``tensors`` copied in (an endpoint, unmerged)."""
+        for d, s in zip(self.live, tensors):
+            d.copy_(s)
+        return self._score(None, 0.0)["scores"]
+
+    def save(self, method: MergeMethod, alpha: float, current: float | None = None) -> str:
+        """Write the merge at ``alpha`` as ``alpha_<a>/`` (merging first unless it is live)."""
+        if current != alpha:
+            method.merge_into_(self.live, alpha)
+        sub = self.cfg.out if len(self.cfg.vlm) == 1 else self.cfg.out / self.vlm_name
+        provenance = {"lm": str(self.cfg.lm), "vlm": str(self.vlm_dir), "alpha": alpha,
+                      "method": self.cfg.method,
+                      "base": str(self.cfg.base) if self.cfg.base else None}
+        return str(save_checkpoint(self.model, sub / f"alpha_{format_alpha(alpha)}", self.tokenizer,
+                                   extra_files={"merge.json": json.dumps(provenance, indent=2)}))
+
+
+def _log(path: Path, rec: dict) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+    shown = " ".join(f"{n}={s:.4f}" for n, s in rec["scores"].items())
+    click.echo(f"[{rec['vlm']}] alpha={rec['alpha']}: {shown} objective={rec['objective']:.4f}")
+
+
+def merge(cfg: MergeConfig) -> dict:
+    """Run the sweep(s); write results.json/.md, alpha_curve.png, metrics.jsonl and the kept
+    checkpoints; return the results.json content."""
+    grid = parse_alpha_grid(cfg.alpha_grid, cfg.allow_extrapolation)
+    keep, keep_chosen = parse_keep(cfg.keep, cfg.allow_extrapolation)
+    method_cls = MERGE_METHODS[cfg.method]
+    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+
+    # every check that reads only headers, configs and task files runs before any tensor is loaded
+    lm_shapes = read_shapes(cfg.lm)
+    base_shapes = read_shapes(cfg.base) if method_cls.needs_base else None
+    names: list[str] = []
+    for vlm_dir in cfg.vlm:
+        vlm_shapes = read_shapes(vlm_dir)
+        names = check_mergeable(lm_shapes, vlm_shapes, cfg.lm, vlm_dir)
+        if base_shapes is not None:
+            check_mergeable(base_shapes, vlm_shapes, cfg.base, vlm_dir, "--base")
+            check_mergeable(lm_shapes, base_shapes, cfg.lm, cfg.base, "--lm")
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.vlm[0]))
+    for vlm_dir in cfg.vlm:
+        _check_tokenizers(cfg.lm, vlm_dir, tokenizer)
+    tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]))
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.out / "merge_config.json")
+    metrics_path = cfg.out / "metrics.jsonl"
+    metrics_path.write_text("", encoding="utf-8")
+    lm = read_tensors(cfg.lm, names, device, dtype)
+    base = read_tensors(cfg.base, names, device, dtype) if method_cls.needs_base else None
+    vlm_names = _vlm_names(cfg.vlm)
+    records: list[dict] = []
+    endpoints: dict[str, dict] = {}
+    kept: list[str] = []
+    linear = cfg.method == "linear"
+
+    def start(index: int) -> tuple[_Sweep, MergeMethod, dict]:
+        sweep = _Sweep(cfg, index, vlm_names[index], names, tasks, tokenizer, device, dtype)
+        # with linear merging the grid's 0 and 1 ARE the endpoints; other methods score the two
+        # unmerged models, so the plot shows what the method gains or loses. The VLM is scored
+        # before the method is built, which may turn vlm_copy into a task vector.
+        ends = {} if linear and 0.0 in grid else {"vlm": sweep.score_unmerged(sweep.vlm_copy)}
+        method = method_cls(lm, sweep.vlm_copy, base, density=cfg.density, scale=cfg.scale,
+                            seed=cfg.seed)
+        return sweep, method, ends
+
+    for index, vlm_name in enumerate(vlm_names):
+        sweep, method, ends = start(index)
+        for alpha in grid:
+            rec = sweep.merge_and_score(method, alpha)
+            records.append(rec)
+            _log(metrics_path, rec)
+            if alpha in keep:
+                kept.append(sweep.save(method, alpha, current=alpha))
+            if linear and alpha in (0.0, 1.0):
+                ends["vlm" if alpha == 0.0 else "lm"] = rec["scores"]
+        if "lm" not in ends:
+            ends["lm"] = sweep.score_unmerged(lm)
+        endpoints[vlm_name] = {"vlm": ends["vlm"], "lm": ends["lm"]}
+        kept += [sweep.save(method, a) for a in keep if a not in grid]
+        if keep_chosen and len(vlm_names) == 1:
+            chosen = choose(records, vlm_names)["alpha"]
+            if chosen not in keep:
+                kept.append(sweep.save(method, chosen))
+        del sweep, method  # one VLM's live model and copies resident at a time
+
+    best = choose(records, vlm_names)
+    if keep_chosen and len(vlm_names) > 1 and best["alpha"] not in keep:
+        # a checkpoint sweep knows its winner only at the end: load that VLM once more
+        sweep, method, _ = start(vlm_names.index(best["vlm"]))
+        kept.append(sweep.save(method, best["alpha"]))
+
+    results = {"tasks": task_summary(tasks), "records": records, "chosen_alpha": best["alpha"],
+               "chosen_vlm": best["vlm"],
+               "chosen_per_vlm": {n: choose([r for r in records if r["vlm"] == n], vlm_names)["alpha"]
+                                  for n in vlm_names},
+               "rule": RULE,
+               "method": {"name": cfg.method, "reference": method_cls.reference,
+                          **({"density": cfg.density} if cfg.method in ("ties", "dare") else {}),
+                          **({"scale": cfg.scale} if method_cls.needs_base else {})},
+               "lm": str(cfg.lm), "vlms": dict(zip(vlm_names, map(str, cfg.vlm))),
+               "endpoints": endpoints, "kept": sorted(kept), "device": str(device),
+               "dtype": cfg.dtype}
+    atomic_write_text(cfg.out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(cfg.out / "results.md", results_markdown(results))
+    atomic_write_bytes(cfg.out / "alpha_curve.png", plot_alpha_curve(results))
+    click.echo(f"chosen alpha {best['alpha']} ({best['vlm']}), objective {best['objective']:.4f}; "
+               f"results in {cfg.out}")
+    return results
+
+
+# --- reports ------------------------------------------------------------------------------------
+
+def results_markdown(results: dict) -> str:
+    """results.json as tables: tasks, every (VLM, alpha) record, the unmerged endpoints."""
+    tasks = list(results["tasks"])
+    m = results["method"]
+    lines = ["# babymerge merge results", "",
+             f"- method: `{m['name']}`: {m['reference']}",
+             f"- LM: `{results['lm']}`; VLM(s): "
+             + ", ".join(f"`{p}`" for p in results["vlms"].values()),
+             f"- chosen: alpha = **{results['chosen_alpha']}** on `{results['chosen_vlm']}`",
+             f"- rule: {results['rule']}", "", "## Tasks", "", "| task | kind | items | chance |",
+             "|---|---|---|---|"]
+    lines += [f"| {n} | {t['kind']} | {t['items']} | {t['chance']:.3f} |"
+              for n, t in results["tasks"].items()]
+    cols = tasks + [k for k in ("grammar", "multimodal") if k in results["records"][0]] + ["objective"]
+    lines += ["", "## Scores (accuracy)", "", "| vlm | alpha | " + " | ".join(cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    for r in results["records"]:
+        chosen = r["alpha"] == results["chosen_alpha"] and r["vlm"] == results["chosen_vlm"]
+        vals = [r["scores"][c] if c in r["scores"] else r[c] for c in cols]
+        cells = [f"**{v:.4f}**" if chosen else f"{v:.4f}" for v in vals]
+        lines.append(f"| {r['vlm']} | {r['alpha']}{' (chosen)' if chosen else ''} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "## Unmerged endpoints", "", "| vlm | model | " + " | ".join(tasks) + " |",
+              "|---|---|" + "---|" * len(tasks)]
+    for vlm, ends in results["endpoints"].items():
+        for which in ("vlm", "lm"):
+            lines.append(f"| {vlm} | {which.upper()} | "
+                         + " | ".join(f"{ends[which][t]:.4f}" for t in tasks) + " |")
+    if results["kept"]:
+        lines += ["", "## Kept checkpoints", ""] + [f"- `{k}`" for k in results["kept"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_alpha_curve(results: dict) -> bytes:
+    """PNG: one panel per task plus the rule's objective; score against alpha for every VLM, the
+    unmerged LM (alpha = 1) and VLM (alpha = 0) marked, the chosen alpha highlighted."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    panels = list(results["tasks"]) + ["objective"]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    vlms = list(results["vlms"])
+    colors = [f"C{i % 10}" for i in range(len(vlms))]
+
+    def value(scores: dict, panel: str) -> float:
+        return objective(scores, results["tasks"])["objective"] if panel == "objective" \
+            else scores[panel]
+
+    for ax, panel in zip(axes, panels):
+        for vlm, color in zip(vlms, colors):
+            recs = [r for r in results["records"] if r["vlm"] == vlm]
+            ax.plot([r["alpha"] for r in recs], [value(r["scores"], panel) for r in recs], "o-",
+                    color=color, ms=3, label=vlm if len(vlms) > 1 else "merged")
+            ends = results["endpoints"][vlm]
+            ax.plot([0.0], [value(ends["vlm"], panel)], "*", color=color, ms=13, mfc="none",
+                    label="VLM (unmerged)" if vlm == vlms[0] else None)
+            ax.plot([1.0], [value(ends["lm"], panel)], "s", color=color, ms=9, mfc="none",
+                    label="LM (unmerged)" if vlm == vlms[0] else None)
+        best = next(r for r in results["records"] if r["alpha"] == results["chosen_alpha"]
+                    and r["vlm"] == results["chosen_vlm"])
+        ax.axvline(best["alpha"], color="crimson", ls=":", lw=1.2)
+        ax.plot([best["alpha"]], [value(best["scores"], panel)], "o", color="crimson", ms=9,
+                mfc="none", mew=2, label=f"chosen alpha={best['alpha']}")
+        if panel != "objective":
+            ax.axhline(results["tasks"][panel]["chance"], color="grey", ls="--", lw=0.8,
+                       label="chance")
+            ax.set_title(f"{panel} ({results['tasks'][panel]['kind']})")
+        else:
+            ax.set_title("objective (chosen-alpha rule)")
+        ax.set_xlabel("alpha (0 = VLM, 1 = LM)")
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{results['method']['name']} merge: score against alpha")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()

@@ -1,0 +1,155 @@
+"""Merge methods behind one interface, registered by name (as mergekit's ``merge_methods/``).
+
+A method is built once per (LM, VLM) pair from aligned lists of tensors and then asked, for each
+alpha of the sweep, to write the merged tensors into the live model's parameters in place
+(:meth:`MergeMethod.merge_into_`). alpha weighs the LM and 1 - alpha the VLM in every method, so
+alpha = 0 leans to the VLM and alpha = 1 to the LM.
+
+Memory, with P = the bytes of the merged tensors: linear and slerp hold LM + VLM (2P) beside the
+live model; the task-vector methods hold the base and two task vectors (the VLM's copy is reused
+for its task vector), 3P beside the live model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+import kernels
+
+MERGE_METHODS: dict[str, type["MergeMethod"]] = {}
+
+
+def register(name: str) -> Callable[[type["MergeMethod"]], type["MergeMethod"]]:
+    def wrap(cls: type[MergeMethod]) -> type[MergeMethod]:
+        cls.name = name
+        MERGE_METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+class MergeMethod:
+    """``merge_into_(dst, alpha)`` writes the merged tensors into ``dst`` (the live parameters).
+
+    ``lm``, ``vlm`` and ``base`` are aligned lists (same names, same shapes). A method may reuse
+    the storage of ``vlm`` (the caller's private copy) but never modifies ``lm`` or ``base``.
+    """
+
+    name = ""
+    reference = ""
+    needs_base = False
+    extrapolates = True  # whether alphas outside [0, 1] mean anything
+
+    def __init__(self, lm: list[torch.Tensor], vlm: list[torch.Tensor],
+                 base: list[torch.Tensor] | None, *, density: float = 1.0, scale: float = 1.0,
+                 seed: int = 0):
+        if self.needs_base and base is None:
+            raise ValueError(f"--method {self.name} needs --base (the shared initial checkpoint)")
+        self.lm, self.vlm, self.base = lm, vlm, base
+        self.density, self.scale, self.seed = density, scale, seed
+
+    @torch.no_grad()
+    def merge_into_(self, dst: list[torch.Tensor], alpha: float) -> None:
+        raise NotImplementedError
+
+
+@register("linear")
+class Linear(MergeMethod):
+    reference = "theta = alpha*LM + (1-alpha)*VLM (the paper; Wortsman et al. 2022, model soups)"
+
+    @torch.no_grad()
+    def merge_into_(self, dst: list[torch.Tensor], alpha: float) -> None:
+        kernels.interpolate_(dst, self.lm, self.vlm, alpha)  # the fused kernel's dispatch point
+
+
+@register("slerp")
+class Slerp(MergeMethod):
+    reference = ("spherical interpolation per tensor (Shoemake 1985), linear where the two are "
+                 "nearly parallel")
+    # |cos| above this: the arc is a line to float precision and sin(omega) ~ 0 would blow up
+    PARALLEL_COS = 0.9995
+
+    def __init__(self, lm, vlm, base, **kw):
+        super().__init__(lm, vlm, base, **kw)
+        self.omega = []
+        for a, b in zip(lm, vlm):
+            cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(),
+                                                        dim=0).item()
+            self.omega.append(None if abs(cos) > self.PARALLEL_COS else math.acos(cos))
+
+    @torch.no_grad()
+    def merge_into_(self, dst: list[torch.Tensor], alpha: float) -> None:
+        for d, a, b, omega in zip(dst, self.lm, self.vlm, self.omega):
+            if omega is None:
+                d.copy_(torch.lerp(b, a, alpha))
+                continue
+            s = math.sin(omega)
+            d.copy_(b).mul_(math.sin((1 - alpha) * omega) / s).add_(a, alpha=math.sin(alpha * omega) / s)
+
+
+@register("task-arithmetic")
+class TaskArithmetic(MergeMethod):
+    reference = ("base + scale*(alpha*tau_LM + (1-alpha)*tau_VLM), tau = model - base "
+                 "(Ilharco et al. 2023); equals linear at scale 1")
+    needs_base = True
+
+    def __init__(self, lm, vlm, base, **kw):
+        super().__init__(lm, vlm, base, **kw)
+        self.tau_lm = [self.sparsify(a - c, i) for i, (a, c) in enumerate(zip(lm, base))]
+        self.tau_vlm = [self.sparsify(b.sub_(c), i) for i, (b, c) in enumerate(zip(vlm, base))]
+        self.vlm = None  # its storage is tau_vlm now
+
+    def sparsify(self, tau: torch.Tensor, index: int) -> torch.Tensor:
+        return tau
+
+    def combine_into_(self, dst: list[torch.Tensor], alpha: float) -> None:
+        kernels.interpolate_(dst, self.tau_lm, self.tau_vlm, alpha)
+
+    @torch.no_grad()
+    def merge_into_(self, dst: list[torch.Tensor], alpha: float) -> None:
+        self.combine_into_(dst, alpha)
+        if self.scale != 1.0:
+            torch._foreach_mul_(dst, self.scale)
+        torch._foreach_add_(dst, self.base)
+
+
+@register("dare")
+class Dare(TaskArithmetic):
+    reference = ("task arithmetic on task vectors with each entry dropped with probability "
+                 "1-density and the rest rescaled by 1/density (Yu et al. 2024, DARE)")
+
+    def sparsify(self, tau: torch.Tensor, index: int) -> torch.Tensor:
+        if self.density >= 1.0:
+            return tau
+        # one seeded stream per tensor: the same masks at every alpha and for every VLM of a sweep
+        gen = torch.Generator(device=tau.device).manual_seed(self.seed * 1_000_003 + index)
+        keep = torch.empty_like(tau).bernoulli_(self.density, generator=gen)
+        return tau.mul_(keep).div_(self.density)
+
+
+@register("ties")
+class Ties(TaskArithmetic):
+    reference = ("TIES (Yadav et al. 2023): task vectors trimmed to their top-density magnitudes, "
+                 "sign elected by the weighted sum, weighted mean of the entries that agree")
+    extrapolates = False  # negative weights would flip the sign election
+
+    def sparsify(self, tau: torch.Tensor, index: int) -> torch.Tensor:
+        if self.density >= 1.0:
+            return tau
+        k = max(1, math.ceil(self.density * tau.numel()))
+        magnitude = tau.abs().flatten()
+        threshold = magnitude.kthvalue(tau.numel() - k + 1).values
+        return tau.mul_(tau.abs() >= threshold)
+
+    def combine_into_(self, dst: list[torch.Tensor], alpha: float) -> None:
+        w_lm, w_vlm = alpha, 1.0 - alpha
+        for d, a, b in zip(dst, self.tau_lm, self.tau_vlm):
+            sign = torch.sign(torch.lerp(b.float(), a.float(), alpha))
+            agree_lm = (torch.sign(a) == sign) & (a != 0)
+            agree_vlm = (torch.sign(b) == sign) & (b != 0)
+            num = w_lm * a * agree_lm + w_vlm * b * agree_vlm
+            den = w_lm * agree_lm + w_vlm * agree_vlm
+            d.copy_(torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num)))

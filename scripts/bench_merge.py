@@ -1,0 +1,121 @@
+"""Time one alpha of the merge sweep three ways, against a plain copy of the same bytes.
+
+- ``inplace``: what ``babymerge merge`` does: ``kernels.interpolate_`` overwrites the live model's
+  parameters from the two resident endpoints (reads 2P bytes, writes P);
+- ``state_dict``: the naive script: build a merged state dict, then ``model.load_state_dict``;
+- ``safetensors``: the naive state dict written with safetensors and read back before loading
+  (the floor of any merge-to-disk-then-evaluate loop; from_pretrained adds model construction);
+- ``copy``: ``dst.copy_(src)`` over the same tensors (reads P, writes P): the memory-bandwidth limit.
+
+Prints one JSON object. ``--quick`` (and the default on CPU) uses the ``small`` preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import kernels
+from babymerge.model import MODEL_PRESETS, build_model
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls after one warm-up: on a shared machine the minimum is
+    the least disturbed measurement of a bandwidth-bound op."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=None, choices=sorted(MODEL_PRESETS),
+                        help="model size (default: paper on CUDA, small on CPU)")
+    parser.add_argument("--vocab", type=int, default=30000)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="small preset, 5 repeats")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    preset = args.preset or ("small" if args.quick or device.type == "cpu" else "paper")
+    repeats = args.repeats or (5 if args.quick else 10)
+    dtype = getattr(torch, args.dtype)
+
+    ids = dict(vocab_size=args.vocab, image_token_id=4, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2)
+    live = build_model(MODEL_PRESETS[preset], seed=0, **ids).to(device, dtype)
+    names = [n for n, _ in live.named_parameters()]
+    params = [p.data for p in live.parameters()]
+    lm = [torch.randn_like(p) for p in params]  # values do not matter to a bandwidth-bound op
+    vlm = [p.clone() for p in params]
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    alpha = 0.3
+
+    def inplace() -> None:
+        kernels.interpolate_(params, lm, vlm, alpha)
+
+    def naive_state_dict() -> dict[str, torch.Tensor]:
+        return {n: alpha * a + (1 - alpha) * b for n, a, b in zip(names, lm, vlm)}
+
+    def state_dict() -> None:
+        live.load_state_dict(naive_state_dict(), strict=False)
+
+    tmp = tempfile.mkdtemp()
+    path = os.path.join(tmp, "merged.safetensors")
+
+    def safetensors_round_trip() -> None:
+        save_file({n: t.contiguous().cpu() for n, t in naive_state_dict().items()}, path)
+        live.load_state_dict({n: t.to(device) for n, t in load_file(path).items()}, strict=False)
+
+    def copy() -> None:
+        for d, s in zip(params, lm):
+            d.copy_(s)
+
+    seconds = {"inplace": timed(inplace, device, repeats),
+               "state_dict": timed(state_dict, device, repeats),
+               "safetensors": timed(safetensors_round_trip, device, repeats),
+               "copy": timed(copy, device, repeats)}
+    os.remove(path)
+    os.rmdir(tmp)
+    inplace_gbps = 3 * nbytes / seconds["inplace"] / 1e9
+    copy_gbps = 2 * nbytes / seconds["copy"] / 1e9
+    result = {
+        "bench": "merge_one_alpha", "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": sys.version.split()[0],
+        "kernel_path": os.environ.get("BABYMERGE_KERNELS", "auto"),
+        "preset": preset, "vocab": args.vocab, "dtype": args.dtype, "params": sum(
+            p.numel() for p in params), "param_bytes": nbytes, "repeats": repeats,
+        "seconds_per_alpha": seconds,
+        "GBps": {"inplace (read 2P + write P)": inplace_gbps, "copy (read P + write P)": copy_gbps},
+        "inplace_fraction_of_copy_bandwidth": inplace_gbps / copy_gbps,
+        "speedup_inplace_vs_state_dict": seconds["state_dict"] / seconds["inplace"],
+        "speedup_inplace_vs_safetensors": seconds["safetensors"] / seconds["inplace"],
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
