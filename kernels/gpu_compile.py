@@ -1,0 +1,121 @@
+"""Compile every Triton kernel for a GPU target on a machine without one.
+
+The CPU interpreter is more permissive than the GPU compiler (e.g. it runs tl.dot on 8x8 tiles,
+which the GPU rejects), so interpreted tests alone do not prove the kernels build. This lowers each
+kernel through Triton's real pipeline to a cubin for the target (H100 = sm_90 by default) and
+reports the shared memory each config needs, against the device's limit.
+
+    TRITON_INTERPRET=0 python -m kernels.gpu_compile [--arch 90] [--all-configs] [--dtypes bf16,fp32]
+
+Prints one JSON object; exits 1 if any compile fails. Must run with the interpreter off (in its own
+process: the switch is read when the kernels are imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# H100 / H200 (sm_90): 227 KB of shared memory per block when opted in (Triton does).
+SHARED_LIMIT_BYTES = {90: 232448, 80: 166912, 89: 101376}
+DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _specs(dtype: str, all_configs: bool):
+    """(kernel name, jit function, signature, constexprs, options) for every launch to check.
+    Without ``all_configs`` only each kernel's config with the largest tiles (the one most likely
+    to exceed shared memory or registers)."""
+    from kernels import interpolation as I
+    from kernels import projector as P
+
+    def jit(fn):
+        return getattr(fn, "fn", fn)  # under triton.autotune the JITFunction is .fn
+
+    def tile_volume(cfg):
+        return sum(v for k, v in cfg.kwargs.items()) + max(cfg.kwargs.values()) ** 2
+
+    flags = {
+        "_projector_fwd_kernel": dict(HAS_B1=True, HAS_B2=True, SAVE_Z=True),
+        "_projector_bwd_dz_kernel": {},
+        "_projector_bwd_grads_kernel": dict(DO_X=True, DO_W1=True, DO_W2=True, HAS_B1=True,
+                                            HAS_B2=True),
+    }
+    precision = "ieee"
+    for name, configs in (("_projector_fwd_kernel", P._FWD_CONFIGS),
+                          ("_projector_bwd_dz_kernel", P._DZ_CONFIGS),
+                          ("_projector_bwd_grads_kernel", P._GRAD_CONFIGS)):
+        fn = jit(getattr(P, name))
+        chosen = configs if all_configs else [max(configs, key=tile_volume)]
+        for cfg in chosen:
+            const = dict(flags[name], UPCAST=False, PRECISION=precision, **cfg.kwargs)
+            sig = {a: "constexpr" if a in const else (f"*{dtype}" if a.endswith("_ptr") else "i32")
+                   for a in fn.arg_names}
+            yield name, fn, sig, const, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    tl_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    import triton.language as tl
+
+    fn = jit(I._interpolate_kernel)
+    dt = getattr(tl, tl_dtype)
+    const = dict(DST=dt, A=dt, B=dt, BLOCK=I.BLOCK)
+    sig = {"table_ptr": "*i64", "n_tensors": "i32", "alpha": "fp32",
+           **{k: "constexpr" for k in const}}
+    yield "_interpolate_kernel", fn, sig, const, dict(num_warps=I.NUM_WARPS)
+
+
+def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16",), all_configs: bool = False
+                ) -> dict:
+    """Compile the kernels for ``cuda:sm_<arch>``; one record per (kernel, dtype, config)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("kernels.gpu_compile needs TRITON_INTERPRET=0 (run it in its own "
+                           "process): interpreted kernels cannot be compiled")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    limit = SHARED_LIMIT_BYTES.get(arch)
+    records = []
+    for dtype in dtypes:
+        for name, fn, sig, const, options in _specs(DTYPES[dtype], all_configs):
+            rec = {"kernel": name, "dtype": dtype,
+                   "config": {k: (str(v) if not isinstance(v, (int, bool)) else v)
+                              for k, v in const.items() if k.startswith("BLOCK")},
+                   **options}
+            start = time.perf_counter()
+            try:
+                compiled = triton.compile(ASTSource(fn, sig, const),
+                                          target=GPUTarget("cuda", arch, 32), options=options)
+                rec["shared_bytes"] = compiled.metadata.shared
+                rec["ok"] = limit is None or compiled.metadata.shared <= limit
+                if not rec["ok"]:
+                    rec["error"] = f"needs {compiled.metadata.shared} B of shared memory > {limit}"
+            except Exception as e:  # report every failure, then fail the run as a whole
+                rec["ok"] = False
+                rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            rec["compile_s"] = round(time.perf_counter() - start, 2)
+            records.append(rec)
+    return {"target": f"cuda sm_{arch}", "shared_limit_bytes": limit,
+            "triton": triton.__version__, "records": records,
+            "ok": all(r["ok"] for r in records)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100)")
+    p.add_argument("--dtypes", default="bf16", help="comma list of fp32,bf16,fp16")
+    p.add_argument("--all-configs", action="store_true",
+                   help="every autotune config, not only each kernel's largest")
+    args = p.parse_args(argv)
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        p.error(f"--dtypes: unknown {bad}; choose from {', '.join(DTYPES)}")
+    report = compile_all(args.arch, dtypes, args.all_configs)
+    print(json.dumps(report, indent=1))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Fused projector ``y = W2 gelu(W1 x + b1) + b2``: Triton kernels, host launchers, autograd.Function.
+
+Shapes: x (M, K), W1 (H, K), b1 (H,), W2 (N, H), b2 (N,), y (M, N). In the paper's model K = 1024
+(DINOv2-large), H = N = 768, and M is the number of images in a batch: a few hundred rows in
+training, a few thousand in evaluation. These are small GEMMs, so launches and HBM round trips of
+the hidden activation cost as much as the FLOPs; the launch plan is built around that:
+
+- forward: ONE kernel. A program owns BLOCK_M rows and BLOCK_N output columns and walks the hidden
+  dim in BLOCK_H chunks: z = x W1[h]^T + b1 (K loop), a = gelu(z) in registers, y += a W2[:, h]^T.
+  The activation never goes to memory. When BLOCK_N < N the first GEMM is recomputed once per
+  column block: at small M that recompute runs on SMs that would otherwise idle (it buys
+  parallelism), at large M the autotuner may pick a wider BLOCK_N (less recompute).
+- training saves the pre-activation z (M x H in the input dtype, 1.5 KB per row in bf16) instead of
+  recomputing it in backward: recomputing costs a whole M x K x H GEMM, saving costs one write and
+  one read of M x H, and eager PyTorch keeps the same tensor (gelu's input) anyway.
+- backward: TWO kernels. (1) dz = (dy W2) * gelu'(z), tiles over (M, H). (2) one grouped launch
+  whose programs compute, by program-id range, tiles of dW2 (+ db2), dW1 (+ db1) and dx. All three
+  read only dy, z, dz, x and the weights, so they run side by side (eager runs 6-8 kernels). Weight
+  gradients reduce over M inside one program (deterministic, no atomics); their tiles get the low
+  program ids because they are the long ones and should start first.
+
+Rounding follows eager PyTorch in the input dtype: z, a = gelu(z), da and dz are rounded to it
+between steps and every accumulation is fp32, so bf16/fp16 results match eager to about one ulp.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides when a @triton.jit function is decorated whether it is interpreted; read the same
+# switch. The interpreter runs only ONE autotune config, and its tl.dot multiplies bf16 bit patterns
+# (shared/TRITON.md), so interpreted kernels upcast dot operands to fp32.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _configs(names: tuple[str, ...], tuned: list[tuple]) -> list[triton.Config]:
+    """Autotune search space on CUDA: (block sizes..., num_warps, num_stages) tuples."""
+    return [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tuned]
+
+
+def _autotuned(configs: list[triton.Config], key: list[str]):
+    """triton.autotune on CUDA. The interpreter can run only one config and its tl.dot is a plain
+    numpy loop whose cost is the padded tile volume, so there the launchers pass block sizes fitted
+    to the shape instead (:func:`_fitted`)."""
+    def wrap(fn):
+        return fn if INTERPRET else triton.autotune(configs=configs, key=key)(fn)
+    return wrap
+
+
+def _fitted(**dims: tuple[int, int]) -> dict[str, int]:
+    """Interpreter block sizes: each dim rounded up to a power of two, between 16 (tl.dot's
+    minimum) and a cap. Empty on CUDA, where the autotuner supplies them."""
+    if not INTERPRET:
+        return {}
+    return {name: min(max(16, triton.next_power_of_2(size)), cap) for name, (size, cap) in dims.items()}
+
+
+# Block sizes are >= 16 everywhere: tl.dot on the GPU needs every dimension >= 16.
+_FWD_CONFIGS = _configs(
+    ("BLOCK_M", "BLOCK_N", "BLOCK_H", "BLOCK_K"),
+    [(64, 64, 64, 64, 4, 3), (64, 128, 64, 64, 4, 3), (64, 256, 64, 64, 8, 3),
+     (128, 128, 64, 64, 8, 3), (128, 256, 64, 32, 8, 3), (64, 512, 32, 64, 8, 3),
+     (32, 256, 64, 64, 4, 4), (16, 256, 64, 128, 4, 4)])
+_DZ_CONFIGS = _configs(
+    ("BLOCK_M", "BLOCK_H", "BLOCK_N"),
+    [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
+     (32, 128, 128, 4, 4), (16, 128, 128, 4, 4)])
+# Weight-gradient tiles (A, B = output dims, R = the M reduction) and dx tiles (XM, XK, XH = the H
+# reduction) have their own sizes: in dW the rows M are the reduction, in dx they are an output dim.
+_GRAD_CONFIGS = _configs(
+    ("BLOCK_A", "BLOCK_B", "BLOCK_R", "BLOCK_XM", "BLOCK_XK", "BLOCK_XH"),
+    [(64, 64, 64, 64, 64, 64, 4, 3), (64, 128, 64, 64, 128, 64, 4, 3),
+     (128, 64, 64, 128, 64, 64, 4, 3), (128, 128, 64, 128, 128, 64, 8, 3),
+     (128, 128, 32, 64, 128, 64, 8, 4), (64, 64, 128, 32, 128, 64, 4, 3)])
+
+# Autotuning is keyed on M rounded up to a power of two (M_BUCKET), not on M: the last batch of an
+# epoch or an evaluation batch must not trigger a fresh search.
+_KEY = ["M_BUCKET", "K", "H", "N"]
+
+
+@triton.jit
+def _gelu(z):
+    """Exact GELU, as torch's default ``F.gelu`` (not the tanh approximation). fp32 in and out."""
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(z):
+    """d gelu(z) / dz = Phi(z) + z phi(z), the formula of torch's gelu_backward."""
+    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+    return cdf + z * pdf
+
+
+@_autotuned(_FWD_CONFIGS, _KEY + ["SAVE_Z"])
+@triton.jit
+def _projector_fwd_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, z_ptr, M, K, H, N, M_BUCKET,
+                          HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, SAVE_Z: tl.constexpr,
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    dtype = x_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc_y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        acc_z = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w1t = tl.load(w1_ptr + offs_h[None, :] * K + offs_k[:, None],
+                          mask=mask_h[None, :] & mask_k[:, None], other=0.0)  # W1^T tile (K, H)
+            if UPCAST:
+                x, w1t = x.to(tl.float32), w1t.to(tl.float32)
+            acc_z = tl.dot(x, w1t, acc_z, input_precision=PRECISION)
+        if HAS_B1:
+            acc_z += tl.load(b1_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)[None, :]
+        z = acc_z.to(dtype)
+        if SAVE_Z:
+            if pid_n == 0:  # every column block computes the same z; one writes it
+                tl.store(z_ptr + offs_m[:, None] * H + offs_h[None, :], z,
+                         mask=mask_m[:, None] & mask_h[None, :])
+        # Padded hidden columns hold z = 0 -> gelu = 0, and their W2 rows load as 0: no effect on y.
+        a = _gelu(z.to(tl.float32)).to(dtype)
+        w2t = tl.load(w2_ptr + offs_n[None, :] * H + offs_h[:, None],
+                      mask=mask_n[None, :] & mask_h[:, None], other=0.0)  # W2^T tile (H, N)
+        if UPCAST:
+            a, w2t = a.to(tl.float32), w2t.to(tl.float32)
+        acc_y = tl.dot(a, w2t, acc_y, input_precision=PRECISION)
+    if HAS_B2:
+        acc_y += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc_y.to(dtype),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@_autotuned(_DZ_CONFIGS, _KEY)
+@triton.jit
+def _projector_bwd_dz_kernel(dy_ptr, w2_ptr, z_ptr, dz_ptr, M, K, H, N, M_BUCKET,
+                             UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dz = (dy W2) * gelu'(z), da rounded to the input dtype first as eager's matmul output is."""
+    dtype = dy_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_m = offs_m < M
+    mask_h = offs_h < H
+    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * N + offs_n[None, :],
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w2 = tl.load(w2_ptr + offs_n[:, None] * H + offs_h[None, :],
+                     mask=mask_n[:, None] & mask_h[None, :], other=0.0)
+        if UPCAST:
+            dy, w2 = dy.to(tl.float32), w2.to(tl.float32)
+        acc = tl.dot(dy, w2, acc, input_precision=PRECISION)
+    mask = mask_m[:, None] & mask_h[None, :]
+    z = tl.load(z_ptr + offs_m[:, None] * H + offs_h[None, :], mask=mask, other=0.0)
+    dz = acc.to(dtype).to(tl.float32) * _gelu_grad(z.to(tl.float32))
+    tl.store(dz_ptr + offs_m[:, None] * H + offs_h[None, :], dz.to(dtype), mask=mask)
+
+
+@triton.jit
+def _grad_tile(a_ptr, stride_aa, stride_ar, b_ptr, stride_br, stride_bb, n_a, n_b, n_r, tile,
+               c_ptr, bias_ptr, GELU_B: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """One (BLOCK_A, BLOCK_B) tile of C = A B, C contiguous (n_a, n_b), reducing over n_r.
+
+    GELU_B applies gelu to B as it is loaded (B = z gives a = gelu(z) for dW2 without storing a);
+    HAS_BIAS also writes the row sums of A (the bias gradient) from the first column of tiles.
+    """
+    tiles_b = tl.cdiv(n_b, BLOCK_B)
+    pid_a = tile // tiles_b
+    pid_b = tile % tiles_b
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_a = offs_a < n_a
+    mask_b = offs_b < n_b
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    for r0 in range(0, n_r, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < n_r
+        a = tl.load(a_ptr + offs_a[:, None] * stride_aa + offs_r[None, :] * stride_ar,
+                    mask=mask_a[:, None] & mask_r[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_b[None, :] * stride_bb,
+                    mask=mask_r[:, None] & mask_b[None, :], other=0.0)
+        if GELU_B:
+            b = _gelu(b.to(tl.float32)).to(b_ptr.dtype.element_ty)
+        if HAS_BIAS:
+            row_sum += tl.sum(a.to(tl.float32), axis=1)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(c_ptr + offs_a[:, None] * n_b + offs_b[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=mask_a[:, None] & mask_b[None, :])
+    if HAS_BIAS:
+        if pid_b == 0:
+            tl.store(bias_ptr + offs_a, row_sum.to(bias_ptr.dtype.element_ty), mask=mask_a)
+
+
+@_autotuned(_GRAD_CONFIGS, _KEY + ["DO_X", "DO_W1", "DO_W2"])
+@triton.jit
+def _projector_bwd_grads_kernel(x_ptr, w1_ptr, dy_ptr, z_ptr, dz_ptr, dx_ptr, dw1_ptr, db1_ptr,
+                                dw2_ptr, db2_ptr, M, K, H, N, M_BUCKET, DO_X: tl.constexpr,
+                                DO_W1: tl.constexpr, DO_W2: tl.constexpr, HAS_B1: tl.constexpr,
+                                HAS_B2: tl.constexpr, UPCAST: tl.constexpr,
+                                PRECISION: tl.constexpr, BLOCK_A: tl.constexpr,
+                                BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                                BLOCK_XM: tl.constexpr, BLOCK_XK: tl.constexpr,
+                                BLOCK_XH: tl.constexpr):
+    """Grouped launch: program ids [0, T2) -> dW2 tiles, [T2, T2+T1) -> dW1 tiles, the rest -> dx."""
+    pid = tl.program_id(0)
+    tiles_w2 = 0
+    if DO_W2:
+        tiles_w2 = tl.cdiv(N, BLOCK_A) * tl.cdiv(H, BLOCK_B)
+    tiles_w1 = 0
+    if DO_W1:
+        tiles_w1 = tl.cdiv(H, BLOCK_A) * tl.cdiv(K, BLOCK_B)
+    if pid < tiles_w2:
+        # dW2[n, h] = sum_m dy[m, n] gelu(z[m, h]);  db2[n] = sum_m dy[m, n]
+        _grad_tile(dy_ptr, 1, N, z_ptr, H, 1, N, H, M, pid, dw2_ptr, db2_ptr, True, HAS_B2,
+                   UPCAST, PRECISION, BLOCK_A, BLOCK_B, BLOCK_R)
+    elif pid < tiles_w2 + tiles_w1:
+        # dW1[h, k] = sum_m dz[m, h] x[m, k];  db1[h] = sum_m dz[m, h]
+        _grad_tile(dz_ptr, 1, H, x_ptr, K, 1, H, K, M, pid - tiles_w2, dw1_ptr, db1_ptr, False,
+                   HAS_B1, UPCAST, PRECISION, BLOCK_A, BLOCK_B, BLOCK_R)
+    elif DO_X:
+        # dx[m, k] = sum_h dz[m, h] W1[h, k]
+        _grad_tile(dz_ptr, H, 1, w1_ptr, K, 1, M, K, H, pid - tiles_w2 - tiles_w1, dx_ptr, dx_ptr,
+                   False, False, UPCAST, PRECISION, BLOCK_XM, BLOCK_XK, BLOCK_XH)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's own switch (tf32 only if torch would use it); 16-bit dots are exact
+    products with fp32 accumulation either way."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _check_inputs(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                  b2: torch.Tensor | None) -> None:
+    """Clear errors for what the kernels cannot take (they index flat, contiguous memory)."""
+    named = {"x": x, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    if x.dim() < 1 or w1.dim() != 2 or w2.dim() != 2:
+        raise ValueError(f"project: expected x (..., K), w1 (H, K), w2 (N, H); got x "
+                         f"{tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+    hidden, k = w1.shape
+    if x.shape[-1] != k or w2.shape[1] != hidden:
+        raise ValueError(f"project: shapes do not chain: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, "
+                         f"w2 {tuple(w2.shape)}")
+    for name, bias, size in (("b1", b1, hidden), ("b2", b2, w2.shape[0])):
+        if bias is not None and tuple(bias.shape) != (size,):
+            raise ValueError(f"project: {name} must have shape ({size},), got {tuple(bias.shape)}")
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"project: {name} is {t.dtype} on {t.device} but x is {x.dtype} on "
+                             f"{x.device}; the Triton path wants one dtype and device")
+        if not t.is_contiguous():
+            raise ValueError(f"project: {name} is not contiguous (shape {tuple(t.shape)}, stride "
+                             f"{t.stride()}); the Triton path reads flat memory: pass "
+                             f"{name}.contiguous() or set BABYMERGE_KERNELS=torch")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"project: dtype {x.dtype} not supported by the Triton path "
+                         f"(float32, bfloat16, float16)")
+    # Offsets are 32-bit in the kernels (cheaper address arithmetic); refuse instead of wrapping.
+    rows = x.numel() // k if k else 0
+    if rows * max(k, hidden, w2.shape[0]) >= 2**31:
+        raise ValueError(f"project: {rows} rows x {max(k, hidden, w2.shape[0])} columns exceeds the "
+                         "kernels' 32-bit offsets; split the batch")
+
+
+def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                      b2: torch.Tensor | None, save_z: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y (M, N) for x (M, K), and the pre-activation z (M, H) when ``save_z`` (for backward)."""
+    m, k = x.shape
+    hidden, n = w1.shape[0], w2.shape[0]
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    z = torch.empty((m, hidden), device=x.device, dtype=x.dtype) if save_z else None
+    if m == 0:
+        return y, z
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+    # Absent biases and z get a dummy pointer; constexpr flags keep the kernel from touching it.
+    _projector_fwd_kernel[grid](
+        x, w1, b1 if b1 is not None else x, w2, b2 if b2 is not None else x, y,
+        z if z is not None else y, m, k, hidden, n, triton.next_power_of_2(m),
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None, SAVE_Z=save_z, UPCAST=INTERPRET,
+        PRECISION=_precision(x.dtype),
+        **_fitted(BLOCK_M=(m, 64), BLOCK_N=(n, 128), BLOCK_H=(hidden, 128), BLOCK_K=(k, 256)))
+    return y, z
+
+
+def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                       z: torch.Tensor, needs: tuple[bool, ...], has_b1: bool, has_b2: bool
+                       ) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dW1, db1, dW2, db2) for the flags in ``needs`` (autograd's needs_input_grad); None for
+    the gradients not asked for."""
+    need_x, need_w1, need_b1, need_w2, need_b2 = needs
+    do_w1, do_w2 = need_w1 or need_b1, need_w2 or need_b2
+    m, k = x.shape
+    hidden, n = w1.shape[0], w2.shape[0]
+    dx = torch.empty_like(x) if need_x else None
+    dw1 = torch.empty_like(w1) if do_w1 else None
+    db1 = torch.empty(hidden, device=x.device, dtype=x.dtype) if do_w1 and has_b1 else None
+    dw2 = torch.empty_like(w2) if do_w2 else None
+    db2 = torch.empty(n, device=x.device, dtype=x.dtype) if do_w2 and has_b2 else None
+    if m == 0:  # no rows: zero weight gradients, nothing to launch
+        for g in (dw1, db1, dw2, db2):
+            if g is not None:
+                g.zero_()
+    else:
+        dz = None
+        if need_x or do_w1:
+            dz = torch.empty_like(z)
+            def dz_grid(meta):
+                return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_H"])
+            _projector_bwd_dz_kernel[dz_grid](dy, w2, z, dz, m, k, hidden, n,
+                                              triton.next_power_of_2(m), UPCAST=INTERPRET,
+                                              PRECISION=_precision(x.dtype),
+                                              **_fitted(BLOCK_M=(m, 64), BLOCK_H=(hidden, 128),
+                                                        BLOCK_N=(n, 256)))
+        def grads_grid(meta):
+            ba, bb = meta["BLOCK_A"], meta["BLOCK_B"]
+            tiles = triton.cdiv(n, ba) * triton.cdiv(hidden, bb) if do_w2 else 0
+            tiles += triton.cdiv(hidden, ba) * triton.cdiv(k, bb) if do_w1 else 0
+            tiles += triton.cdiv(m, meta["BLOCK_XM"]) * triton.cdiv(k, meta["BLOCK_XK"]) if need_x else 0
+            return (tiles,)
+        dummy = dy
+        _projector_bwd_grads_kernel[grads_grid](
+            x, w1, dy, z, dz if dz is not None else dummy, dx if dx is not None else dummy,
+            dw1 if dw1 is not None else dummy, db1 if db1 is not None else dummy,
+            dw2 if dw2 is not None else dummy, db2 if db2 is not None else dummy,
+            m, k, hidden, n, triton.next_power_of_2(m), DO_X=need_x, DO_W1=do_w1, DO_W2=do_w2,
+            HAS_B1=db1 is not None, HAS_B2=db2 is not None, UPCAST=INTERPRET,
+            PRECISION=_precision(x.dtype),
+            **_fitted(BLOCK_A=(max(n, hidden), 128), BLOCK_B=(max(hidden, k), 256),
+                      BLOCK_R=(m, 64), BLOCK_XM=(m, 64), BLOCK_XK=(k, 256),
+                      BLOCK_XH=(hidden, 128)))
+    return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
+            db2 if need_b2 else None)
+
+
+class FusedProjectorFunction(torch.autograd.Function):
+    """Autograd wrapper: forward saves (x, W1, W2, z); backward runs the two gradient kernels."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        x2 = x.reshape(-1, x.shape[-1])
+        save = any(ctx.needs_input_grad)
+        y, z = projector_forward(x2, w1, b1, w2, b2, save_z=save)
+        if save:
+            ctx.save_for_backward(x2, w1, w2, z)
+            ctx.x_shape = x.shape
+            ctx.has_biases = (b1 is not None, b2 is not None)
+        return y.reshape(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w1, w2, z = ctx.saved_tensors
+        # Incoming gradients may be expanded or strided views; the kernels read flat memory.
+        dy2 = dy.reshape(-1, w2.shape[0]).contiguous()
+        dx, dw1, db1, dw2, db2 = projector_backward(dy2, x2, w1, w2, z, ctx.needs_input_grad,
+                                                    *ctx.has_biases)
+        return (dx.reshape(ctx.x_shape) if dx is not None else None), dw1, db1, dw2, db2
+
+
+def project_triton(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                   b2: torch.Tensor | None) -> torch.Tensor:
+    """The fused projector on Triton, differentiable. Under autocast the inputs are cast to the
+    autocast dtype first, as autocast does for ``F.linear`` (the casts stay on the autograd tape,
+    so fp32 master weights still receive their gradients)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+        b1 = b1.to(dtype) if b1 is not None else None
+        b2 = b2.to(dtype) if b2 is not None else None
+    _check_inputs(x, w1, b1, w2, b2)
+    return FusedProjectorFunction.apply(x, w1, b1, w2, b2)

@@ -1,0 +1,167 @@
+"""Fused projector (kernels/projector.py) against its torch reference: output and every gradient,
+every dtype, shapes that are not multiples of any block, on the CPU interpreter (default run) and
+on a GPU (``-m gpu``, interpreter off)."""
+
+import pytest
+import torch
+from transformers import LlavaConfig
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+import kernels
+from babymerge.model import MODEL_PRESETS, build_model
+from kernels.modules import FusedProjector
+from kernels.projector import project_triton
+from kernels.projector_reference import project_reference
+
+# Max error relative to max |reference|, the reference being fp32 maths on the same (rounded)
+# inputs. fp32: only summation order differs. fp16: z, gelu(z), da and dz are each rounded to fp16
+# (unit 2^-11) as eager does, errors chain through two GEMMs. bf16: the same with unit 2^-8, and the
+# interpreter's fp32->bf16 stores truncate instead of rounding (up to a full ulp each).
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# On the GPU fp32 dots are exact-fp32 ("ieee") unless torch itself allows tf32; 1e-4 covers the
+# reordering of K = 1000 products.
+GPU_FP32_TOL = 1e-4
+
+IDS = dict(vocab_size=50, image_token_id=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _inputs(m, k, h, n, dtype, device, bias=True, seed=0):
+    """x, W1, b1, W2, b2 scaled so every stage is O(1), as leaf tensors requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(m, k), (h, k), (h,), (n, h), (n,)]
+    scales = [1.0, k ** -0.5, 0.5, h ** -0.5, 0.5]
+    out = []
+    for i, (shape, scale) in enumerate(zip(shapes, scales)):
+        if not bias and i in (2, 4):
+            out.append(None)
+            continue
+        t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+        out.append(t.requires_grad_())
+    return out
+
+
+def _rel_err(actual, expected):
+    return ((actual.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def _check_against_reference(inputs, tol):
+    """Output and all gradients of the Triton path vs fp32 reference maths on the same inputs."""
+    y = project_triton(*inputs)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    grads = torch.autograd.grad(y, [t for t in inputs if t is not None], dy)
+    ref_in = [t.detach().float().requires_grad_() if t is not None else None for t in inputs]
+    y_ref = project_reference(*ref_in)
+    ref_grads = torch.autograd.grad(y_ref, [t for t in ref_in if t is not None], dy.float())
+    assert y.dtype == inputs[0].dtype and y.shape == y_ref.shape
+    names = ["y"] + [n for n, t in zip(["dx", "dW1", "db1", "dW2", "db2"], inputs) if t is not None]
+    for name, got, want in zip(names, (y, *grads), (y_ref, *ref_grads)):
+        assert got.shape == want.shape, name
+        err = _rel_err(got, want)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+def test_issue_shape_fp32(kernel_device):
+    """M=3, K=1000, N=770 (the issue's odd shape): 3 rows in a 16-row block, K and H split over
+    several masked loop steps, several column blocks."""
+    tol = GPU_FP32_TOL if kernel_device.type == "cuda" else TOL[torch.float32]
+    _check_against_reference(_inputs(3, 1000, 770, 770, torch.float32, kernel_device), tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_dtype(kernel_device, dtype):
+    """67 rows = two row blocks; K = 300 two K steps; H = 160 two hidden chunks; N = 130 two
+    column blocks (so z is written by one column block and recomputed by the other)."""
+    tol = GPU_FP32_TOL if kernel_device.type == "cuda" and dtype == torch.float32 else TOL[dtype]
+    _check_against_reference(_inputs(67, 300, 160, 130, dtype, kernel_device), tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_paper_shape_gpu(kernel_device, dtype):
+    """The paper's projector (1024 -> 768 -> 768) at a training-size batch, all autotuned configs."""
+    if kernel_device.type != "cuda":
+        pytest.skip("paper-size shape only on the GPU (minutes in the interpreter)")
+    tol = GPU_FP32_TOL if dtype == torch.float32 else TOL[dtype]
+    _check_against_reference(_inputs(4099, 1024, 768, 768, dtype, kernel_device), tol)
+
+
+def test_no_bias_leading_dims_and_partial_grads(kernel_device):
+    """Biases absent, x of shape (2, 5, K), frozen weights: only dx is computed and returned."""
+    x, w1, _, w2, _ = _inputs(10, 48, 32, 16, torch.float32, kernel_device, bias=False)
+    x3 = x.detach().reshape(2, 5, 48).requires_grad_()
+    w1, w2 = w1.detach(), w2.detach()
+    y = project_triton(x3, w1, None, w2, None)
+    assert y.shape == (2, 5, 16)
+    (dx,) = torch.autograd.grad(y.sum(), [x3])
+    x_ref = x3.detach().clone().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(project_reference(x_ref, w1, None, w2, None).sum(), [x_ref])
+    assert _rel_err(y.detach(), project_reference(x_ref, w1, None, w2, None).detach()) < 1e-4
+    assert _rel_err(dx, dx_ref) < 1e-4
+
+
+def test_zero_rows(kernel_device):
+    x, w1, b1, w2, b2 = _inputs(0, 32, 16, 16, torch.float32, kernel_device)
+    y = project_triton(x, w1, b1, w2, b2)
+    assert y.shape == (0, 16)
+    grads = torch.autograd.grad(y.sum(), [w1, b1, w2, b2])
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_autocast_casts_like_linear(kernel_device):
+    """Under autocast the kernel runs in the autocast dtype and fp32 weights get fp32 gradients."""
+    x, w1, b1, w2, b2 = _inputs(20, 32, 16, 16, torch.float32, kernel_device)
+    with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
+        y = project_triton(x, w1, b1, w2, b2)
+        y_ref = project_reference(x, w1, b1, w2, b2)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert _rel_err(y, y_ref.float()) < TOL[torch.bfloat16]
+    y.float().sum().backward()
+    assert w1.grad is not None and w1.grad.dtype == torch.float32
+
+
+def test_refuses_bad_inputs(kernel_device):
+    x, w1, b1, w2, b2 = _inputs(8, 32, 16, 16, torch.float32, kernel_device)
+    with pytest.raises(ValueError, match="x is not contiguous"):
+        project_triton(x.detach().t().contiguous().t(), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="w1 is not contiguous"):
+        project_triton(x, torch.empty(32, 16, device=kernel_device).t(), b1, w2, b2)
+    with pytest.raises(ValueError, match="shapes do not chain"):
+        project_triton(x, w1, b1, w2.detach()[:, :8].contiguous(), b2)
+    with pytest.raises(ValueError, match="b1 is torch.float16"):
+        project_triton(x, w1, b1.detach().half(), w2, b2)
+
+
+def test_fused_projector_is_a_drop_in_for_llava(kernel_device, monkeypatch):
+    """Same state-dict keys and shapes as LlavaMultiModalProjector; same outputs."""
+    monkeypatch.setenv("BABYMERGE_KERNELS", "triton")
+    cfg = LlavaConfig(vision_config={"model_type": "dinov2", "hidden_size": 96},
+                      text_config={"model_type": "llama", "hidden_size": 48,
+                                   "num_attention_heads": 4})
+    torch.manual_seed(0)
+    llava = LlavaMultiModalProjector(cfg).to(kernel_device)
+    fused = FusedProjector.from_llava_config(cfg).to(kernel_device)
+    assert {k: v.shape for k, v in fused.state_dict().items()} == \
+        {k: v.shape for k, v in llava.state_dict().items()}
+    fused.load_state_dict(llava.state_dict(), strict=True)
+    x = torch.randn(5, 96, device=kernel_device)
+    assert _rel_err(fused(x).detach(), llava(x).detach()) < 1e-5
+
+
+def test_model_trains_through_the_kernel(kernel_device, monkeypatch):
+    """BabyLLaVA's image path with the Triton projector: logits and projector gradients equal the
+    torch path's (babymerge/model.py calls kernels.project)."""
+    model = build_model(MODEL_PRESETS["tiny"], seed=0, **IDS).to(kernel_device)
+    ids = torch.tensor([[1, 4, 7, 8, 9], [1, 4, 10, 11, 12]], device=kernel_device)
+    feats = torch.randn(2, 1024, generator=torch.Generator().manual_seed(0)).to(kernel_device)
+    proj = model.model.multi_modal_projector
+    results = {}
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("BABYMERGE_KERNELS", mode)
+        model.zero_grad()
+        out = model(input_ids=ids, pixel_values=feats, labels=ids)
+        out.loss.backward()
+        results[mode] = (out.logits.detach(), proj.linear_1.weight.grad.clone(),
+                         proj.linear_2.bias.grad.clone())
+    for got, want in zip(results["triton"], results["torch"]):
+        assert _rel_err(got, want) < 1e-4
+    assert kernels.dispatch.backend(kernel_device) == "triton"
