@@ -154,10 +154,12 @@ class ImageEncoder:
                 hidden = block(hidden)
         return pool_patch_tokens(hidden, self.num_prefix_tokens)
 
-    def encode(self, images: list[Image.Image]) -> torch.Tensor:
+    def encode(self, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
         """Pooled features (N, D) float32 on the CPU, exactly as ``extract-features`` computes."""
-        pixels = torch.stack([self.preprocess.pixels(to_rgb(im)) for im in images])
-        return self.encode_pixels(pixels).cpu()
+        out = [self.encode_pixels(torch.stack([self.preprocess.pixels(to_rgb(im))
+                                               for im in images[i:i + batch_size]])).cpu()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL resample codes in processor configs
@@ -320,7 +322,12 @@ def _read_failed(f: h5py.File) -> dict[str, str]:
 def _check_identity(path: Path, attrs: dict, black: np.ndarray | None, what: str) -> None:
     """Refuse a file made with another encoder, layer, pooling, crop or dtype (or other weights
     behind the same encoder name, seen in ``/black``)."""
-    with h5py.File(path, "r") as f:
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as e:
+        raise FeatureFileError(f"{path}: not a readable HDF5 file ({e}); move it away or use "
+                               "another --out") from e
+    with handle as f:
         if FEATURES not in f or IDS not in f or BLACK not in f:
             raise FeatureFileError(f"{path}: not a babymerge feature file (no /{FEATURES}, "
                                    f"/{IDS} or /{BLACK})")
@@ -387,7 +394,7 @@ def _merge_into(out: Path, sources: list[Path], attrs: dict, black: np.ndarray,
     return {"rows": len(ids), "failed": len(failed)}
 
 
-def _write_part(path: Path, ids: list[str], features: np.ndarray, failed: dict[str, str],
+def _write_table(path: Path, ids: list[str], features: np.ndarray, failed: dict[str, str],
                 black: np.ndarray, attrs: dict) -> None:
     with _atomic_h5(path) as f:
         f.create_dataset(FEATURES, data=features)
@@ -449,24 +456,26 @@ def extract_features(cfg: ExtractConfig) -> dict:
     parts_dir.mkdir(exist_ok=True)
     start = time.perf_counter()
     with _exclusive(parts_dir / "lock"):
-        done: set[str] = set()
-        failed_before: set[str] = set()
-        parts = sorted(parts_dir.glob("part-*.h5"))
-        existing = ([out] if out.exists() else []) + parts
-        for path in existing:
-            _check_identity(path, attrs, black, f"this run (--encoder {cfg.encoder})")
-            with h5py.File(path, "r") as f:
-                done.update(decode_strings(f[IDS][:int(f.attrs.get("count", f[IDS].shape[0]))]))
-                failed_before.update(_read_failed(f))
+        try:
+            done, failed_before, next_part = _progress(out, parts_dir, attrs, black, cfg.encoder)
+        except BaseException:
+            if not any(parts_dir.glob("part-*.h5")):  # nothing to resume: leave no litter
+                shutil.rmtree(parts_dir)
+            raise
         if not out.exists():
-            _write_part(out, [], np.zeros((0, black.shape[0]), storage), {}, black, attrs)
+            _write_table(out, [], np.zeros((0, black.shape[0]), storage), {}, black, attrs)
         skip = done if cfg.retry_failed else done | failed_before
         todo = [item for item in items if item.id not in skip]
-        new, new_failed = _encode_into_parts(todo, encoder, cfg, parts_dir, len(parts), black,
+        new, new_failed = _encode_into_parts(todo, encoder, cfg, parts_dir, next_part, black,
                                              attrs, storage, desc=out.name)
         parts = sorted(parts_dir.glob("part-*.h5"))
-        merged = _merge_into(out, [out] + parts, attrs, black, duplicates="skip")
-    shutil.rmtree(parts_dir)
+        with h5py.File(out, "r") as f:
+            complete = bool(f.attrs.get("complete", False))
+        if parts or not complete:
+            _merge_into(out, [out] + parts, attrs, black, duplicates="skip")
+        shutil.rmtree(parts_dir)
+    with h5py.File(out, "r") as f:
+        merged = {"rows": int(f.attrs["count"]), "failed": len(f[FAILED]["ids"])}
     seconds = time.perf_counter() - start
     summary = {"out": str(out), "rows": merged["rows"], "new": new, "failed": merged["failed"],
                "new_failed": new_failed, "skipped": len(items) - len(todo),
@@ -476,7 +485,25 @@ def extract_features(cfg: ExtractConfig) -> dict:
     return summary
 
 
-def _num_workers(requested: int) -> int:
+def _progress(out: Path, parts_dir: Path, attrs: dict, black: np.ndarray,
+              encoder: str) -> tuple[set[str], set[str], int]:
+    """(ids with a feature, ids recorded as failed, next part number) from OUT and its parts,
+    after checking that each was made the same way as this run."""
+    done: set[str] = set()
+    failed: set[str] = set()
+    parts = sorted(parts_dir.glob("part-*.h5"))  # a part killed mid-write is a *.h5.tmp: ignored
+    for path in ([out] if out.exists() else []) + parts:
+        _check_identity(path, attrs, black, f"this run (--encoder {encoder})")
+        with h5py.File(path, "r") as f:
+            done.update(decode_strings(f[IDS][:int(f.attrs.get("count", f[IDS].shape[0]))]))
+            failed.update(_read_failed(f))
+    next_part = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
+    return done, failed, next_part
+
+
+def num_decode_workers(requested: int) -> int:
+    """``--num-workers`` resolved: -1 = the CPU cores of this rank (cores / local ranks) minus
+    the main process."""
     if requested >= 0:
         return requested
     per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -490,7 +517,7 @@ def _encode_into_parts(todo, encoder: ImageEncoder, cfg: ExtractConfig, parts_di
     so a resumed run forms the same batches as an uninterrupted one). Returns (new, failed)."""
     if not todo:
         return 0, 0
-    workers = _num_workers(cfg.num_workers)
+    workers = num_decode_workers(cfg.num_workers)
     loader = torch.utils.data.DataLoader(
         ImageDataset(todo, encoder.preprocess), batch_size=cfg.batch_size, shuffle=False,
         num_workers=workers, collate_fn=collate, pin_memory=encoder.device.type == "cuda",
@@ -506,7 +533,7 @@ def _encode_into_parts(todo, encoder: ImageEncoder, cfg: ExtractConfig, parts_di
         nonlocal part, ids, feats, failed, pending
         rows = (torch.cat(feats).cpu().numpy().astype(storage) if feats
                 else np.zeros((0, black.shape[0]), storage))
-        _write_part(parts_dir / f"part-{part:06d}.h5", ids, rows, failed, black, attrs)
+        _write_table(parts_dir / f"part-{part:06d}.h5", ids, rows, failed, black, attrs)
         part, ids, feats, failed, pending = part + 1, [], [], {}, 0
 
     with tqdm(total=len(todo), desc=desc, unit="img", smoothing=0.1, dynamic_ncols=True) as bar:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from babymerge.features import (ExtractConfig, _num_workers, extract_features,
+from babymerge.features import (ExtractConfig, extract_features, num_decode_workers,
                                 pool_patch_tokens, save_random_dinov2)
 from babymerge.featurefile import LAYER, FeatureTable
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "images": len(files), "image_size_generated": None if args.source else args.size,
                   "encoder": args.encoder or f"random dinov2 ({args.shape} shape)",
                   "batch_size": args.batch_size,
-                  "num_workers": _num_workers(args.num_workers),
+                  "num_workers": num_decode_workers(args.num_workers),
                   "ours_images_per_s": ours["images_per_s"], "ours_failed": ours["failed"]}
         if not args.skip_naive:
             seconds, feats = naive(files, encoder, device, args.batch_size, autocast)

@@ -234,3 +234,27 @@ def test_bad_files_are_converted_or_recorded(tmp_path, encoder_dir):
     summary = extract(tmp_path / "list.tsv", out, encoder_dir, retry_failed=True)
     assert summary["new"] == 1 and summary["failed"] == 4
     assert "truncated" in FeatureTable(out).row
+
+
+def test_jpeg_draft_stays_close_to_full_decode(tmp_path):
+    """``--jpeg-draft`` lets libjpeg decode a 1280x960 photo at 640x480 (DCT scaling) before the
+    resize to 341x256. Measured: mean error 0.5 grey level, max 5, against the processor on the
+    full decode; without the draft max 1 grey level. The test bounds the mean at 1 grey level."""
+    import io
+    from dataclasses import replace
+
+    directory = save_random_dinov2(tmp_path / "enc")
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize(
+        (1280, 960), Image.BICUBIC)
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    processor = AutoImageProcessor.from_pretrained(directory)
+    reference = processor([Image.open(io.BytesIO(data))], return_tensors="pt")["pixel_values"][0]
+    encoder = load_encoder(directory)
+    std = encoder._std[0]
+    for draft, mean_bound, max_bound in ((False, 0.05, 1.01), (True, 1.0, 8.0)):
+        pixels = replace(encoder.preprocess, jpeg_draft=draft)(data).float()
+        grey_levels = ((pixels / 255 - encoder._mean[0]) / std - reference).abs() * std * 255
+        assert grey_levels.mean().item() < mean_bound and grey_levels.max().item() < max_bound
