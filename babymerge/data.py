@@ -296,33 +296,47 @@ class CaptionSet:
             raise DataError(f"no usable caption in {names}: none of their image ids is in the "
                             f"feature file {table.path} ({dict(self.skipped)})")
         self.words = np.zeros(len(self.rows), dtype=np.int64)
-        self.lengths = np.zeros(len(self.rows), dtype=np.int64)
+        self.sizes = np.zeros(len(self.rows), dtype=np.int64)  # caption tokens
         for k, tf in enumerate(files):
             sel = self.file == k
             docs = self.doc[sel]
-            sizes = tf.offsets[1:] - tf.offsets[:-1]
             # words per caption: word-start tokens summed per document (reduceat needs non-empty
             # segments, which captions are: empty ones were skipped when tokenising)
             per_doc = np.add.reduceat(is_word[tf.tokens], tf.offsets[:-1])
             self.words[sel] = per_doc[docs]
-            self.lengths[sel] = np.minimum(sizes[docs] + len(self.prefix) + 1, seq_len)
+            self.sizes[sel] = (tf.offsets[1:] - tf.offsets[:-1])[docs]
+        # prefix + caption + EOS, cut to seq_len
+        self.lengths = np.minimum(self.sizes + len(self.prefix) + 1, seq_len)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        """Right-padded ``input_ids``/``labels`` and the images' ``features`` (B, D)."""
-        width = int(self.lengths[index].max())
-        out = np.full((len(index), width), self.pad, dtype=np.int64)
-        labels = np.full((len(index), width), IGNORE_INDEX, dtype=np.int64)
+        """Right-padded ``input_ids``/``labels`` and the images' ``features`` (B, D).
+
+        Vectorised gathers from the memory-mapped tokens (no per-caption Python loop), so the
+        loader stays far below the step time at the paper's batch sizes.
+        """
+        index = np.asarray(index)
         p = len(self.prefix)
-        for r, i in enumerate(index):
-            tf = self.files[int(self.file[i])]
-            d = int(self.doc[i])
-            seq = np.concatenate([self.prefix, tf.tokens[tf.offsets[d]:tf.offsets[d + 1]],
-                                  [self.eos]])[:self.seq_len]
-            out[r, :len(seq)] = seq
-            labels[r, p:len(seq)] = seq[p:]
+        lengths = self.lengths[index]
+        width = int(lengths.max())
+        kept = np.minimum(self.sizes[index], self.seq_len - p)  # caption tokens that fit
+        cols = np.arange(width - p)
+        body = np.full((len(index), width - p), self.pad, dtype=np.int64)
+        files, docs = self.file[index], self.doc[index]
+        for k in np.unique(files):
+            sel = files == k
+            tf = self.files[int(k)]
+            starts = tf.offsets[docs[sel]]
+            gather = starts[:, None] + np.minimum(cols[None, :], kept[sel, None] - 1)
+            body[sel] = np.where(cols[None, :] < kept[sel, None], tf.tokens[gather], self.pad)
+        has_eos = self.sizes[index] + p + 1 <= self.seq_len
+        body[np.flatnonzero(has_eos), kept[has_eos]] = self.eos
+        out = np.concatenate([np.broadcast_to(np.asarray(self.prefix, dtype=np.int64),
+                                              (len(index), p)), body], axis=1)
+        labels = np.where(np.arange(width)[None, :] < lengths[:, None], out, IGNORE_INDEX)
+        labels[:, :p] = IGNORE_INDEX  # BOS and <image> are given, never predicted
         rows = torch.from_numpy(self.rows[index])
         return {"input_ids": torch.from_numpy(out), "labels": torch.from_numpy(labels),
                 "features": self.table.features[rows]}

@@ -56,6 +56,7 @@ class TokenizerConfig:
     min_frequency: int = opt(2, help="a merge must occur at least this often")
     limit_alphabet: int = opt(1000, help="keep at most this many initial characters")
     ratio_lines: int = opt(200_000, help="lines read to measure the word-to-subword ratio")
+    progress: bool = opt(True, help="show the trainer's progress bar")
 
     def __post_init__(self) -> None:
         if not self.corpus:
@@ -86,7 +87,7 @@ def iter_lines(paths: Iterable[Path]) -> Iterator[str]:
                     yield text
 
 
-def _pipeline(vocab_size: int, min_frequency: int, limit_alphabet: int
+def _pipeline(vocab_size: int, min_frequency: int, limit_alphabet: int, progress: bool
               ) -> tuple[Tokenizer, trainers.BpeTrainer]:
     # byte_fallback/fuse_unk as in transformers' LlamaTokenizer, which rebuilds this model.
     tok = Tokenizer(models.BPE(unk_token=UNK, fuse_unk=True, byte_fallback=True))
@@ -99,7 +100,7 @@ def _pipeline(vocab_size: int, min_frequency: int, limit_alphabet: int
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=SPECIAL_TOKENS + BYTE_TOKENS,
                                   limit_alphabet=limit_alphabet,
-                                  show_progress=True)
+                                  show_progress=progress)
     return tok, trainer
 
 
@@ -107,7 +108,8 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
     """Train on ``cfg.corpus``, save to ``cfg.out``; returns vocabulary size and the ratio."""
     from transformers import LlamaTokenizer
 
-    tok, trainer = _pipeline(cfg.vocab_size, cfg.min_frequency, cfg.limit_alphabet)
+    tok, trainer = _pipeline(cfg.vocab_size, cfg.min_frequency, cfg.limit_alphabet,
+                             cfg.progress)
     lines = iter_lines(cfg.corpus)
     first = next(lines, None)
     if first is None:

@@ -280,6 +280,10 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
         raise ValueError(f"{out} already holds a run; use a new --out, or drop --no-resume")
     if state is not None:
         _check_resumable(cfg, state, resume_dir)
+        if state["world_size"] != world.world_size:
+            raise ValueError(f"{resume_dir} was saved by {state['world_size']} process(es); "
+                             f"resume it with the same number (now {world.world_size}): the "
+                             "data position counts global batches per step")
         if state["finished"] or (cfg.max_steps and state["step"] >= cfg.max_steps):
             if world.is_main:
                 print(f"{out}: already at step {state['step']} "

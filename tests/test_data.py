@@ -9,7 +9,7 @@ from babymerge.data import (CAPTIONS, IGNORE_INDEX, TEXT, DataError, EpochPlan, 
 from babymerge.featurefile import FeatureTable
 from babymerge.model import IMAGE_TOKEN, image_prefix_ids
 from babymerge.tokenizer import iter_lines, load_tokenizer, word_start_mask
-from test_data_fixtures import world  # noqa: F401  (fixture)
+from test_data_fixtures import caption_of, world  # noqa: F401  (world: fixture)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,6 @@ def test_captions_join_features_and_skip_missing_with_a_warning(world, tok, tmp_
     batch = caps.batch(idx)
     assert torch.equal(batch["features"], table.lookup([world["ids"][i] for i in idx]))
     for r, i in enumerate(idx):
-        from test_data_fixtures import caption_of
         want = (image_prefix_ids(tok) + tok(caption_of(int(i)), add_special_tokens=False).input_ids
                 + [tok.eos_token_id])
         row = batch["input_ids"][r].tolist()
@@ -70,6 +69,14 @@ def test_captions_join_features_and_skip_missing_with_a_warning(world, tok, tmp_
         labels = batch["labels"][r].tolist()
         assert labels[2:len(want)] == want[2:] and set(labels[:2] + labels[len(want):]) == {-100}
     assert caps.words[0] == len(caption_of(0).split())
+    # cut to --seq-len: the prefix and the first caption tokens, EOS only where it fits
+    want = image_prefix_ids(tok) + tok(caption_of(0), add_special_tokens=False).input_ids
+    for seq_len in (4, len(want), len(want) + 1):
+        with pytest.warns(UserWarning):
+            short = load_captions([world["captions"]], tok, tmp_path, seq_len, table,
+                                  progress=False)
+        row = short.batch(np.array([0, 1]))["input_ids"][0].tolist()
+        assert row == (want + [tok.eos_token_id])[:seq_len]
 
 
 def test_bad_caption_and_corpus_inputs_are_clear_errors(world, tok, tmp_path):

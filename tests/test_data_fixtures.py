@@ -71,7 +71,7 @@ def make_world(root: Path, n_images: int = 128, n_lines: int = 400, seed: int = 
     captions.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     tok_dir = root / "tokenizer"
     train_tokenizer(TokenizerConfig(corpus=[text, captions_as_text(root, recs)], out=tok_dir,
-                                    vocab_size=400, min_frequency=1))
+                                    vocab_size=400, min_frequency=1, progress=False))
     return {"root": root, "features": features, "text": text, "captions": captions,
             "tokenizer": tok_dir, "ids": ids, "feats": feats}
 

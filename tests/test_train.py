@@ -25,7 +25,7 @@ from test_data_fixtures import DIM, caption_of, world, write_feature_file  # noq
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Two threads on a shared 2-core machine make tiny steps ~10x slower, not faster.
     n = torch.get_num_threads()
@@ -199,8 +199,9 @@ def test_bad_inputs_are_clear_errors(world, tmp_path):
         train(lm_config(world, tmp_path / "e", text=[empty]))
     # a model made for 16-d features cannot train on 8-d ones
     init = tmp_path / "init"
-    train(lm_config(world, init, max_steps=1, epochs=1))
     train(lm_config(world, init, epochs=1))
+    started = train(lm_config(world, tmp_path / "z", tokenizer=None, init_from=init, max_steps=1))
+    assert (started / "resume" / "tokenizer.json").is_file()  # the tokenizer came from --init-from
     other = write_feature_file(tmp_path / "f8.h5", ["a"], np.zeros((1, 8)), np.zeros(8))
     with pytest.raises(FeatureFileError, match="dimension mismatch.*16-d.*8-d"):
         train(lm_config(world, tmp_path / "y", features=other, init_from=init))

@@ -1,0 +1,189 @@
+"""Training throughput from cached features vs the same step running the image encoder on pixels.
+
+What the feature cache saves: the ``cached`` step reads pooled features from the in-memory
+table (as ``babymerge train`` does); the ``pixels`` step first runs the frozen encoder (forward
+only, as LLaVA freezes it) on decoded 224x224 crops, then the identical model step. JPEG decoding
+and resizing, which the cache also saves, are not counted. The loader (batch assembly from the
+memory-mapped token cache and the feature table) is timed on its own and compared with the step.
+
+Prints one JSON object. ``--quick`` (the default on CPU): tiny model and encoder, seconds. On CUDA
+the default is the paper's model and a DINOv2-large-sized random encoder, with bf16 autocast and
+the model FLOP utilisation (6N + 12·L·H·Q·T FLOPs per token, nanoGPT's estimate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import transformers
+
+from babymerge.data import CAPTIONS, TEXT, load_captions, load_text
+from babymerge.featurefile import BLACK, FAILED, FEATURES, IDS, STR_DTYPE, FeatureTable
+from babymerge.features import load_encoder, save_random_dinov2
+from babymerge.model import MODEL_PRESETS, build_model
+from babymerge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+from babymerge.train import TrainConfig, make_optimizer
+
+# Dense bf16 tensor-core peaks (FLOP/s) for the MFU denominator.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12}
+
+
+def parse_args() -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=not cuda,
+                   help="tiny model and encoder (default on CPU)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None, help="caption sequence length")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    return p.parse_args()
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    text = model.config.text_config
+    n = sum(p.numel() for n_, p in model.named_parameters() if "embed_tokens" not in n_)
+    head_dim = text.hidden_size // text.num_attention_heads
+    return 6 * n + 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
+
+
+def make_data(root: Path, n_images: int, dim: int, rng: np.random.Generator):
+    """A generated corpus, captions and feature file, loaded through babymerge's data path."""
+    words = [f"w{i}" for i in range(2000)]
+    lines = [" ".join(rng.choice(words, rng.integers(5, 30))) + "." for _ in range(4000)]
+    (root / "text.txt").write_text("\n".join(lines) + "\n")
+    ids = [f"img{i}" for i in range(n_images)]
+    (root / "caps.tsv").write_text("".join(f"{i}\t{' '.join(rng.choice(words, 40))}\n" for i in ids))
+    with h5py.File(root / "f.h5", "w") as f:
+        f[FEATURES] = rng.normal(size=(n_images, dim)).astype(np.float16)
+        f.create_dataset(IDS, data=np.array(ids, dtype=object), dtype=STR_DTYPE)
+        f[BLACK] = np.zeros(dim, dtype=np.float16)
+        g = f.create_group(FAILED)
+        g.create_dataset("ids", shape=(0,), dtype=STR_DTYPE)
+        g.create_dataset("reasons", shape=(0,), dtype=STR_DTYPE)
+        f.attrs.update({"complete": True, "count": n_images})
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result
+        train_tokenizer(TokenizerConfig(corpus=[root / "text.txt"], out=root / "tok",
+                                        vocab_size=2500, ratio_lines=100,
+                                        progress=False))
+    return load_tokenizer(root / "tok"), FeatureTable(root / "f.h5")
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    quick = args.quick
+    batch = args.batch_size or (8 if quick else 32)
+    seq_len = args.seq_len or (64 if quick else 128)
+    steps = args.steps or (4 if quick else 20)
+    preset = "tiny" if quick else "paper"
+    enc_kw = (dict(hidden_size=64, num_layers=2, num_heads=4) if quick else
+              dict(hidden_size=1024, num_layers=24, num_heads=16))  # dinov2-large's shape
+    use_bf16 = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        encoder = load_encoder(save_random_dinov2(root / "enc", **enc_kw), device=device,
+                               dtype=torch.bfloat16 if use_bf16 else torch.float32)
+        tokenizer, table = make_data(root, 4096, encoder.dim, rng)
+        sources = {TEXT: load_text([root / "text.txt"], tokenizer, root / "cache", seq_len,
+                                   progress=False),
+                   CAPTIONS: load_captions([root / "caps.tsv"], tokenizer, root / "cache",
+                                           seq_len, table, progress=False)}
+        cfg_model = MODEL_PRESETS[preset]
+        cfg_model = type(cfg_model)(**{**cfg_model.__dict__, "feature_dim": encoder.dim})
+        # The paper's 30k vocabulary, except in --quick where the LM head would swamp the tiny
+        # model's step and hide the encoder's share.
+        vocab = len(tokenizer) if quick else 30_000
+        model = build_model(cfg_model, seed=0, vocab_size=vocab, image_token_id=4,
+                            pad_token_id=3, bos_token_id=1, eos_token_id=2).to(device).train()
+        cfg = TrainConfig(kind="vlm", captions=[root / "caps.tsv"], features=root / "f.h5",
+                          tokenizer=root / "tok", out=root / "out", seq_len=seq_len)
+        optimizer = make_optimizer(model, cfg, device)
+
+        def loader_ms(src: int) -> float:
+            n = len(sources[src])
+            t0 = time.perf_counter()
+            for _ in range(20):
+                b = sources[src].batch(rng.integers(0, n, batch))
+                if device.type == "cuda":
+                    b = {k: v.pin_memory().to(device, non_blocking=True) for k, v in b.items()}
+            return 1000 * (time.perf_counter() - t0) / 20
+
+        # Model input: full-length sequences so both variants do the same work.
+        ids = torch.randint(5, vocab, (batch, seq_len), device=device)
+        ids[:, 0], ids[:, 1] = 1, 4
+        labels = ids.clone()
+        labels[:, :2] = -100
+        pixels = torch.randint(0, 256, (batch, 3, encoder.image_size, encoder.image_size),
+                               dtype=torch.uint8)
+        rows = torch.from_numpy(rng.integers(0, len(table), batch))
+
+        def step(from_pixels: bool) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            if from_pixels:
+                feats = encoder.encode_pixels(pixels).clone()  # frozen encoder, forward only
+            else:
+                feats = table.features[rows].to(device, non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t_enc = time.perf_counter() - t0
+            with autocast:
+                loss = model(input_ids=ids, pixel_values=feats, labels=labels,
+                             use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0, t_enc
+
+        results = {}
+        for name, from_pixels in (("cached_features", False), ("encoder_on_pixels", True)):
+            for _ in range(args.warmup):
+                step(from_pixels)
+            times = [step(from_pixels) for _ in range(steps)]
+            total = sum(t for t, _ in times)
+            results[name] = {"step_ms": round(1000 * total / steps, 3),
+                             "feature_ms": round(1000 * sum(e for _, e in times) / steps, 3),
+                             "tokens_per_s": round(batch * seq_len * steps / total, 1)}
+        fpt = flops_per_token(model, seq_len)
+        peak = next((v for k, v in PEAK_BF16.items()
+                     if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+        mfu = ({k: round(fpt * results[k]["tokens_per_s"] / peak, 4) for k in results}
+               if peak else None)
+        out = {
+            "bench": "train_step", "device": (torch.cuda.get_device_name(device)
+                                              if device.type == "cuda" else platform.processor()
+                                              or "cpu"),
+            "threads": torch.get_num_threads(), "preset": preset, "batch_size": batch,
+            "seq_len": seq_len, "steps": steps, "vocab_size": vocab, "precision": "bf16" if use_bf16 else "fp32",
+            "encoder": {**enc_kw, "image_size": encoder.image_size},
+            **results,
+            "speedup_cached_vs_pixels": round(results["encoder_on_pixels"]["step_ms"]
+                                              / results["cached_features"]["step_ms"], 3),
+            "loader_ms_per_batch": {"text": round(loader_ms(TEXT), 3),
+                                    "captions": round(loader_ms(CAPTIONS), 3)},
+            "model_flops_per_token": fpt, "mfu": mfu,
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+        }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
