@@ -31,7 +31,6 @@ from pathlib import Path
 import click
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from babymerge.config import atomic_write_bytes, atomic_write_text, opt, save_config
@@ -194,10 +193,12 @@ def read_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 def read_tensors(directory: Path, names: list[str], device: torch.device,
                  dtype: torch.dtype) -> list[torch.Tensor]:
     """``names`` from a checkpoint, in that order, on ``device`` in ``dtype``."""
-    found: dict[str, torch.Tensor] = {}
+    wanted, found = set(names), {}
     for path in _weight_files(directory):
-        found.update({k: v for k, v in load_file(str(path)).items() if k in set(names)})
-    return [found[n].to(device=device, dtype=dtype) for n in names]
+        with safe_open(str(path), framework="pt") as f:  # reads only the wanted tensors
+            found.update({k: f.get_tensor(k).to(device=device, dtype=dtype)
+                          for k in f.keys() if k in wanted})
+    return [found[n] for n in names]
 
 
 def check_mergeable(lm: dict[str, tuple], vlm: dict[str, tuple], lm_dir: Path,
@@ -241,8 +242,16 @@ def choose(records: list[dict], vlm_names: list[str]) -> dict:
 # --- the sweep ----------------------------------------------------------------------------------
 
 def _vlm_names(vlms: list[Path]) -> list[str]:
-    names = [v.resolve().name for v in vlms]
-    return names if len(set(names)) == len(names) else [str(v) for v in vlms]
+    """Short names of the --vlm checkpoints (record labels and kept sub-folders): the folder name,
+    or parent_folder when two share a name (run1/vlm, run2/vlm)."""
+    resolved = [v.resolve() for v in vlms]
+    if len(set(resolved)) != len(resolved):
+        raise MergeError("--vlm: the same checkpoint is given twice")
+    for names in ([r.name for r in resolved], ["_".join(r.parts[-2:]) for r in resolved]):
+        if len(set(names)) == len(names):
+            return names
+    raise MergeError("--vlm: checkpoints whose folder and parent names coincide; give them "
+                     "distinct folder names")
 
 
 def _check_tokenizers(lm: Path, vlm: Path, tokenizer) -> None:
@@ -344,18 +353,18 @@ def merge(cfg: MergeConfig) -> dict:
     kept: list[str] = []
     linear = cfg.method == "linear"
 
-    def start(index: int) -> tuple[_Sweep, MergeMethod, dict]:
+    def start(index: int, score_vlm: bool) -> tuple[_Sweep, MergeMethod, dict]:
         sweep = _Sweep(cfg, index, vlm_names[index], names, tasks, tokenizer, device, dtype)
-        # with linear merging the grid's 0 and 1 ARE the endpoints; other methods score the two
-        # unmerged models, so the plot shows what the method gains or loses. The VLM is scored
-        # before the method is built, which may turn vlm_copy into a task vector.
-        ends = {} if linear and 0.0 in grid else {"vlm": sweep.score_unmerged(sweep.vlm_copy)}
+        # scored before the method is built, which may turn vlm_copy into a task vector
+        ends = {"vlm": sweep.score_unmerged(sweep.vlm_copy)} if score_vlm else {}
         method = method_cls(lm, sweep.vlm_copy, base, density=cfg.density, scale=cfg.scale,
                             seed=cfg.seed)
         return sweep, method, ends
 
     for index, vlm_name in enumerate(vlm_names):
-        sweep, method, ends = start(index)
+        # with linear merging the grid's 0 and 1 ARE the endpoints; other methods score the two
+        # unmerged models, so the plot shows what the method gains or loses
+        sweep, method, ends = start(index, score_vlm=not (linear and 0.0 in grid))
         for alpha in grid:
             rec = sweep.merge_and_score(method, alpha)
             records.append(rec)
@@ -377,7 +386,7 @@ def merge(cfg: MergeConfig) -> dict:
     best = choose(records, vlm_names)
     if keep_chosen and len(vlm_names) > 1 and best["alpha"] not in keep:
         # a checkpoint sweep knows its winner only at the end: load that VLM once more
-        sweep, method, _ = start(vlm_names.index(best["vlm"]))
+        sweep, method, _ = start(vlm_names.index(best["vlm"]), score_vlm=False)
         kept.append(sweep.save(method, best["alpha"]))
 
     results = {"tasks": task_summary(tasks), "records": records, "chosen_alpha": best["alpha"],

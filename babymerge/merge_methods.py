@@ -98,11 +98,13 @@ class TaskArithmetic(MergeMethod):
 
     def __init__(self, lm, vlm, base, **kw):
         super().__init__(lm, vlm, base, **kw)
-        self.tau_lm = [self.sparsify(a - c, i) for i, (a, c) in enumerate(zip(lm, base))]
-        self.tau_vlm = [self.sparsify(b.sub_(c), i) for i, (b, c) in enumerate(zip(vlm, base))]
+        # stream 2i / 2i+1: each tensor of each model gets its own random stream (DARE)
+        self.tau_lm = [self.sparsify(a - c, 2 * i) for i, (a, c) in enumerate(zip(lm, base))]
+        self.tau_vlm = [self.sparsify(b.sub_(c), 2 * i + 1)
+                        for i, (b, c) in enumerate(zip(vlm, base))]
         self.vlm = None  # its storage is tau_vlm now
 
-    def sparsify(self, tau: torch.Tensor, index: int) -> torch.Tensor:
+    def sparsify(self, tau: torch.Tensor, stream: int) -> torch.Tensor:
         return tau
 
     def combine_into_(self, dst: list[torch.Tensor], alpha: float) -> None:
@@ -121,11 +123,11 @@ class Dare(TaskArithmetic):
     reference = ("task arithmetic on task vectors with each entry dropped with probability "
                  "1-density and the rest rescaled by 1/density (Yu et al. 2024, DARE)")
 
-    def sparsify(self, tau: torch.Tensor, index: int) -> torch.Tensor:
+    def sparsify(self, tau: torch.Tensor, stream: int) -> torch.Tensor:
         if self.density >= 1.0:
             return tau
         # one seeded stream per tensor: the same masks at every alpha and for every VLM of a sweep
-        gen = torch.Generator(device=tau.device).manual_seed(self.seed * 1_000_003 + index)
+        gen = torch.Generator(device=tau.device).manual_seed(self.seed * 1_000_003 + stream)
         keep = torch.empty_like(tau).bernoulli_(self.density, generator=gen)
         return tau.mul_(keep).div_(self.density)
 
@@ -136,7 +138,7 @@ class Ties(TaskArithmetic):
                  "sign elected by the weighted sum, weighted mean of the entries that agree")
     extrapolates = False  # negative weights would flip the sign election
 
-    def sparsify(self, tau: torch.Tensor, index: int) -> torch.Tensor:
+    def sparsify(self, tau: torch.Tensor, stream: int) -> torch.Tensor:
         if self.density >= 1.0:
             return tau
         k = max(1, math.ceil(self.density * tau.numel()))

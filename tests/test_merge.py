@@ -15,7 +15,8 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from babymerge.cli import main
 from babymerge.evaluate import EvalConfig, evaluate
-from babymerge.merge import MergeConfig, MergeError, choose, merge, parse_alpha_grid, parse_keep
+from babymerge.merge import (MergeConfig, MergeError, _vlm_names, choose, merge, parse_alpha_grid,
+                             parse_keep)
 from babymerge.merge_methods import MERGE_METHODS
 from babymerge.model import MODEL_PRESETS, build_model, save_checkpoint
 
@@ -120,6 +121,9 @@ def test_config_errors_name_the_flag(world):
                         ({"keep": "0.3,best"}, "--keep")]:
         with pytest.raises(ValueError, match=why):
             MergeConfig(**{**ok, **change})
+    assert _vlm_names([world.root / "a" / "vlm", world.root / "b" / "vlm"]) == ["a_vlm", "b_vlm"]
+    with pytest.raises(MergeError, match="given twice"):
+        _vlm_names([world.vlm, world.root / "." / "vlm"])
     res = CliRunner().invoke(main, ["merge", "--lm", str(world.lm), "--vlm", str(world.vlm),
                                     "-t", world.specs["blimp"], "--alpha-grid", "0:1"])
     assert res.exit_code == 2 and "START:STOP:STEP" in res.output
@@ -213,6 +217,7 @@ def test_methods_against_their_definitions():
     assert 0.3 < kept < 0.7
     first, second = run("dare", 0.4, density=0.5, seed=3), run("dare", 0.4, density=0.5, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(dare.tau_lm[0] != 0, dare.tau_vlm[0] != 0)  # independent masks
     nz = dare.tau_lm[0] != 0
     torch.testing.assert_close(dare.tau_lm[0][nz], ((lm[0] - base[0]) / 0.5)[nz])
 
