@@ -137,16 +137,20 @@ class ImageEncoder:
         self.dim = int(model.config.hidden_size)
         self.num_prefix_tokens = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
         self.image_size = preprocess.crop_height
-        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self._rescale = rescale
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.rescale = rescale
 
-    @torch.inference_mode()
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 crops (B, 3, H, W) -> the model's float32 input on the device: rescale, then
+        normalise, in the processor's order."""
+        x = pixels.to(self.device, non_blocking=True).float()
+        return (x * self.rescale - self.mean) / self.std
+
+    @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, D) float32, on the device, of uint8 crops (B, 3, H, W)."""
-        x = pixels.to(self.device, non_blocking=True).float()
-        # rescale then normalise in float32, in the processor's order
-        x = (x * self._rescale - self._mean) / self._std
+        x = self.normalize(pixels)
         with torch.autocast(self.device.type, dtype=self.dtype,
                             enabled=self.dtype != torch.float32):
             hidden = self.model.embeddings(x)

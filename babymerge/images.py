@@ -81,25 +81,26 @@ def list_images(source: str, image_root: Path | None = None, id_column: str = "i
     """
     path = Path(source)
     if path.is_dir():
-        if _has_images(path) or not sorted(path.glob("*.tar")):
-            return _unique(_list_folder(path), source)
-        return _unique(_list_tars(sorted(path.glob("*.tar"))), source)
-    if path.suffix == ".jsonl" and path.is_file():
-        return _unique(_list_jsonl(path, image_root, id_column, path_column), source)
-    if path.suffix == ".tsv" and path.is_file():
-        return _unique(_list_tsv(path, image_root), source)
-    if source.endswith(".tar"):
+        items = _list_folder(path)
+        if not items and sorted(path.glob("*.tar")):  # a folder of shards
+            items = _list_tars(sorted(path.glob("*.tar")))
+    elif path.suffix == ".jsonl" and path.is_file():
+        items = _list_jsonl(path, image_root, id_column, path_column)
+    elif path.suffix == ".tsv" and path.is_file():
+        items = _list_tsv(path, image_root)
+    elif source.endswith(".tar"):
         shards = [Path(p) for pattern in _expand_braces(source) for p in sorted(glob.glob(pattern))]
         if not shards:
             raise SourceError(f"SOURCE {source}: no .tar shard matches")
-        return _unique(_list_tars(shards), source)
-    if not path.exists():
+        items = _list_tars(shards)
+    elif not path.exists():
         raise SourceError(f"SOURCE {source}: no such file or folder")
-    raise SourceError(f"SOURCE {source}: expected a folder, a .jsonl, a .tsv or .tar shard(s)")
-
-
-def _has_images(folder: Path) -> bool:
-    return any(p.suffix[1:].lower() in IMAGE_EXTENSIONS for p in folder.rglob("*") if p.is_file())
+    else:
+        raise SourceError(f"SOURCE {source}: expected a folder, a .jsonl, a .tsv or .tar shard(s)")
+    if not items:
+        raise SourceError(f"SOURCE {source}: no images in it (image extensions: "
+                          f"{', '.join(IMAGE_EXTENSIONS)})")
+    return _unique(items, source)
 
 
 def _list_folder(folder: Path) -> list[ImageItem]:
@@ -110,8 +111,6 @@ def _list_folder(folder: Path) -> list[ImageItem]:
             continue  # hidden files (.DS_Store, editor swap files) are never images
         if p.suffix[1:].lower() in IMAGE_EXTENSIONS:
             items.append(ImageItem(rel.with_suffix("").as_posix(), str(p), where=str(p)))
-    if not items:
-        raise SourceError(f"SOURCE {folder}: no image files (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return items
 
 

@@ -10,8 +10,7 @@ from PIL import Image, ImageFilter
 from transformers import AutoImageProcessor, AutoModel
 
 from babymerge.featurefile import BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, FeatureTable
-from babymerge.features import (ExtractConfig, extract_features, load_encoder, pool_patch_tokens,
-                                save_random_dinov2)
+from babymerge.features import ExtractConfig, extract_features, load_encoder, save_random_dinov2
 
 
 def smooth_image(rng, height, width, mode="RGB"):
@@ -57,14 +56,29 @@ def test_pooling_and_preprocessing_match_processor_then_model(tmp_path):
     assert ours.dtype == torch.float32 and ours.shape == reference.shape == (4, 64)
     scale = reference.abs().mean().item()
     assert (ours - reference).abs().max().item() <= 2e-3 * max(scale, 1.0)
-    x = torch.stack([encoder.preprocess.pixels(im) for im in images]).float()
-    normalised = (x / 255 - encoder._mean) / encoder._std
+    normalised = encoder.normalize(torch.stack([encoder.preprocess.pixels(im) for im in images]))
     assert (normalised - pixel_values).abs().max().item() <= 1 / 255 / 0.224 + 1e-4
 
 
-def test_pool_patch_tokens_drops_cls_and_registers():
-    hidden = torch.arange(2 * 7 * 3, dtype=torch.float32).view(2, 7, 3)
-    torch.testing.assert_close(pool_patch_tokens(hidden, 5), hidden[:, 5:].mean(1))
+def test_register_tokens_are_dropped_too(tmp_path):
+    """dinov2-with-registers: CLS and the 4 register tokens are not patches."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=56,
+        num_register_tokens=4)).eval()
+    model.save_pretrained(tmp_path / "reg")
+    processor = AutoImageProcessor.from_pretrained(save_random_dinov2(tmp_path / "plain",
+                                                                      image_size=56))
+    processor.save_pretrained(tmp_path / "reg")
+    images = [smooth_image(np.random.default_rng(5), 64, 80)]
+    with torch.no_grad():
+        hidden = model(pixel_values=processor(images, return_tensors="pt")["pixel_values"],
+                       output_hidden_states=True).hidden_states[LAYER]
+    encoder = load_encoder(tmp_path / "reg")
+    assert encoder.num_prefix_tokens == 5
+    torch.testing.assert_close(encoder.encode(images), hidden[:, 5:].mean(1), atol=2e-3, rtol=2e-3)
 
 
 def test_folder_extraction_file_layout(tmp_path, encoder_dir):
@@ -253,8 +267,25 @@ def test_jpeg_draft_stays_close_to_full_decode(tmp_path):
     processor = AutoImageProcessor.from_pretrained(directory)
     reference = processor([Image.open(io.BytesIO(data))], return_tensors="pt")["pixel_values"][0]
     encoder = load_encoder(directory)
-    std = encoder._std[0]
     for draft, mean_bound, max_bound in ((False, 0.05, 1.01), (True, 1.0, 8.0)):
-        pixels = replace(encoder.preprocess, jpeg_draft=draft)(data).float()
-        grey_levels = ((pixels / 255 - encoder._mean[0]) / std - reference).abs() * std * 255
+        pixels = replace(encoder.preprocess, jpeg_draft=draft)(data)
+        grey_levels = (encoder.normalize(pixels[None])[0] - reference).abs() * encoder.std[0] * 255
         assert grey_levels.mean().item() < mean_bound and grey_levels.max().item() < max_bound
+
+
+def test_source_errors_name_the_problem(tmp_path, encoder_dir):
+    from babymerge.images import SourceError
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    for source, message in [(tmp_path / "empty", "no images in it"),
+                            (tmp_path / "nope", "no such file or folder"),
+                            (tmp_path / "x-{00..03}.tar", "no .tar shard matches")]:
+        with pytest.raises(SourceError, match=message):
+            extract(source, tmp_path / "f.h5", encoder_dir)
+    (tmp_path / "l.tsv").write_text("a\tb\tc\n")
+    with pytest.raises(SourceError, match=r"l.tsv:1: expected 'id<TAB>path'"):
+        extract(tmp_path / "l.tsv", tmp_path / "f.h5", encoder_dir)
+    (tmp_path / "l.jsonl").write_text("{not json\n")
+    with pytest.raises(SourceError, match=r"l.jsonl:1: not valid JSON"):
+        extract(tmp_path / "l.jsonl", tmp_path / "f.h5", encoder_dir)
