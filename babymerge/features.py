@@ -72,7 +72,7 @@ class ExtractConfig:
     shard: str | None = opt(None, "i/n: encode only slice i of n into OUT.shard-i-of-n.h5 "
                             "(torchrun's RANK/WORLD_SIZE do the same)")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "larger images are recorded as failed "
-                          "(decompression-bomb guard)")
+                          "(decompression-bomb guard; PIL itself refuses > 2x its default)")
     jpeg_draft: bool = opt(True, "let the JPEG decoder downscale by 2/4/8 towards the resize target")
     flush_every: int = opt(8192, "images per crash-safe part file (rounded up to whole batches)")
     retry_failed: bool = opt(False, "try again the images already recorded in /failed")
@@ -83,6 +83,11 @@ class ExtractConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < -1:
             raise ValueError(f"--num-workers must be >= -1, got {self.num_workers}")
+        for name, allowed in (("device", ("auto", "cpu", "cuda")), ("dtype", STORAGE_DTYPES),
+                              ("precision", ("auto", *PRECISIONS))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}, got "
+                                 f"{getattr(self, name)!r}")
         if self.shard is not None:
             parse_shard(self.shard)
 

@@ -192,6 +192,8 @@ def test_cli_and_shard_flag(tmp_path, encoder_dir):
     assert result.exit_code != 0 and "--shard 2/2" in result.output
     with pytest.raises(ValueError, match="--batch-size must be >= 1"):
         ExtractConfig(source="x", batch_size=0)
+    with pytest.raises(ValueError, match="--precision must be one of"):
+        ExtractConfig(source="x", precision="fp8")
     with pytest.raises(FeatureFileError, match="did not finish"):
         join_features(JoinConfig(shards=[_stub(tmp_path)], out=tmp_path / "j.h5"))
 
