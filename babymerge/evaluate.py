@@ -36,11 +36,12 @@ import click
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from babymerge.config import arg, atomic_write_text, opt
 from babymerge.featurefile import FeatureFileError, FeatureTable
 from babymerge.model import image_prefix_ids, load_model
+from babymerge.tokenizer import load_tokenizer
 
 TASK_KINDS = ("minimal_pairs", "winoground", "vqa")
 GRAMMAR_KINDS = ("minimal_pairs",)
@@ -388,7 +389,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.task``; returns (and writes to ``cfg.out``) the scores."""
     if not (cfg.model / "config.json").is_file():
         raise TaskError(f"{cfg.model}: not a checkpoint directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
+    tokenizer = load_tokenizer(cfg.model)
     # data errors surface before the model is loaded
     tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.model))
     model = load_model(cfg.model, resolve_device(cfg.device), DTYPES[cfg.dtype])

@@ -31,7 +31,6 @@ from pathlib import Path
 import click
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer
 
 from babymerge.config import atomic_write_bytes, atomic_write_text, opt, save_config
 from babymerge.evaluate import (DTYPES, GRAMMAR_KINDS, MULTIMODAL_KINDS, PreparedTask,
@@ -39,6 +38,7 @@ from babymerge.evaluate import (DTYPES, GRAMMAR_KINDS, MULTIMODAL_KINDS, Prepare
                                 resolve_device, task_summary)
 from babymerge.merge_methods import MERGE_METHODS, MergeMethod
 from babymerge.model import load_model, save_checkpoint
+from babymerge.tokenizer import load_tokenizer
 
 RULE = ("chosen_alpha maximises the mean of the grammar score (mean accuracy over minimal_pairs "
         "tasks) and the multimodal score (mean over winoground and vqa tasks), a kind absent from "
@@ -256,9 +256,9 @@ def _vlm_names(vlms: list[Path]) -> list[str]:
 
 def _check_tokenizers(lm: Path, vlm: Path, tokenizer) -> None:
     """Same vocabulary, or the merge mixes rows of different tokens."""
-    if not any((lm / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if not (lm / "tokenizer.json").is_file():
         return  # an LM without tokenizer files: nothing to compare
-    if AutoTokenizer.from_pretrained(str(lm)).get_vocab() != tokenizer.get_vocab():
+    if load_tokenizer(lm).get_vocab() != tokenizer.get_vocab():
         raise MergeError(f"--lm {lm} and --vlm {vlm} have different tokenizer vocabularies; "
                          "merging them would mix the embeddings of different tokens")
 
@@ -336,7 +336,7 @@ def merge(cfg: MergeConfig) -> dict:
         if base_shapes is not None:
             check_mergeable(base_shapes, vlm_shapes, cfg.base, vlm_dir, "--base")
             check_mergeable(lm_shapes, base_shapes, cfg.lm, cfg.base, "--lm")
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.vlm[0]))
+    tokenizer = load_tokenizer(cfg.vlm[0])
     for vlm_dir in cfg.vlm:
         _check_tokenizers(cfg.lm, vlm_dir, tokenizer)
     tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]))

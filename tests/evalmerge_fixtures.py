@@ -1,21 +1,23 @@
-"""Tiny, generated evaluation world shared by test_evaluate*.py and test_merge*.py: a BPE tokenizer,
+"""Tiny, generated evaluation world shared by test_evaluate*.py and test_merge*.py: the project's
+tokenizer,
 BabyLLaVA checkpoints (tiny preset, 16-d features), a feature file and the three task kinds in the
 BabyLM pipeline's jsonl formats. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from babymerge.featurefile import BLACK, FEATURES, IDS, STR_DTYPE
 from babymerge.model import IMAGE_TOKEN, MODEL_PRESETS, build_model, save_checkpoint
+from babymerge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 
 FEATURE_DIM = 16
 NOUNS = ["cat", "dog", "ball", "bird", "tree", "car"]
@@ -23,17 +25,16 @@ COLORS = ["red", "blue", "green", "yellow"]
 VERBS = ["sees", "likes", "chases"]
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """BPE with the BERT pre-tokenizer and the specials the pipeline expects (as helper T's)."""
+def make_tokenizer(directory: Path):
+    """The project's tokenizer (helper T's stage) trained on the world's sentences."""
     corpus = [f"the {c} {n} {v} a {n2} ." for c in COLORS for n in NOUNS for v in VERBS
               for n2 in NOUNS[:2]] + ["what color is the ball ?", "see"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=90, special_tokens=["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>",
-                                   additional_special_tokens=[IMAGE_TOKEN])
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its stats line
+        train_tokenizer(TokenizerConfig(corpus=[directory / "corpus.txt"], out=directory / "tok",
+                                        vocab_size=330, min_frequency=1, progress=False))
+    return load_tokenizer(directory / "tok")
 
 
 def make_model(tokenizer, seed: int):
@@ -88,7 +89,7 @@ def write_tasks(root: Path) -> dict[str, str]:
 @dataclasses.dataclass
 class World:
     root: Path
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: object
     features: Path
     specs: dict[str, str]
     vlm: Path
@@ -97,7 +98,7 @@ class World:
 
 
 def build_world(root: Path) -> World:
-    tok = make_tokenizer()
+    tok = make_tokenizer(root / "tokenizer")
     features = write_features(root / "features.h5", [f"img{i}" for i in range(8)])
     specs = write_tasks(root / "tasks")
     return World(root, tok, features, specs, vlm=make_checkpoint(root / "vlm", tok, seed=1),

@@ -139,10 +139,17 @@ def test_mismatched_checkpoints_fail_before_any_work(world, tmp_path):
     tensors = load_file(extra / "model.safetensors")
     save_file({**tensors, "model.adapter.weight": torch.zeros(2)}, extra / "model.safetensors",
               metadata={"format": "pt"})
-    for lm, why in [(tmp_path / "narrow", r"shape mismatch\(es\).*embed_tokens.weight \(69, 32\) "
-                                          r"vs \(69, 64\)"),
+    retok = shutil.copytree(world.lm, tmp_path / "retok")
+    spec = json.loads((retok / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["▁red"], vocab["▁blue"] = vocab["▁blue"], vocab["▁red"]  # same size, other rows
+    (retok / "tokenizer.json").write_text(json.dumps(spec))
+    v = len(tok)
+    for lm, why in [(tmp_path / "narrow", rf"shape mismatch\(es\).*embed_tokens.weight \({v}, 32\) "
+                                          rf"vs \({v}, 64\)"),
                     (extra, r"1 tensor\(s\) of --lm .* not in --vlm .*: model.adapter.weight"),
-                    (tmp_path / "nothing", "no model.safetensors")]:
+                    (tmp_path / "nothing", "no model.safetensors"),
+                    (retok, "different tokenizer vocabularies")]:
         out = tmp_path / "out"
         with pytest.raises(MergeError, match=why):
             merge(MergeConfig(lm=lm, vlm=[world.vlm], task=[world.specs["blimp"]],
