@@ -277,7 +277,8 @@ class Preprocess:
             raise BadImage(f"empty image ({width}x{height})")
         new_h, new_w = self.resized_size(width, height)
         if new_h * new_w > self.max_pixels:
-            raise BadImage(f"extreme aspect ratio: {width}x{height} would resize to {new_w}x{new_h}")
+            raise BadImage(f"extreme aspect ratio: {width}x{height} would resize to "
+                           f"{new_w}x{new_h}")
         if self.jpeg_draft and image.format == "JPEG":
             # DCT-domain downscaling by 1/2, 1/4 or 1/8 while decoding, never below the resize
             # target: halves decode time for large photos (the resize then does the rest).
