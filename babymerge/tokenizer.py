@@ -87,14 +87,20 @@ def iter_lines(paths: Iterable[Path]) -> Iterator[str]:
                     yield text
 
 
+def bert_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Spaces become ``▁`` (kept on the word they precede), then BERT's split: whitespace and
+    each punctuation character. The BPE merges are learned within these pieces."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=True),
+        pre_tokenizers.BertPreTokenizer(),
+    ])
+
+
 def _pipeline(vocab_size: int, min_frequency: int, limit_alphabet: int, progress: bool
               ) -> tuple[Tokenizer, trainers.BpeTrainer]:
     # byte_fallback/fuse_unk as in transformers' LlamaTokenizer, which rebuilds this model.
     tok = Tokenizer(models.BPE(unk_token=UNK, fuse_unk=True, byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=True),
-        pre_tokenizers.BertPreTokenizer(),
-    ])
+    tok.pre_tokenizer = bert_pre_tokenizer()
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
@@ -147,7 +153,7 @@ def subword_ratio(tokenizer, paths: list[Path], max_lines: int) -> tuple[int, in
         if i >= max_lines:
             break
         batch.append(line)
-    for enc in tokenizer.backend_tokenizer.encode_batch(batch, add_special_tokens=False):
+    for enc in tokenizer.backend_tokenizer.encode_batch_fast(batch, add_special_tokens=False):
         subwords += len(enc.ids)
     words = sum(len(line.split()) for line in batch)
     return words, subwords

@@ -70,7 +70,7 @@ class TrainConfig:
     epochs: int = opt(10, help="passes over the data (BabyLM allows at most 10)")
     lr: float = opt(5e-4, help="peak learning rate")
     min_lr_ratio: float = opt(0.1, help="cosine decays to lr * this")
-    warmup_steps: int = opt(500, help="linear warm-up steps")
+    warmup_steps: int = opt(500, help="linear warm-up steps (at most a tenth of the run)")
     weight_decay: float = opt(0.1, help="AdamW weight decay on matrices (not on norms or biases)")
     beta1: float = opt(0.9, help="AdamW beta1")
     beta2: float = opt(0.95, help="AdamW beta2")
