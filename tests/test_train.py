@@ -205,3 +205,10 @@ def test_bad_inputs_are_clear_errors(world, tmp_path):
     other = write_feature_file(tmp_path / "f8.h5", ["a"], np.zeros((1, 8)), np.zeros(8))
     with pytest.raises(FeatureFileError, match="dimension mismatch.*16-d.*8-d"):
         train(lm_config(world, tmp_path / "y", features=other, init_from=init))
+
+
+def test_bf16_autocast_path_runs_on_cpu(world, tmp_path):
+    # the CUDA default precision, exercised on CPU so the autocast path is covered without a GPU
+    out = train(lm_config(world, tmp_path / "bf16", precision="bf16", epochs=1))
+    losses = [r["loss"] for r in records(out) if "loss" in r]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
