@@ -10,15 +10,16 @@ Three task kinds, read in the pipeline's own jsonl formats (``../shared/DESIGN.m
   the answer tokens scored.
 
 Every candidate is ``[BOS, <image>] + tokens`` with the image token carrying the image's cached
-feature (the feature file's ``/black`` for minimal pairs, the paper's text-only input). A candidate's
-score is the sum of its scored tokens' log-probabilities (no length normalisation); an item is won
-when the gold candidate's score is strictly higher than every other one's, as the pipeline scores.
+feature (the feature file's ``/black`` for minimal pairs, the paper's text-only input). A
+candidate's score is the sum of its scored tokens' log-probabilities (no length normalisation); an
+item is won when the gold candidate's score is strictly higher than every other one's, as the
+pipeline scores.
 Accuracy is the mean over items within each group (the record's ``UID``; for minimal pairs without
 one, the file stem; otherwise the task) and the task's score is the macro-average over groups.
 
 Image ids are read from the record's ``image_id``, else ``image_key``, else ``image_idx`` (the
-pipeline's Winoground files carry ``image_idx``/``image_key``; ours carry ``image_id``) and looked up
-in the feature file, so no image is encoded here.
+pipeline's Winoground files carry ``image_idx``/``image_key``; ours carry ``image_id``) and looked
+up in the feature file, so no image is encoded here.
 
 The scoring loop (:func:`score_candidates`) is what :mod:`babymerge.merge` runs on its live model
 at every alpha: tasks are read and tokenised once (:func:`load_tasks`), then scored many times.
@@ -251,12 +252,16 @@ def prepare_task(spec: TaskSpec, tokenizer, table: FeatureTable | None,
 
     # As the pipeline does: the context is tokenised alone, the continuation is the whole text's
     # tokens past the context's length (so the answer tokenises as it would inside the sentence).
-    contexts = encode([it.context for it in items])
+    with_context = [i for i, it in enumerate(items) if it.context]
+    contexts: list[list[int]] = [[] for _ in items]
+    for i, ids in zip(with_context, encode([items[i].context for i in with_context]),
+                      strict=True):
+        contexts[i] = ids
     whole = encode([(it.context + " " + c) if it.context else c
                     for it in items for c in it.candidates])
     prefix = image_prefix_ids(tokenizer)
     continuations, k = [], 0
-    for it, ctx in zip(items, contexts):
+    for it, ctx in zip(items, contexts, strict=True):
         conts = []
         for cand in it.candidates:
             ids = whole[k][len(ctx):] if it.context else whole[k]
@@ -319,7 +324,8 @@ def score_candidates(model, task: PreparedTask, batch_size: int = 64,
             width = int(lengths[idx[0]])
             ids = torch.zeros(len(idx), width, dtype=torch.long)
             keep = torch.zeros(len(idx), width, dtype=torch.long)
-            sel = torch.zeros(len(idx), width, dtype=torch.bool)  # positions predicting a scored token
+            # positions whose next-token prediction is a scored token
+            sel = torch.zeros(len(idx), width, dtype=torch.bool)
             for r, c in enumerate(idx):
                 seq = task.input_ids[c]
                 ids[r, :len(seq)] = torch.tensor(seq)
@@ -363,7 +369,8 @@ def evaluate_tasks(model, tasks: list[PreparedTask], batch_size: int = 64,
     was_training = model.training
     model.eval()
     try:
-        return {t.name: accuracy(t, score_candidates(model, t, batch_size, progress)) for t in tasks}
+        return {t.name: accuracy(t, score_candidates(model, t, batch_size, progress))
+                for t in tasks}
     finally:
         model.train(was_training)
 

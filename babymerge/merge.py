@@ -11,9 +11,10 @@ device, and for each alpha the live parameters are overwritten in place through
 ``kernels.interpolate_`` (fused Triton on CUDA, multi-tensor torch elsewhere) and then scored with
 :mod:`babymerge.evaluate`. Nothing is written per alpha except for the alphas asked to be kept.
 
-Beyond the paper: ``--method`` picks any method of :mod:`babymerge.merge_methods` (task arithmetic,
-TIES and DARE take ``--base``, the shared initial checkpoint), and several ``--vlm`` checkpoints make
-a checkpoint sweep, each merged with the same LM, like the paper's curves over training.
+Beyond the paper: ``--method`` picks any method of :mod:`babymerge.merge_methods` (task
+arithmetic, TIES and DARE take ``--base``, the shared initial checkpoint), and several ``--vlm``
+checkpoints make a checkpoint sweep, each merged with the same LM, like the paper's curves over
+training.
 
 The chosen alpha follows :data:`RULE`: the grid point maximising the mean of the grammar score (mean
 over minimal-pairs tasks) and the multimodal score (mean over image tasks).
@@ -34,8 +35,8 @@ from safetensors import safe_open
 
 from babymerge.config import atomic_write_bytes, atomic_write_text, opt, save_config
 from babymerge.evaluate import (DTYPES, GRAMMAR_KINDS, MULTIMODAL_KINDS, PreparedTask,
-                                check_feature_dim, checkpoint_max_positions, evaluate_tasks, load_tasks, parse_task_spec,
-                                resolve_device, task_summary)
+                                check_feature_dim, checkpoint_max_positions, evaluate_tasks,
+                                load_tasks, parse_task_spec, resolve_device, task_summary)
 from babymerge.merge_methods import MERGE_METHODS, MergeMethod
 from babymerge.model import load_model, save_checkpoint
 from babymerge.tokenizer import load_tokenizer
@@ -58,7 +59,8 @@ class MergeConfig:
                           "0,0.3,0.5,0.8")
     task: list[str] = opt([], "task as KIND:PATH or NAME=KIND:PATH (repeatable), as in eval",
                           short="-t")
-    features: Path | None = opt(None, "feature file with the tasks' image ids and the black feature")
+    features: Path | None = opt(None, "feature file with the tasks' image ids and the black "
+                                "feature")
     out: Path = opt(Path("run/merge"), "output folder: results.json/.md, alpha_curve.png, "
                     "alpha_<a>/")
     keep: str = opt("chosen", "alphas whose merged checkpoints are written as alpha_<a>/: a list "
@@ -295,7 +297,7 @@ class _Sweep:
 
     def score_unmerged(self, tensors: list[torch.Tensor]) -> dict[str, float]:
         """Scores of the live model with ``tensors`` copied in (an endpoint, unmerged)."""
-        for d, s in zip(self.live, tensors):
+        for d, s in zip(self.live, tensors, strict=True):
             d.copy_(s)
         return self._score(None, 0.0)["scores"]
 
@@ -391,8 +393,9 @@ def merge(cfg: MergeConfig) -> dict:
 
     results = {"tasks": task_summary(tasks), "records": records, "chosen_alpha": best["alpha"],
                "chosen_vlm": best["vlm"],
-               "chosen_per_vlm": {n: choose([r for r in records if r["vlm"] == n], vlm_names)["alpha"]
-                                  for n in vlm_names},
+               "chosen_per_vlm": {
+                   n: choose([r for r in records if r["vlm"] == n], vlm_names)["alpha"]
+                   for n in vlm_names},
                "rule": RULE,
                "method": {"name": cfg.method, "reference": method_cls.reference,
                           **({"density": cfg.density} if cfg.method in ("ties", "dare") else {}),
@@ -423,7 +426,8 @@ def results_markdown(results: dict) -> str:
              "|---|---|---|---|"]
     lines += [f"| {n} | {t['kind']} | {t['items']} | {t['chance']:.3f} |"
               for n, t in results["tasks"].items()]
-    cols = tasks + [k for k in ("grammar", "multimodal") if k in results["records"][0]] + ["objective"]
+    means = [k for k in ("grammar", "multimodal") if k in results["records"][0]]
+    cols = tasks + means + ["objective"]
     lines += ["", "## Scores (accuracy)", "", "| vlm | alpha | " + " | ".join(cols) + " |",
               "|---|---|" + "---|" * len(cols)]
     for r in results["records"]:

@@ -75,19 +75,20 @@ class Slerp(MergeMethod):
     def __init__(self, lm, vlm, base, **kw):
         super().__init__(lm, vlm, base, **kw)
         self.omega = []
-        for a, b in zip(lm, vlm):
+        for a, b in zip(lm, vlm, strict=True):
             cos = torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(),
                                                         dim=0).item()
             self.omega.append(None if abs(cos) > self.PARALLEL_COS else math.acos(cos))
 
     @torch.no_grad()
     def merge_into_(self, dst: list[torch.Tensor], alpha: float) -> None:
-        for d, a, b, omega in zip(dst, self.lm, self.vlm, self.omega):
+        for d, a, b, omega in zip(dst, self.lm, self.vlm, self.omega, strict=True):
             if omega is None:
                 d.copy_(torch.lerp(b, a, alpha))
                 continue
             s = math.sin(omega)
-            d.copy_(b).mul_(math.sin((1 - alpha) * omega) / s).add_(a, alpha=math.sin(alpha * omega) / s)
+            d.copy_(b).mul_(math.sin((1 - alpha) * omega) / s)
+            d.add_(a, alpha=math.sin(alpha * omega) / s)
 
 
 @register("task-arithmetic")
@@ -99,9 +100,10 @@ class TaskArithmetic(MergeMethod):
     def __init__(self, lm, vlm, base, **kw):
         super().__init__(lm, vlm, base, **kw)
         # stream 2i / 2i+1: each tensor of each model gets its own random stream (DARE)
-        self.tau_lm = [self.sparsify(a - c, 2 * i) for i, (a, c) in enumerate(zip(lm, base))]
+        self.tau_lm = [self.sparsify(a - c, 2 * i)
+                       for i, (a, c) in enumerate(zip(lm, base, strict=True))]
         self.tau_vlm = [self.sparsify(b.sub_(c), 2 * i + 1)
-                        for i, (b, c) in enumerate(zip(vlm, base))]
+                        for i, (b, c) in enumerate(zip(vlm, base, strict=True))]
         self.vlm = None  # its storage is tau_vlm now
 
     def sparsify(self, tau: torch.Tensor, stream: int) -> torch.Tensor:
@@ -148,7 +150,7 @@ class Ties(TaskArithmetic):
 
     def combine_into_(self, dst: list[torch.Tensor], alpha: float) -> None:
         w_lm, w_vlm = alpha, 1.0 - alpha
-        for d, a, b in zip(dst, self.tau_lm, self.tau_vlm):
+        for d, a, b in zip(dst, self.tau_lm, self.tau_vlm, strict=True):
             sign = torch.sign(torch.lerp(b.float(), a.float(), alpha))
             agree_lm = (torch.sign(a) == sign) & (a != 0)
             agree_vlm = (torch.sign(b) == sign) & (b != 0)

@@ -5,7 +5,8 @@
 - ``state_dict``: the naive script: build a merged state dict, then ``model.load_state_dict``;
 - ``safetensors``: the naive state dict written with safetensors and read back before loading
   (the floor of any merge-to-disk-then-evaluate loop; from_pretrained adds model construction);
-- ``copy``: ``dst.copy_(src)`` over the same tensors (reads P, writes P): the memory-bandwidth limit.
+- ``copy``: ``dst.copy_(src)`` over the same tensors (reads P, writes P): the memory-bandwidth
+  limit.
 
 Prints one JSON object. ``--quick`` (and the default on CPU) uses the ``small`` preset.
 """

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from babymerge.featurefile import BLACK, FEATURES, IDS, STR_DTYPE
 from babymerge.model import IMAGE_TOKEN, MODEL_PRESETS, build_model, save_checkpoint
@@ -67,7 +66,8 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def write_tasks(root: Path) -> dict[str, str]:
     """The three task kinds; returns {name: spec}. Image ids img0..img7."""
-    agreement = [{"sentence_good": f"the {n} {v} a {m} .", "sentence_bad": f"the {n} {v[:-1]} a {m} ."}
+    agreement = [{"sentence_good": f"the {n} {v} a {m} .",
+                  "sentence_bad": f"the {n} {v[:-1]} a {m} ."}
                  for n in NOUNS for v in VERBS[:2] for m in NOUNS[:1]]
     order = [{"sentence_good": f"the {c} {n} .", "sentence_bad": f"{c} the {n} .", "UID": "order",
               "field": "syntax"} for c in COLORS for n in NOUNS[:3]]

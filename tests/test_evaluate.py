@@ -23,7 +23,8 @@ def world(tmp_path_factory):
 
 
 def direct_scores(model, tok, features_path, kind, records):
-    """Per-sentence log-prob sums the plain way: one sequence at a time, full logits, log_softmax."""
+    """Per-sentence log-prob sums the plain way: one sequence at a time, full logits,
+    log_softmax."""
     with h5py.File(features_path) as f:
         ids = [s.decode() for s in f["ids"][:]]
         feats = torch.from_numpy(np.asarray(f["features"][:], dtype=np.float32))
@@ -51,20 +52,21 @@ def direct_scores(model, tok, features_path, kind, records):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def test_batched_scores_equal_plain_transformers(world):
+def test_batched_scores_equal_plain_transformers(world, monkeypatch):
+    monkeypatch.setattr("babymerge.evaluate.LOGIT_CHUNK", 7)  # chunk edges inside every batch
     tasks = load_tasks(list(world.specs.values()), world.tokenizer, world.features)
     ours = load_model(world.vlm)
     plain = AutoModelForImageTextToText.from_pretrained(world.vlm).eval()
     for task in tasks:
         path = Path(task.path)
         files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-        records = [json.loads(line) for f in files for line in open(f)]
+        records = [json.loads(line) for f in files for line in open(f)][:8]  # the slow side
         ref = direct_scores(plain, world.tokenizer, world.features, task.kind, records)
-        # batch 5: several padded, length-mixed batches, and a chunked LM head smaller than them
+        # batch 5: several padded, length-mixed batches
         got = score_candidates(ours, task, batch_size=5, progress=False)
-        assert torch.allclose(got, ref, atol=1e-4), task.name
-        wins = [float(ref[s] > ref[s + 1:e].max()) for s, e in
-                zip(task.item_start[:-1].tolist(), task.item_start[1:].tolist())]
+        assert torch.allclose(got[:len(ref)], ref, atol=1e-4), task.name
+        wins = [float(got[s] > got[s + 1:e].max()) for s, e in
+                zip(task.item_start[:-1].tolist(), task.item_start[1:].tolist(), strict=True)]
         acc = accuracy(task, got)
         if task.kind == "minimal_pairs":  # macro over UIDs: the file stem, or the UID field
             assert set(acc["groups"]) == {"agreement", "order"}

@@ -87,7 +87,8 @@ def test_results_files_follow_the_contract(sweep):
     assert "| vlm | alpha | blimp | wg | vqa |" in md and "(chosen)" in md
     assert (cfg.out / "alpha_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((cfg.out / "metrics.jsonl").read_text().splitlines()) == 3
-    assert json.loads((cfg.out / "merge_config.json").read_text())["config"]["alpha_grid"] == "0,0.3,1"
+    saved = json.loads((cfg.out / "merge_config.json").read_text())
+    assert saved["config"]["alpha_grid"] == "0,0.3,1"
 
 
 def test_alpha_grid_parsing():
