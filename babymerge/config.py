@@ -189,13 +189,13 @@ def _click_params(cls: type) -> list[click.Parameter]:
         # a default nobody typed; the dataclass holds the real default.
         if scalar is bool and not is_list:
             names = [f"{flag}/--no-{f.name.replace('_', '-')}"]
-            params.append(click.Option(names, f.name, default=None, help=meta.get("help", "")
+            params.append(click.Option([*names, f.name], default=None, help=meta.get("help", "")
                                        + f"  [default: {f.default}]"))
         else:
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            params.append(click.Option(names, f.name, type=click_type, multiple=is_list, default=None,
+            params.append(click.Option([*names, f.name], type=click_type, multiple=is_list, default=None,
                                        help=meta.get("help", "") + (f"  [default: {shown}]"
                                                                     if shown not in (None, "") else "")))
     params.append(click.Option(["--config", "config_file"], type=click.Path(path_type=Path),
