@@ -54,7 +54,8 @@ class ExtractConfig:
     """``babymerge extract-features SOURCE --out FILE.h5``."""
 
     source: str = arg(help="images: a folder (recursive), a .jsonl (image_id + path), a .tsv "
-                           "(id<TAB>path), or web-dataset .tar shard(s) (file, glob, {000..009})")
+                           "(id<TAB>path), web-dataset .tar shard(s) (file, glob, {000..009}), "
+                           "or a datasets save_to_disk folder")
     out: Path = opt(Path("cache/features.h5"), "feature file to write (or complete, or extend)")
     encoder: str = opt(DEFAULT_ENCODER, "hub id or local directory of a DINOv2 model")
     batch_size: int = opt(128, "images per forward pass")
@@ -67,8 +68,9 @@ class ExtractConfig:
                            "minus the main process")
     image_root: Path | None = opt(None, "folder that relative paths in a .jsonl/.tsv are under "
                                   "(default: the list's folder)")
-    id_column: str = opt("image_id", "id key of a .jsonl SOURCE")
-    path_column: str = opt("path", "image path key of a .jsonl SOURCE")
+    id_column: str = opt("image_id", "id key of a .jsonl or datasets SOURCE")
+    path_column: str = opt("path", "image path key of a .jsonl SOURCE; image column of a datasets "
+                           "SOURCE (default: its only Image column)")
     shard: str | None = opt(None, "i/n: encode only slice i of n into OUT.shard-i-of-n.h5 "
                             "(torchrun's RANK/WORLD_SIZE do the same)")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "larger images are recorded as failed "

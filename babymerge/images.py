@@ -10,6 +10,8 @@ are 4x smaller than float. Rescale and normalise happen on the device (:mod:`bab
 Why not ``datasets``' imagefolder / webdataset builders: they copy every image's bytes into an Arrow
 cache first (a second copy of a 60 GB image set), decode in the main process, and stop at the first
 bad file; reading by path or tar offset in workers needs none of that, and records bad files.
+``datasets`` is used where it fits: a dataset already saved as Arrow (``save_to_disk``) is
+memory-mapped and read in place, each worker mapping it once.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class BadImage(Exception):
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image: its id and where its bytes are (a file, or ``size`` bytes at ``offset`` in a tar).
+    """One image: its id and where its bytes are: a file; ``size`` bytes at ``offset`` in a tar;
+    or row ``offset`` of column ``column`` in a ``datasets`` folder (``save_to_disk``).
 
     ``where`` says where the item was listed (``list.jsonl:12``) for error messages.
     """
@@ -57,13 +60,38 @@ class ImageItem:
     offset: int = -1
     size: int = -1
     where: str = ""
+    column: str = ""
 
     def read_bytes(self) -> bytes:
+        if self.column:
+            record = _arrow_column(self.path, self.column)[self.offset]
+            if record is None:
+                raise FileNotFoundError(f"row {self.offset} of {self.path} has no image")
+            if record.get("bytes"):
+                return record["bytes"]
+            return Path(record["path"]).read_bytes()
         with open(self.path, "rb") as f:
             if self.offset < 0:
                 return f.read()
             f.seek(self.offset)
             return f.read(self.size)
+
+
+_ARROW: dict[tuple[str, str], object] = {}  # per process: each DataLoader worker maps its own
+
+
+def _arrow_column(folder: str, column: str):
+    """The image column of a saved ``datasets`` folder, memory-mapped, as undecoded
+    ``{"bytes", "path"}`` records (decoding is ours, so bad images are recorded, not raised)."""
+    key = (folder, column)
+    if key not in _ARROW:
+        import datasets
+
+        ds = datasets.load_from_disk(folder).select_columns([column])
+        if isinstance(ds.features[column], datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+        _ARROW[key] = ds[column]
+    return _ARROW[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,10 +105,16 @@ def list_images(source: str, image_root: Path | None = None, id_column: str = "i
     ``source`` is a folder (recursive; id = relative path without extension), a ``.jsonl`` with
     ``id_column`` and ``path_column`` (paths relative to ``image_root``, default the file's
     folder), a ``.tsv`` of ``id<TAB>path``, or web-dataset ``.tar`` shards (one file, a glob, a
-    brace range ``shard-{000..099}.tar``, or a folder holding only shards; id = the sample key).
+    brace range ``shard-{000..099}.tar``, or a folder holding only shards; id = the sample key),
+    or a folder saved by ``datasets``' ``save_to_disk`` (memory-mapped Arrow, read in place).
     """
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        raise SourceError(f"SOURCE {source} is a datasets DatasetDict: pass one split's folder, "
+                          f"e.g. {path / 'train'}")
+    if path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        items = _list_arrow(path, id_column, path_column)
+    elif path.is_dir():
         items = _list_folder(path)
         if not items and sorted(path.glob("*.tar")):  # a folder of shards
             items = _list_tars(sorted(path.glob("*.tar")))
@@ -112,6 +146,27 @@ def _list_folder(folder: Path) -> list[ImageItem]:
         if p.suffix[1:].lower() in IMAGE_EXTENSIONS:
             items.append(ImageItem(rel.with_suffix("").as_posix(), str(p), where=str(p)))
     return items
+
+
+def _list_arrow(folder: Path, id_column: str, path_column: str) -> list[ImageItem]:
+    """A folder written by ``datasets``' ``save_to_disk``: ids from ``id_column``, images from
+    ``path_column`` if present, else from the one column typed ``datasets.Image``."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(folder))
+    columns = ", ".join(ds.column_names)
+    if id_column not in ds.column_names:
+        raise SourceError(f"{folder}: no {id_column!r} column (set --id-column); columns: "
+                          f"{columns}")
+    column = path_column
+    if column not in ds.column_names:
+        images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
+        if len(images) != 1:
+            raise SourceError(f"{folder}: no {path_column!r} column and {len(images)} Image "
+                              f"columns; set --path-column (columns: {columns})")
+        column = images[0]
+    return [ImageItem(str(image_id), str(folder), row, where=f"{folder}[row {row}]", column=column)
+            for row, image_id in enumerate(ds[id_column])]
 
 
 def _resolve(path: str, root: Path) -> str:

@@ -159,6 +159,25 @@ def test_jsonl_tsv_and_tar_sources(tmp_path, encoder_dir):
     assert ids_of(tmp_path / "w2.h5") == ["k0", "k1", "k2"]
 
 
+def test_datasets_saved_folder_source(tmp_path, encoder_dir):
+    """A ``save_to_disk`` folder is memory-mapped in place; a bad image in it is recorded."""
+    import datasets
+
+    write_images(tmp_path / "root", ["a.png"])
+    good = Image.open(tmp_path / "root" / "a.png")
+    features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image()})
+    ds = datasets.Dataset.from_dict(
+        {"image_id": ["a", "text"], "image": [good, {"bytes": b"not an image", "path": None}]},
+        features=features)
+    ds.save_to_disk(str(tmp_path / "hf"))
+    summary = extract(tmp_path / "hf", tmp_path / "h.h5", encoder_dir, num_workers=1)
+    table = FeatureTable(tmp_path / "h.h5", dtype=torch.float32)
+    assert table.ids == ["a"] and table.failed["text"].startswith("not an image")
+    expected = load_encoder(encoder_dir).encode([good])
+    torch.testing.assert_close(table.features, expected, atol=2e-3, rtol=2e-3)
+    assert summary["failed"] == 1
+
+
 def test_duplicate_ids_fail_before_any_work(tmp_path, encoder_dir):
     from babymerge.images import SourceError
 
