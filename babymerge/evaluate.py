@@ -42,7 +42,7 @@ from transformers import AutoConfig
 from babymerge.config import arg, atomic_write_text, opt
 from babymerge.featurefile import FeatureFileError, FeatureTable
 from babymerge.model import image_prefix_ids, load_model
-from babymerge.tokenizer import load_tokenizer
+from babymerge.tokenizer import TokenizerError, load_tokenizer
 
 TASK_KINDS = ("minimal_pairs", "winoground", "vqa")
 GRAMMAR_KINDS = ("minimal_pairs",)
@@ -282,8 +282,13 @@ def load_tasks(specs: list[str], tokenizer, features: str | Path | FeatureTable 
     """Parse ``KIND:PATH`` specs and prepare every task (names must be unique)."""
     parsed = [parse_task_spec(s) for s in specs]
     # text-only tasks need just /black: skip reading the rows (the file may be a 600k-image one)
-    table = FeatureTable(features, load_features=any(p.kind not in GRAMMAR_KINDS for p in parsed)) \
-        if isinstance(features, (str, Path)) else features
+    table = features
+    if isinstance(features, (str, Path)):
+        try:
+            table = FeatureTable(features,
+                                 load_features=any(p.kind not in GRAMMAR_KINDS for p in parsed))
+        except FeatureFileError as e:
+            raise TaskError(f"--features: {e}") from e
     names = [p.name for p in parsed]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -381,6 +386,14 @@ def task_summary(tasks: list[PreparedTask]) -> dict[str, dict]:
             for t in tasks}
 
 
+def checkpoint_tokenizer(directory: str | Path, flag: str):
+    """The tokenizer saved in a checkpoint; a missing or foreign one is an error naming ``flag``."""
+    try:
+        return load_tokenizer(directory)
+    except TokenizerError as e:
+        raise TaskError(f"{flag}: {e}") from e
+
+
 def checkpoint_max_positions(directory: str | Path) -> int:
     """The decoder's position limit, from the checkpoint's config (no weights read)."""
     return AutoConfig.from_pretrained(str(directory)).text_config.max_position_embeddings
@@ -396,7 +409,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.task``; returns (and writes to ``cfg.out``) the scores."""
     if not (cfg.model / "config.json").is_file():
         raise TaskError(f"{cfg.model}: not a checkpoint directory (no config.json)")
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = checkpoint_tokenizer(cfg.model, "MODEL")
     # data errors surface before the model is loaded
     tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.model))
     model = load_model(cfg.model, resolve_device(cfg.device), DTYPES[cfg.dtype])

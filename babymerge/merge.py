@@ -35,11 +35,11 @@ from safetensors import safe_open
 
 from babymerge.config import atomic_write_bytes, atomic_write_text, opt, save_config
 from babymerge.evaluate import (DTYPES, GRAMMAR_KINDS, MULTIMODAL_KINDS, PreparedTask,
-                                check_feature_dim, checkpoint_max_positions, evaluate_tasks,
-                                load_tasks, parse_task_spec, resolve_device, task_summary)
+                                check_feature_dim, checkpoint_max_positions, checkpoint_tokenizer,
+                                evaluate_tasks, load_tasks, parse_task_spec, resolve_device,
+                                task_summary)
 from babymerge.merge_methods import MERGE_METHODS, MergeMethod
 from babymerge.model import load_model, save_checkpoint
-from babymerge.tokenizer import load_tokenizer
 
 RULE = ("chosen_alpha maximises the mean of the grammar score (mean accuracy over minimal_pairs "
         "tasks) and the multimodal score (mean over winoground and vqa tasks), a kind absent from "
@@ -260,7 +260,7 @@ def _check_tokenizers(lm: Path, vlm: Path, tokenizer) -> None:
     """Same vocabulary, or the merge mixes rows of different tokens."""
     if not (lm / "tokenizer.json").is_file():
         return  # an LM without tokenizer files: nothing to compare
-    if load_tokenizer(lm).get_vocab() != tokenizer.get_vocab():
+    if checkpoint_tokenizer(lm, "--lm").get_vocab() != tokenizer.get_vocab():
         raise MergeError(f"--lm {lm} and --vlm {vlm} have different tokenizer vocabularies; "
                          "merging them would mix the embeddings of different tokens")
 
@@ -338,7 +338,7 @@ def merge(cfg: MergeConfig) -> dict:
         if base_shapes is not None:
             check_mergeable(base_shapes, vlm_shapes, cfg.base, vlm_dir, "--base")
             check_mergeable(lm_shapes, base_shapes, cfg.lm, cfg.base, "--lm")
-    tokenizer = load_tokenizer(cfg.vlm[0])
+    tokenizer = checkpoint_tokenizer(cfg.vlm[0], "--vlm")
     for vlm_dir in cfg.vlm:
         _check_tokenizers(cfg.lm, vlm_dir, tokenizer)
     tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]))

@@ -1,6 +1,7 @@
 """babymerge eval: scoring parity with plain transformers, the CLI, and every bad input."""
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -154,6 +155,12 @@ def test_empty_tasks_and_bad_specs(world, tmp_path):
         load_tasks([world.specs["wg"], world.specs["wg"]], world.tokenizer, world.features)
     with pytest.raises(TaskError, match="--features"):
         load_tasks([world.specs["blimp"]], world.tokenizer, None)
+    with pytest.raises(TaskError, match="--features: feature file not found"):
+        load_tasks([world.specs["blimp"]], world.tokenizer, tmp_path / "none.h5")
+    bare = shutil.copytree(world.vlm, tmp_path / "bare")
+    (bare / "tokenizer.json").unlink()
+    with pytest.raises(TaskError, match="MODEL: .* no tokenizer.json"):
+        evaluate(EvalConfig(model=bare, task=[world.specs["blimp"]], features=world.features))
     with pytest.raises(ValueError, match="--task"):
         EvalConfig(model=world.vlm, task=[])
     res = CliRunner().invoke(main, ["eval", str(world.vlm), "-t", "nokind:x.jsonl"])
