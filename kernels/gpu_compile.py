@@ -31,8 +31,12 @@ def _specs(dtype: str, all_configs: bool):
     from kernels import interpolation as I
     from kernels import projector as P
 
+    from triton.runtime.jit import JITFunction
+
     def jit(fn):
-        return getattr(fn, "fn", fn)  # under triton.autotune the JITFunction is .fn
+        while not isinstance(fn, JITFunction):  # under triton.autotune the JITFunction is .fn
+            fn = fn.fn
+        return fn
 
     def tile_volume(cfg):
         return sum(v for k, v in cfg.kwargs.items()) + max(cfg.kwargs.values()) ** 2

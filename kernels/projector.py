@@ -70,7 +70,7 @@ _FWD_CONFIGS = _configs(
 _DZ_CONFIGS = _configs(
     ("BLOCK_M", "BLOCK_H", "BLOCK_N"),
     [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
-     (32, 128, 128, 4, 4), (16, 128, 128, 4, 4)])
+     (32, 128, 128, 4, 3), (16, 128, 128, 4, 4)])
 # Weight-gradient tiles (A, B = output dims, R = the M reduction) and dx tiles (XM, XK, XH = the H
 # reduction) have their own sizes: in dW the rows M are the reduction, in dx they are an output dim.
 _GRAD_CONFIGS = _configs(
@@ -396,4 +396,9 @@ def project_triton(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w
         b1 = b1.to(dtype) if b1 is not None else None
         b2 = b2.to(dtype) if b2 is not None else None
     _check_inputs(x, w1, b1, w2, b2)
-    return FusedProjectorFunction.apply(x, w1, b1, w2, b2)
+    params = (x, w1, b1, w2, b2)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
+        return FusedProjectorFunction.apply(*params)
+    # Inference (evaluation, merge sweeps): no autograd node, no saved pre-activation.
+    y, _ = projector_forward(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, save_z=False)
+    return y.reshape(*x.shape[:-1], w2.shape[0])

@@ -97,6 +97,9 @@ def test_no_bias_leading_dims_and_partial_grads(kernel_device):
     (dx_ref,) = torch.autograd.grad(project_reference(x_ref, w1, None, w2, None).sum(), [x_ref])
     assert _rel_err(y.detach(), project_reference(x_ref, w1, None, w2, None).detach()) < 1e-4
     assert _rel_err(dx, dx_ref) < 1e-4
+    with torch.no_grad():  # inference: no autograd node, no saved pre-activation
+        y_eval = project_triton(x3, w1, None, w2, None)
+    assert y_eval.grad_fn is None and torch.equal(y_eval, y.detach())
 
 
 def test_zero_rows(kernel_device):

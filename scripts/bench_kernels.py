@@ -1,0 +1,197 @@
+"""Benchmark babymerge's kernels against their baselines, in one run; prints ONE JSON object.
+
+- projector forward+backward (training shape: features need no grad, weights do) at several M:
+  fused Triton vs torch eager vs torch.compile of the same reference, with TFLOP/s and % of the
+  device's dense peak;
+- merge ``dst = alpha*a + (1-alpha)*b`` over a BabyLLaVA preset's parameter list: GB/s (bytes read +
+  written) of the fused Triton kernel vs ``torch._foreach_lerp_`` vs a per-tensor ``lerp(out=)``
+  loop, and each as a % of a device-to-device copy moving the same bytes.
+
+On CPU only the torch paths run (interpreted Triton timings mean nothing).
+
+    python scripts/bench_kernels.py --quick          # CPU, < 1 minute
+    python scripts/bench_kernels.py                  # GPU: M in 256..16384, the paper preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+# The interpreter would make "Triton" timings meaningless; never let the environment turn it on.
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("bench_kernels: unset TRITON_INTERPRET (timings of interpreted kernels mean nothing)")
+
+from babymerge.model import MODEL_PRESETS, build_model  # noqa: E402
+from kernels.projector_reference import project_reference  # noqa: E402
+
+IDS = dict(vocab_size=30000, image_token_id=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# Dense tensor-core peak (TFLOP/s) by dtype for the devices we expect; None elsewhere.
+PEAK_TFLOPS = {
+    "H100 80GB HBM3": {torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 67.0},
+    "H100 PCIe": {torch.bfloat16: 756.0, torch.float16: 756.0, torch.float32: 51.0},
+    "H200": {torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 67.0},
+}
+
+
+def timed(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of ``fn()`` after two warm-up calls (CUDA: events, so launches are async)."""
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table.get(dtype)
+    return None
+
+
+def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: int,
+                    with_compile: bool) -> list[dict]:
+    """fwd+bwd of x (M,K) -> (M,N) with weight gradients (x is data: no dx, as in training)."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(h, k, generator=g) * k ** -0.5, torch.zeros(h),
+               torch.randn(n, h, generator=g) * h ** -0.5, torch.zeros(n)]
+    weights = [w.to(device, dtype).requires_grad_() for w in weights]
+    paths = {"torch_eager": project_reference}
+    if with_compile:
+        paths["torch_compile"] = torch.compile(project_reference, dynamic=False)
+    if device.type == "cuda":
+        from kernels.projector import project_triton
+        paths["triton"] = project_triton
+    peak = peak_tflops(device, dtype)
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, generator=g).to(device, dtype)
+        dy = torch.randn(m, n, generator=g).to(device, dtype)
+        flops = 2 * m * (k * h + h * n) + 2 * m * (2 * h * n + h * k)  # fwd; bwd: dW2, da, dW1
+        row = {"M": m, "K": k, "H": h, "N": n, "dtype": str(dtype).removeprefix("torch.")}
+        for name, fn in paths.items():
+            def step(fn=fn):
+                for w in weights:
+                    w.grad = None
+                fn(x, *weights).backward(dy)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sec = timed(step, device, reps)
+            row[f"{name}_ms"] = round(sec * 1e3, 4)
+            row[f"{name}_tflops"] = round(flops / sec / 1e12, 3)
+            if peak:
+                row[f"{name}_pct_peak"] = round(100 * flops / sec / 1e12 / peak, 1)
+            if device.type == "cuda":
+                row[f"{name}_peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        if "triton" in paths:
+            row["triton_speedup_vs_eager"] = round(row["torch_eager_ms"] / row["triton_ms"], 3)
+            if with_compile:
+                row["triton_speedup_vs_compile"] = round(row["torch_compile_ms"] / row["triton_ms"], 3)
+        rows.append(row)
+    return rows
+
+
+def bench_merge(device, dtype, preset: str, reps: int) -> dict:
+    """GB/s of the merge over the preset model's parameter shapes (meta-built: no init cost)."""
+    with torch.device("meta"):
+        shapes = [p.shape for p in build_model(MODEL_PRESETS[preset], seed=0, **IDS).parameters()]
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+    b = [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+    dst = [torch.empty_like(t) for t in a]
+    elems = sum(t.numel() for t in a)
+    moved = 3 * elems * a[0].element_size()  # read a, read b, write dst
+    # A copy of 1.5x the parameter bytes moves (reads + writes) the same bytes as the merge.
+    src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+    out = torch.empty_like(src)
+    alpha = 0.3
+    paths = {
+        "copy": lambda: out.copy_(src),
+        "foreach_lerp": lambda: torch._foreach_lerp_(b, a, alpha),  # in place into b: 3 units too
+        "per_tensor_lerp": lambda: [torch.lerp(y, x, alpha, out=d) for d, x, y in zip(dst, a, b)],
+    }
+    result = {"preset": preset, "tensors": len(shapes), "params": elems,
+              "dtype": str(dtype).removeprefix("torch."), "bytes_moved": moved}
+    if device.type == "cuda":
+        from kernels.interpolation import interpolate_triton_
+        paths["triton"] = lambda: interpolate_triton_(dst, a, b, alpha)
+        for block in (1024, 2048, 4096, 8192, 16384):
+            for warps in (4, 8):
+                paths[f"triton_block{block}_warps{warps}"] = (
+                    lambda block=block, warps=warps: interpolate_triton_(dst, a, b, alpha,
+                                                                          block=block,
+                                                                          num_warps=warps))
+    for name, fn in paths.items():
+        sec = timed(fn, device, reps)
+        result[f"{name}_ms"] = round(sec * 1e3, 4)
+        result[f"{name}_gbps"] = round(moved / sec / 1e9, 2)
+    for name in paths:
+        if name != "copy":
+            result[f"{name}_pct_of_copy"] = round(100 * result[f"{name}_gbps"] / result["copy_gbps"], 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="projector and merge kernels vs their baselines")
+    p.add_argument("--quick", action="store_true", help="small sizes (CPU, under a minute)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="include the torch.compile baseline (default: yes, except --quick on CPU "
+                        "where inductor's C++ build alone takes longer than the whole run)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    ms = [256, 1024] if args.quick else [256, 1024, 4096, 16384]
+    reps = 3 if args.quick else 30
+    with_compile = args.compile if args.compile is not None else (on_gpu or not args.quick)
+    preset = "small" if args.quick else "paper"
+    t0 = time.perf_counter()
+    report = {
+        "benchmark": "bench_kernels",
+        "device": torch.cuda.get_device_name(device) if on_gpu else platform.processor() or "cpu",
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "cuda": torch.version.cuda},
+        "note": ("torch paths only: Triton needs a GPU (interpreted timings mean nothing)"
+                 if not on_gpu else "Triton vs torch eager vs torch.compile, same run"),
+        "torch_compile": "included" if with_compile else "skipped (--no-compile or --quick on CPU)",
+        "projector": bench_projector(device, dtype, ms, 1024, 768, 768, reps,
+                                     with_compile=with_compile),
+        "merge": bench_merge(device, dtype, preset, reps),
+    }
+    try:
+        import triton
+        report["versions"]["triton"] = triton.__version__
+    except ImportError:
+        report["versions"]["triton"] = None
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
