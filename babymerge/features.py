@@ -76,7 +76,8 @@ class ExtractConfig:
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "larger images are recorded as failed "
                           "(decompression-bomb guard; PIL itself refuses > 2x its default)")
     jpeg_draft: bool = opt(True, "let the JPEG decoder downscale by 2/4/8 towards the resize "
-                           "target (mean error 0.5 grey level, 2x faster decode)")
+                           "target: 1280x960 photos preprocess 1.7x faster, mean error 0.5 "
+                           "grey level")
     flush_every: int = opt(8192, "images per crash-safe part file (rounded up to whole batches)")
     retry_failed: bool = opt(False, "try again the images already recorded in /failed")
 
