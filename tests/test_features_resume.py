@@ -18,12 +18,7 @@ from click.testing import CliRunner
 from babymerge.cli import main as cli
 from babymerge.featurefile import FEATURES, IDS, FeatureFileError, FeatureTable
 from babymerge.features import ExtractConfig, JoinConfig, join_features, save_random_dinov2
-from test_features import extract, write_images
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    return save_random_dinov2(tmp_path_factory.mktemp("enc") / "dinov2", image_size=56)
+from test_features import encoder_dir, extract, write_images  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
