@@ -538,8 +538,9 @@ def _encode_into_parts(todo, encoder: ImageEncoder, cfg: ExtractConfig, parts_di
     workers = num_decode_workers(cfg.num_workers)
     loader = torch.utils.data.DataLoader(
         ImageDataset(todo, encoder.preprocess), batch_size=cfg.batch_size, shuffle=False,
-        num_workers=workers, collate_fn=collate, pin_memory=encoder.device.type == "cuda",
-        prefetch_factor=4 if workers else None)
+        num_workers=workers, collate_fn=collate, pin_memory=encoder.device.type == "cuda")
+    # Default prefetch (2 batches per worker): batches pass through /dev/shm, small in many
+    # containers, and 15 workers x 2 x 128 uint8 crops is already 580 MB of it.
     flush_rows = -(-cfg.flush_every // cfg.batch_size) * cfg.batch_size
     part = first_part
     ids: list[str] = []
