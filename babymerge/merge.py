@@ -266,7 +266,7 @@ def _check_tokenizers(lm: Path, vlm: Path, tokenizer) -> None:
 
 
 class _Sweep:
-    """One VLM: the live model (loaded from it), its resident copy, and the merge method."""
+    """One VLM of the sweep: the live model loaded from it and a resident copy of its tensors."""
 
     def __init__(self, cfg: MergeConfig, index: int, vlm_name: str, names: list[str],
                  tasks: list[PreparedTask], tokenizer, device: torch.device, dtype: torch.dtype):
@@ -338,6 +338,7 @@ def merge(cfg: MergeConfig) -> dict:
         if base_shapes is not None:
             check_mergeable(base_shapes, vlm_shapes, cfg.base, vlm_dir, "--base")
             check_mergeable(lm_shapes, base_shapes, cfg.lm, cfg.base, "--lm")
+    vlm_names = _vlm_names(cfg.vlm)
     tokenizer = checkpoint_tokenizer(cfg.vlm[0], "--vlm")
     for vlm_dir in cfg.vlm:
         _check_tokenizers(cfg.lm, vlm_dir, tokenizer)
@@ -349,7 +350,6 @@ def merge(cfg: MergeConfig) -> dict:
     metrics_path.write_text("", encoding="utf-8")
     lm = read_tensors(cfg.lm, names, device, dtype)
     base = read_tensors(cfg.base, names, device, dtype) if method_cls.needs_base else None
-    vlm_names = _vlm_names(cfg.vlm)
     records: list[dict] = []
     endpoints: dict[str, dict] = {}
     kept: list[str] = []
@@ -398,7 +398,7 @@ def merge(cfg: MergeConfig) -> dict:
                    for n in vlm_names},
                "rule": RULE,
                "method": {"name": cfg.method, "reference": method_cls.reference,
-                          **({"density": cfg.density} if cfg.method in ("ties", "dare") else {}),
+                          **({"density": cfg.density} if method_cls.uses_density else {}),
                           **({"scale": cfg.scale} if method_cls.needs_base else {})},
                "lm": str(cfg.lm), "vlms": dict(zip(vlm_names, map(str, cfg.vlm))),
                "endpoints": endpoints, "kept": sorted(kept), "device": str(device),

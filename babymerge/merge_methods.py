@@ -41,6 +41,7 @@ class MergeMethod:
     name = ""
     reference = ""
     needs_base = False
+    uses_density = False  # whether --density (the fraction of task-vector entries kept) applies
     extrapolates = True  # whether alphas outside [0, 1] mean anything
 
     def __init__(self, lm: list[torch.Tensor], vlm: list[torch.Tensor],
@@ -124,6 +125,7 @@ class TaskArithmetic(MergeMethod):
 class Dare(TaskArithmetic):
     reference = ("task arithmetic on task vectors with each entry dropped with probability "
                  "1-density and the rest rescaled by 1/density (Yu et al. 2024, DARE)")
+    uses_density = True
 
     def sparsify(self, tau: torch.Tensor, stream: int) -> torch.Tensor:
         if self.density >= 1.0:
@@ -138,6 +140,7 @@ class Dare(TaskArithmetic):
 class Ties(TaskArithmetic):
     reference = ("TIES (Yadav et al. 2023): task vectors trimmed to their top-density magnitudes, "
                  "sign elected by the weighted sum, weighted mean of the entries that agree")
+    uses_density = True
     extrapolates = False  # negative weights would flip the sign election
 
     def sparsify(self, tau: torch.Tensor, stream: int) -> torch.Tensor:
