@@ -69,8 +69,9 @@ class ExtractConfig:
     image_root: Path | None = opt(None, "folder that relative paths in a .jsonl/.tsv are under "
                                   "(default: the list's folder)")
     id_column: str = opt("image_id", "id key of a .jsonl or datasets SOURCE")
-    path_column: str = opt("path", "image path key of a .jsonl SOURCE; image column of a datasets "
-                           "SOURCE (default: its only Image column)")
+    path_column: str = opt("path", "image path key of a .jsonl SOURCE, or a template filled from "
+                           "each line such as '{dataset_id}/{image_id}.jpg'; image column of a "
+                           "datasets SOURCE (default: its only Image column)")
     shard: str | None = opt(None, "i/n: encode only slice i of n into OUT.shard-i-of-n.h5 "
                             "(torchrun's RANK/WORLD_SIZE do the same)")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "larger images are recorded as failed "

@@ -103,9 +103,11 @@ def list_images(source: str, image_root: Path | None = None, id_column: str = "i
     """All images of ``source`` in source order, ids unique (else :class:`SourceError`).
 
     ``source`` is a folder (recursive; id = relative path without extension), a ``.jsonl`` with
-    ``id_column`` and ``path_column`` (paths relative to ``image_root``, default the file's
-    folder), a ``.tsv`` of ``id<TAB>path``, or web-dataset ``.tar`` shards (one file, a glob, a
-    brace range ``shard-{000..099}.tar``, or a folder holding only shards; id = the sample key),
+    ``id_column`` and ``path_column`` (a key, or a template such as ``{dataset_id}/{image_id}.jpg``
+    filled from each line, for Localized Narratives files that carry no path; paths relative to
+    ``image_root``, default the file's folder), a ``.tsv`` of ``id<TAB>path``, web-dataset
+    ``.tar`` shards (one file, a glob, a brace range ``shard-{000..099}.tar``, or a folder holding
+    only shards; id = the sample key),
     or a folder saved by ``datasets``' ``save_to_disk`` (memory-mapped Arrow, read in place).
     """
     path = Path(source)
@@ -189,12 +191,18 @@ def _list_jsonl(path: Path, image_root: Path | None, id_column: str,
                 raise SourceError(f"{where}: not valid JSON ({e.msg})") from e
             if not isinstance(row, dict):
                 raise SourceError(f"{where}: expected a JSON object")
-            for key, flag in ((id_column, "--id-column"), (path_column, "--path-column")):
+            template = "{" in path_column  # e.g. "{dataset_id}/{image_id}.jpg"
+            for key, flag in ((id_column, "--id-column"),
+                              *([] if template else [(path_column, "--path-column")])):
                 if key not in row:
                     raise SourceError(f"{where}: no {key!r} key (set {flag}); keys: "
                                       f"{', '.join(sorted(row))}")
-            items.append(ImageItem(str(row[id_column]), _resolve(str(row[path_column]), root),
-                                   where=where))
+            try:
+                image_path = path_column.format_map(row) if template else str(row[path_column])
+            except (KeyError, IndexError, ValueError) as e:
+                raise SourceError(f"{where}: --path-column template {path_column!r} cannot be "
+                                  f"filled from this line ({type(e).__name__}: {e})") from e
+            items.append(ImageItem(str(row[id_column]), _resolve(image_path, root), where=where))
     return items
 
 

@@ -138,6 +138,15 @@ def test_jsonl_tsv_and_tar_sources(tmp_path, encoder_dir):
     (tmp_path / "ln.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     extract(tmp_path / "ln.jsonl", tmp_path / "j.h5", encoder_dir, image_root=tmp_path / "root")
     assert ids_of(tmp_path / "j.h5") == ["a", "b", "c"]
+    # Real Localized Narratives lines carry no path: a template builds it from the line.
+    write_images(tmp_path / "oi", ["open_images/a1.jpg", "coco/7.jpg"])
+    (tmp_path / "ln2.jsonl").write_text(
+        '{"dataset_id": "open_images", "image_id": "a1", "caption": "x"}\n'
+        '{"dataset_id": "coco", "image_id": "7", "caption": "y"}\n'
+        '{"dataset_id": "coco", "image_id": "7", "caption": "z"}\n')
+    extract(tmp_path / "ln2.jsonl", tmp_path / "j2.h5", encoder_dir, image_root=tmp_path / "oi",
+            path_column="{dataset_id}/{image_id}.jpg")
+    assert ids_of(tmp_path / "j2.h5") == ["a1", "7"]
 
     (tmp_path / "root" / "list.tsv").write_text("id\tpath\nb\tb.jpg\nc\td/c.png\n")
     extract(tmp_path / "root" / "list.tsv", tmp_path / "t.h5", encoder_dir)
