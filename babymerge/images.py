@@ -36,6 +36,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "
 # PIL's own decompression-bomb threshold (~89.5 M pixels): beyond it a single RGB decode is > 268 MB
 # per worker.
 DEFAULT_MAX_PIXELS = 89_478_485
+# 16-bit grey PNG/TIFF modes; "I" is how older Pillow opened 16-bit PNGs.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -245,7 +246,7 @@ def _list_tars(shards: list[Path]) -> list[ImageItem]:
             tar = tarfile.open(shard, "r:")  # offsets are only meaningful in an uncompressed tar
         except (tarfile.TarError, OSError) as e:
             raise SourceError(f"{shard}: not an uncompressed .tar shard ({e})") from e
-        chosen: dict[str, tarfile.TarInfo] = {}
+        chosen: dict[str, tuple[int, tarfile.TarInfo]] = {}  # key -> (extension rank, member)
         with tar:
             for member in tar:
                 if not member.isfile():
@@ -256,12 +257,10 @@ def _list_tars(shards: list[Path]) -> list[ImageItem]:
                 if ext not in rank:
                     continue
                 key = f"{dirname}/{stem}" if dirname else stem
-                best = chosen.get(key)
-                if best is None or rank[ext] < rank[best.name.rpartition("/")[2].partition(".")[2]
-                                                    .lower()]:
-                    chosen[key] = member
+                if key not in chosen or rank[ext] < chosen[key][0]:
+                    chosen[key] = (rank[ext], member)
         items += [ImageItem(key, str(shard), m.offset_data, m.size, where=f"{shard}:{m.name}")
-                  for key, m in chosen.items()]
+                  for key, (_, m) in chosen.items()]
     return items
 
 
@@ -290,7 +289,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     Transparency is composited onto white (what transformers' ``convert_to_rgb`` does); 16-bit
     images are scaled to 8 bits (PIL's ``convert`` would clip everything above 255 to white); CMYK,
-    palette, grayscale and 1-bit go through PIL's conversion.
+    palette, grayscale and 1-bit go through PIL's conversion. EXIF orientation is not applied,
+    as the processor does not apply it either (features must match the paper's pipeline).
     """
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)

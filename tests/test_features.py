@@ -158,6 +158,9 @@ def test_jsonl_tsv_and_tar_sources(tmp_path, encoder_dir):
         with tarfile.open(shards / f"s-{s:02d}.tar", "w") as tar:
             for k in keys:
                 tar.add(tmp_path / "root" / "a.png", arcname=f"{k}.png")
+                # webdataset's key is up to the first dot: a mask "k.seg.png" is not an image
+                # sample of its own, nor does it replace k.png
+                tar.add(tmp_path / "root" / "d" / "c.png", arcname=f"{k}.seg.png")
                 (tmp_path / "cap.txt").write_text("caption")
                 tar.add(tmp_path / "cap.txt", arcname=f"{k}.txt")
     extract(str(shards / "s-{00..01}.tar"), tmp_path / "w.h5", encoder_dir)
