@@ -1,0 +1,143 @@
+"""The built-in world: deterministic, in the BabyLM formats the eval stage reads, and with the
+facts in its captions and evaluation items true of the images."""
+
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from babymerge.world import (COLOURS, PHENOMENA, PREPOSITIONS, VERBS, Grammar, WorldConfig, generate_world, layout,
+                             render, sample_scene)
+
+SMALL = dict(train_images=30, eval_images=20, text_words=3000, pairs_per_phenomenon=15,
+             image_size=64)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate_world(WorldConfig(**SMALL), tmp_path_factory.mktemp("world"))
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_same_seed_same_world_other_seed_differs(world, tmp_path):
+    again = generate_world(WorldConfig(**SMALL), tmp_path / "a")
+    for name in ("captions", "corpus", "winoground", "vqa"):
+        assert getattr(again, name).read_bytes() == getattr(world, name).read_bytes(), name
+    for uid in PHENOMENA:
+        assert ((again.minimal_pairs / f"{uid}.jsonl").read_bytes()
+                == (world.minimal_pairs / f"{uid}.jsonl").read_bytes())
+    a = np.asarray(Image.open(again.images / "eval" / "000003.png"))
+    b = np.asarray(Image.open(world.images / "eval" / "000003.png"))
+    assert (a == b).all()
+    other = generate_world(WorldConfig(**{**SMALL, "seed": 1}), tmp_path / "b")
+    assert other.corpus.read_bytes() != world.corpus.read_bytes()
+
+
+def test_layout_and_formats(world):
+    ids = {p.relative_to(world.images).with_suffix("").as_posix()
+           for p in world.images.rglob("*.png")}
+    assert len(ids) == SMALL["train_images"] + SMALL["eval_images"]
+    with Image.open(world.images / "train" / "000000.png") as im:
+        assert im.size == (64, 64) and im.mode == "RGB"
+
+    caps = _jsonl(world.captions)
+    assert len(caps) == SMALL["train_images"] * 3
+    assert {c["image_id"] for c in caps} <= ids and all(c["image_id"].startswith("train/") for c in caps)
+
+    lines = world.corpus.read_text().splitlines()
+    assert sum(len(s.split()) for s in lines) >= SMALL["text_words"]
+
+    files = sorted(world.minimal_pairs.glob("*.jsonl"))
+    assert len(files) >= 5 and {f.stem for f in files} == set(PHENOMENA)
+    corpus = set(lines)
+    for f in files:
+        rows = _jsonl(f)
+        assert len(rows) == SMALL["pairs_per_phenomenon"]
+        for r in rows:
+            assert r["UID"] == f.stem and {"field", "linguistics_term"} <= set(r)
+            assert r["sentence_good"] != r["sentence_bad"]
+            # a minimal pair: one word differs (or two adjacent words trade places)
+            g, b = r["sentence_good"].split(), r["sentence_bad"].split()
+            assert len(g) == len(b) and sum(x != y for x, y in zip(g, b)) in (1, 2)
+            assert r["sentence_good"] not in corpus  # held out
+
+    wino = _jsonl(world.winoground)
+    vqa = _jsonl(world.vqa)
+    for rows in (wino, vqa):
+        assert len(rows) == SMALL["eval_images"]
+        assert all(r["image_id"].startswith("eval/") and r["image_id"] in ids for r in rows)
+    assert all(r["caption_0"] != r["caption_1"] for r in wino)
+    # a swap reuses the caption's words (up to number agreement): only the image tells them apart
+    def lemmas(caption):
+        return Counter("be" if w in ("is", "are") else w.rstrip("s") for w in caption.rstrip(".").split())
+
+    for r in wino:
+        if r["secondary_tag"] == "swap":
+            assert lemmas(r["caption_0"]) == lemmas(r["caption_1"]), r
+    for r in vqa:
+        assert r["target_ans"] not in r["distractors"] and len(r["distractors"]) >= 2
+
+
+VERB_FORMS = {frozenset(("is", "are")), frozenset(("does", "do"))} | {
+    frozenset(pair) for pair in VERBS}
+
+
+@pytest.mark.parametrize("uid", sorted(PHENOMENA))
+def test_minimal_pairs_differ_in_the_labelled_word(uid):
+    g = Grammar(random.Random(0))
+    for _ in range(200):
+        good, bad = (s.rstrip(".?").split() for s in g.minimal_pair(uid))
+        diff = [frozenset((x, y)) for x, y in zip(good, bad) if x != y]
+        if uid == "negation_word_order":
+            assert good.index("not") == bad.index("not") + 1
+        elif uid == "determiner_noun_agreement":
+            assert diff in ([frozenset(("this", "these"))], [frozenset(("that", "those"))])
+        elif uid == "numeral_noun_agreement":
+            assert len(diff) == 1 and {len(w) for w in diff[0]} == {min(map(len, diff[0])),
+                                                                    min(map(len, diff[0])) + 1}
+        else:
+            assert len(diff) == 1 and diff[0] in VERB_FORMS, (good, bad)
+        if uid == "agreement_across_attractor":
+            assert any(p.split()[0] in good for p in PREPOSITIONS)
+        if uid == "agreement_across_relative_clause":
+            assert "that" in good
+
+
+def test_captions_and_items_state_the_scene(world):
+    """Facts are right: the colour a VQA item names is the colour of pixels in its image."""
+    for r in _jsonl(world.vqa):
+        if r["question_type"] != "colour":
+            continue
+        img = np.asarray(Image.open(world.images / f"{r['image_id']}.png")).astype(int)
+        target = np.array(COLOURS[r["target_ans"]])
+        close = (np.abs(img - target).max(-1) <= 25).sum()
+        assert close >= 10, (r, close)
+
+
+def test_scene_layout_respects_relation():
+    rng = random.Random(3)
+    for _ in range(200):
+        scene = sample_scene(rng)
+        layout(scene, 96, rng)
+        total = sum(g.count for g in scene.groups)
+        assert 1 <= total <= 3 and len(scene.objects) == total
+        for _, _, cx, cy, r, _ in scene.objects:
+            assert 0 <= cx - r and cx + r <= 96 and 0 <= cy - r and cy + r <= 96
+        if len(scene.groups) == 2:
+            a = [o for o in scene.objects if o[0] == scene.groups[0].shape]
+            b = [o for o in scene.objects if o[0] == scene.groups[1].shape]
+            ax, ay = np.mean([o[2] for o in a]), np.mean([o[3] for o in a])
+            bx, by = np.mean([o[2] for o in b]), np.mean([o[3] for o in b])
+            assert {"above": ay < by, "below": ay > by, "left": ax < bx, "right": ax > bx}[scene.where]
+        assert render(scene, 96, rng).size == (96, 96)
+
+
+def test_bad_sizes_name_the_flag():
+    with pytest.raises(ValueError, match="--train-images"):
+        WorldConfig(train_images=0)
