@@ -32,24 +32,32 @@ COMMANDS = [
 ]
 
 
-@click.group()
+class StageGroup(click.Group):
+    """Imports a stage's module only when its command is used: each stage pulls in torch and
+    transformers, and ``babymerge --help`` should not pay for all of them."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, *_ in COMMANDS]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        for name, module, cfg_name, fn_name, help_text in COMMANDS:
+            if name == cmd_name:
+                mod = importlib.import_module(module)
+                return config_command(name, getattr(mod, cfg_name), getattr(mod, fn_name),
+                                      help_text)
+        return None
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_text.split(". ")[0]) for name, *_, help_text in COMMANDS]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=StageGroup)
 @click.version_option(package_name="babymerge")
 def main() -> None:
     """babymerge: merge a text-only LM into a VLM (BabyLM multimodal track)."""
 
-
-def _register() -> None:
-    for name, module, cfg_name, fn_name, help_text in COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue  # stage not built yet
-        config_command(main, name, getattr(mod, cfg_name), getattr(mod, fn_name), help_text)
-
-
-_register()
 
 if __name__ == "__main__":
     main()

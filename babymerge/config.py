@@ -203,9 +203,8 @@ def _click_params(cls: type) -> list[click.Parameter]:
     return params
 
 
-def config_command(group: click.Group, name: str, cls: type[C], run: Callable[[C], Any],
-                   help: str) -> click.Command:
-    """Register ``name`` on ``group``: parse flags (and --config) into ``cls``, then ``run(cfg)``."""
+def config_command(name: str, cls: type[C], run: Callable[[C], Any], help: str) -> click.Command:
+    """A click command ``name``: parse flags (and --config) into ``cls``, then ``run(cfg)``."""
 
     def callback(**kwargs: Any) -> Any:
         config_file = kwargs.pop("config_file")
@@ -220,6 +219,4 @@ def config_command(group: click.Group, name: str, cls: type[C], run: Callable[[C
             raise click.UsageError(str(e)) from e
         return run(cfg)
 
-    cmd = click.Command(name, callback=callback, params=_click_params(cls), help=help)
-    group.add_command(cmd)
-    return cmd
+    return click.Command(name, callback=callback, params=_click_params(cls), help=help)

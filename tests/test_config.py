@@ -20,7 +20,7 @@ class DemoCfg:
 
 def _cli(seen):
     group = click.Group()
-    config_command(group, "run", DemoCfg, seen.append, "test")
+    group.add_command(config_command("run", DemoCfg, seen.append, "test"))
     return group
 
 
