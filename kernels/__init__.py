@@ -12,7 +12,11 @@ torch|triton|auto`` forces a path):
   :func:`interpolate` its out-of-place form.
 
 Layout: ``projector.py`` / ``projector_reference.py`` and ``interpolation.py`` /
-``interpolation_reference.py`` (Triton kernel + autograd wrapper / torch reference), ``dispatch.py``.
+``interpolation_reference.py`` (Triton kernel + autograd wrapper / torch reference),
+``dispatch.py``; ``gpu_compile.py`` builds every kernel for a GPU target without a GPU.
+
+On a GPU: ``TRITON_INTERPRET=0 pytest -m gpu tests/test_kernels_*.py`` and
+``python scripts/bench_kernels.py``.
 """
 
 from kernels.dispatch import interpolate, interpolate_, project

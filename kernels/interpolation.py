@@ -17,6 +17,7 @@ with torch.lerp's formula, which is exact at alpha = 0 and alpha = 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -34,6 +35,13 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 # The interpreter pays ~ms per program, so it takes large blocks.
 BLOCK = 16384 if INTERPRET else 4096
 NUM_WARPS = 4
+
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device for the launch."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
 
 _PLAN_CACHE: dict[tuple, tuple[torch.Tensor, int]] = {}
 _PLAN_CACHE_SIZE = 16
@@ -77,7 +85,8 @@ def _check_triton_args(dst: list[torch.Tensor], a: list[torch.Tensor],
             if not t.is_contiguous():
                 raise ValueError(f"interpolate_: {name}[{i}] is not contiguous (shape "
                                  f"{tuple(t.shape)}, stride {t.stride()}); the Triton path walks "
-                                 "flat memory. Pass contiguous tensors or set BABYMERGE_KERNELS=torch")
+                                 "flat memory. Pass contiguous tensors or set "
+                                 "BABYMERGE_KERNELS=torch")
             if t.dtype not in _TL_DTYPES:
                 raise ValueError(f"interpolate_: {name}[{i}] has dtype {t.dtype}; the Triton path "
                                  "takes float32, bfloat16 and float16")
@@ -87,8 +96,8 @@ def _check_triton_args(dst: list[torch.Tensor], a: list[torch.Tensor],
             lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
             exact = lo == d_lo and hi == d_hi and t.dtype == d.dtype
             if not exact and lo < d_hi and d_lo < hi and d.numel():
-                raise ValueError(f"interpolate_: dst[{i}] partially overlaps {name}[{i}]; dst may be "
-                                 f"{name} itself but not another view of its memory")
+                raise ValueError(f"interpolate_: dst[{i}] partially overlaps {name}[{i}]; dst "
+                                 f"may be {name} itself but not another view of its memory")
 
 
 def _plan(dst: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor],
@@ -117,7 +126,8 @@ def _plan(dst: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor],
 @torch.no_grad()
 def interpolate_triton_(dst: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor],
                         alpha: float, *, block: int = BLOCK, num_warps: int = NUM_WARPS) -> None:
-    """In place: ``dst[i] = alpha * a[i] + (1 - alpha) * b[i]``, one launch per dtype combination.
+    """In place: ``dst[i] = alpha * a[i] + (1 - alpha) * b[i]``, one launch per (device,
+    dtypes) group.
 
     ``dst`` may be ``a`` or ``b`` itself (element-wise aliasing). ``block``/``num_warps`` are for
     the benchmark's sweep; the defaults are the tuned ones.
@@ -128,13 +138,14 @@ def interpolate_triton_(dst: list[torch.Tensor], a: list[torch.Tensor], b: list[
     groups: dict[tuple, list[int]] = {}
     for i, (d, x, y) in enumerate(zip(dst, a, b)):
         if d.numel():
-            groups.setdefault((d.dtype, x.dtype, y.dtype), []).append(i)
-    for (dt, at, bt), idx in groups.items():
+            groups.setdefault((d.device, d.dtype, x.dtype, y.dtype), []).append(i)
+    for (device, dt, at, bt), idx in groups.items():
         ds, xs, ys = [dst[i] for i in idx], [a[i] for i in idx], [b[i] for i in idx]
         table, programs = _plan(ds, xs, ys, block)
-        _interpolate_kernel[(programs,)](table, len(idx), alpha, DST=_TL_DTYPES[dt],
-                                         A=_TL_DTYPES[at], B=_TL_DTYPES[bt], BLOCK=block,
-                                         num_warps=num_warps)
+        with _on_device(device):
+            _interpolate_kernel[(programs,)](table, len(idx), alpha, DST=_TL_DTYPES[dt],
+                                             A=_TL_DTYPES[at], B=_TL_DTYPES[bt], BLOCK=block,
+                                             num_warps=num_warps)
     # Raw-pointer writes bypass autograd's version counters; bump them as an in-place op would
     # (inference tensors have none).
     torch.autograd.graph.increment_version([t for t in dst if t.numel() and not t.is_inference()])

@@ -27,8 +27,8 @@ def check_interpolation_args(dst: list[torch.Tensor], a: list[torch.Tensor],
             raise ValueError(f"interpolate_: tensor {i} has shapes dst {tuple(d.shape)}, a "
                              f"{tuple(x.shape)}, b {tuple(y.shape)}; they must be equal")
         if not (d.device == x.device == y.device):
-            raise ValueError(f"interpolate_: tensor {i} is on devices dst {d.device}, a {x.device}, "
-                             f"b {y.device}; they must be the same")
+            raise ValueError(f"interpolate_: tensor {i} is on devices dst {d.device}, a "
+                             f"{x.device}, b {y.device}; they must be the same")
 
 
 @torch.no_grad()

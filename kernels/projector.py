@@ -1,4 +1,4 @@
-"""Fused projector ``y = W2 gelu(W1 x + b1) + b2``: Triton kernels, host launchers, autograd.Function.
+"""Fused projector ``y = W2 gelu(W1 x + b1) + b2``: Triton kernels, launchers, autograd.Function.
 
 Shapes: x (M, K), W1 (H, K), b1 (H,), W2 (N, H), b2 (N,), y (M, N). In the paper's model K = 1024
 (DINOv2-large), H = N = 768, and M is the number of images in a batch: a few hundred rows in
@@ -25,6 +25,7 @@ between steps and every accumulation is fp32, so bf16/fp16 results match eager t
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -39,9 +40,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device for the launch."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _configs(names: tuple[str, ...], tuned: list[tuple]) -> list[triton.Config]:
     """Autotune search space on CUDA: (block sizes..., num_warps, num_stages) tuples."""
-    return [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1]) for t in tuned]
+    return [triton.Config(dict(zip(names, t[:-2])), num_warps=t[-2], num_stages=t[-1])
+            for t in tuned]
 
 
 def _autotuned(configs: list[triton.Config], key: list[str]):
@@ -58,7 +65,8 @@ def _fitted(**dims: tuple[int, int]) -> dict[str, int]:
     minimum) and a cap. Empty on CUDA, where the autotuner supplies them."""
     if not INTERPRET:
         return {}
-    return {name: min(max(16, triton.next_power_of_2(size)), cap) for name, (size, cap) in dims.items()}
+    return {name: min(max(16, triton.next_power_of_2(size)), cap)
+            for name, (size, cap) in dims.items()}
 
 
 # Block sizes are >= 16 everywhere: tl.dot on the GPU needs every dimension >= 16.
@@ -226,7 +234,7 @@ def _projector_bwd_grads_kernel(x_ptr, w1_ptr, dy_ptr, z_ptr, dz_ptr, dx_ptr, dw
                                 BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
                                 BLOCK_XM: tl.constexpr, BLOCK_XK: tl.constexpr,
                                 BLOCK_XH: tl.constexpr):
-    """Grouped launch: program ids [0, T2) -> dW2 tiles, [T2, T2+T1) -> dW1 tiles, the rest -> dx."""
+    """Grouped launch: program ids [0, T2) -> dW2 tiles, [T2, T2 + T1) -> dW1, the rest -> dx."""
     pid = tl.program_id(0)
     tiles_w2 = 0
     if DO_W2:
@@ -286,12 +294,13 @@ def _check_inputs(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2
     # Offsets are 32-bit in the kernels (cheaper address arithmetic); refuse instead of wrapping.
     rows = x.numel() // k if k else 0
     if rows * max(k, hidden, w2.shape[0]) >= 2**31:
-        raise ValueError(f"project: {rows} rows x {max(k, hidden, w2.shape[0])} columns exceeds the "
-                         "kernels' 32-bit offsets; split the batch")
+        raise ValueError(f"project: {rows} rows x {max(k, hidden, w2.shape[0])} columns exceeds "
+                         "the kernels' 32-bit offsets; split the batch")
 
 
 def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                      b2: torch.Tensor | None, save_z: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      b2: torch.Tensor | None, save_z: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y (M, N) for x (M, K), and the pre-activation z (M, H) when ``save_z`` (for backward)."""
     m, k = x.shape
     hidden, n = w1.shape[0], w2.shape[0]
@@ -299,15 +308,18 @@ def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     z = torch.empty((m, hidden), device=x.device, dtype=x.dtype) if save_z else None
     if m == 0:
         return y, z
+
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+
     # Absent biases and z get a dummy pointer; constexpr flags keep the kernel from touching it.
-    _projector_fwd_kernel[grid](
-        x, w1, b1 if b1 is not None else x, w2, b2 if b2 is not None else x, y,
-        z if z is not None else y, m, k, hidden, n, triton.next_power_of_2(m),
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None, SAVE_Z=save_z, UPCAST=INTERPRET,
-        PRECISION=_precision(x.dtype),
-        **_fitted(BLOCK_M=(m, 64), BLOCK_N=(n, 128), BLOCK_H=(hidden, 128), BLOCK_K=(k, 256)))
+    with _on_device(x.device):
+        _projector_fwd_kernel[grid](
+            x, w1, b1 if b1 is not None else x, w2, b2 if b2 is not None else x, y,
+            z if z is not None else y, m, k, hidden, n, triton.next_power_of_2(m),
+            HAS_B1=b1 is not None, HAS_B2=b2 is not None, SAVE_Z=save_z, UPCAST=INTERPRET,
+            PRECISION=_precision(x.dtype),
+            **_fitted(BLOCK_M=(m, 64), BLOCK_N=(n, 128), BLOCK_H=(hidden, 128), BLOCK_K=(k, 256)))
     return y, z
 
 
@@ -330,33 +342,34 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
             if g is not None:
                 g.zero_()
     else:
-        dz = None
-        if need_x or do_w1:
-            dz = torch.empty_like(z)
-            def dz_grid(meta):
-                return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_H"])
-            _projector_bwd_dz_kernel[dz_grid](dy, w2, z, dz, m, k, hidden, n,
-                                              triton.next_power_of_2(m), UPCAST=INTERPRET,
-                                              PRECISION=_precision(x.dtype),
-                                              **_fitted(BLOCK_M=(m, 64), BLOCK_H=(hidden, 128),
-                                                        BLOCK_N=(n, 256)))
+        dz = torch.empty_like(z) if need_x or do_w1 else None
+
+        def dz_grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_H"])
+
         def grads_grid(meta):
-            ba, bb = meta["BLOCK_A"], meta["BLOCK_B"]
-            tiles = triton.cdiv(n, ba) * triton.cdiv(hidden, bb) if do_w2 else 0
-            tiles += triton.cdiv(hidden, ba) * triton.cdiv(k, bb) if do_w1 else 0
-            tiles += triton.cdiv(m, meta["BLOCK_XM"]) * triton.cdiv(k, meta["BLOCK_XK"]) if need_x else 0
+            tiles = triton.cdiv(n, meta["BLOCK_A"]) * triton.cdiv(hidden, meta["BLOCK_B"]) * do_w2
+            tiles += triton.cdiv(hidden, meta["BLOCK_A"]) * triton.cdiv(k, meta["BLOCK_B"]) * do_w1
+            tiles += triton.cdiv(m, meta["BLOCK_XM"]) * triton.cdiv(k, meta["BLOCK_XK"]) * need_x
             return (tiles,)
-        dummy = dy
-        _projector_bwd_grads_kernel[grads_grid](
-            x, w1, dy, z, dz if dz is not None else dummy, dx if dx is not None else dummy,
-            dw1 if dw1 is not None else dummy, db1 if db1 is not None else dummy,
-            dw2 if dw2 is not None else dummy, db2 if db2 is not None else dummy,
-            m, k, hidden, n, triton.next_power_of_2(m), DO_X=need_x, DO_W1=do_w1, DO_W2=do_w2,
-            HAS_B1=db1 is not None, HAS_B2=db2 is not None, UPCAST=INTERPRET,
-            PRECISION=_precision(x.dtype),
-            **_fitted(BLOCK_A=(max(n, hidden), 128), BLOCK_B=(max(hidden, k), 256),
-                      BLOCK_R=(m, 64), BLOCK_XM=(m, 64), BLOCK_XK=(k, 256),
-                      BLOCK_XH=(hidden, 128)))
+
+        def or_dummy(t):  # absent outputs get a dummy pointer the constexpr flags never touch
+            return t if t is not None else dy
+
+        with _on_device(x.device):
+            if dz is not None:
+                _projector_bwd_dz_kernel[dz_grid](
+                    dy, w2, z, dz, m, k, hidden, n, triton.next_power_of_2(m), UPCAST=INTERPRET,
+                    PRECISION=_precision(x.dtype),
+                    **_fitted(BLOCK_M=(m, 64), BLOCK_H=(hidden, 128), BLOCK_N=(n, 256)))
+            _projector_bwd_grads_kernel[grads_grid](
+                x, w1, dy, z, *map(or_dummy, (dz, dx, dw1, db1, dw2, db2)),
+                m, k, hidden, n, triton.next_power_of_2(m), DO_X=need_x, DO_W1=do_w1, DO_W2=do_w2,
+                HAS_B1=db1 is not None, HAS_B2=db2 is not None, UPCAST=INTERPRET,
+                PRECISION=_precision(x.dtype),
+                **_fitted(BLOCK_A=(max(n, hidden), 128), BLOCK_B=(max(hidden, k), 256),
+                          BLOCK_R=(m, 64), BLOCK_XM=(m, 64), BLOCK_XK=(k, 256),
+                          BLOCK_XH=(hidden, 128)))
     return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
             db2 if need_b2 else None)
 

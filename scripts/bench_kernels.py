@@ -104,11 +104,13 @@ def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: 
             if peak:
                 row[f"{name}_pct_peak"] = round(100 * flops / sec / 1e12 / peak, 1)
             if device.type == "cuda":
-                row[f"{name}_peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                peak_mem = torch.cuda.max_memory_allocated(device)
+                row[f"{name}_peak_mem_mb"] = round(peak_mem / 2**20, 1)
         if "triton" in paths:
             row["triton_speedup_vs_eager"] = round(row["torch_eager_ms"] / row["triton_ms"], 3)
             if with_compile:
-                row["triton_speedup_vs_compile"] = round(row["torch_compile_ms"] / row["triton_ms"], 3)
+                row["triton_speedup_vs_compile"] = round(
+                    row["torch_compile_ms"] / row["triton_ms"], 3)
         rows.append(row)
     return rows
 
@@ -149,7 +151,8 @@ def bench_merge(device, dtype, preset: str, reps: int) -> dict:
         result[f"{name}_gbps"] = round(moved / sec / 1e9, 2)
     for name in paths:
         if name != "copy":
-            result[f"{name}_pct_of_copy"] = round(100 * result[f"{name}_gbps"] / result["copy_gbps"], 1)
+            result[f"{name}_pct_of_copy"] = round(
+                100 * result[f"{name}_gbps"] / result["copy_gbps"], 1)
     return result
 
 

@@ -1,5 +1,5 @@
-"""The Triton kernels compile for an H100 (sm_90) without a GPU: the interpreter accepts programs the
-GPU compiler rejects (tl.dot under 16, shared memory over the limit), so lower them for real."""
+"""The Triton kernels compile for an H100 (sm_90) without a GPU: the interpreter accepts programs
+the GPU compiler rejects (tl.dot under 16, shared memory over the limit), so lower them for real."""
 
 import json
 import os

@@ -11,9 +11,10 @@ from transformers.utils import import_utils
 
 def test_transformers_does_not_see_hub_kernels():
     # transformers maps the import name `kernels` to our distribution (babymerge) and checks that
-    # distribution's version against the hub package's supported range: babymerge must stay below it.
-    available, found = import_utils._is_package_available("kernels", return_version=True)
-    assert found == "N/A" or version.parse(found) < version.parse(import_utils.KERNELS_MIN_VERSION), (
+    # distribution's version against the hub package's supported range: babymerge must stay below.
+    _, found = import_utils._is_package_available("kernels", return_version=True)
+    minimum = version.parse(import_utils.KERNELS_MIN_VERSION)
+    assert found == "N/A" or version.parse(found) < minimum, (
         f"transformers reads kernels version {found}: babymerge's version must stay below "
         f"{import_utils.KERNELS_MIN_VERSION} or transformers will import our kernels as the hub's")
     assert not transformers.utils.is_kernels_available()

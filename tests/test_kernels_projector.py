@@ -78,7 +78,7 @@ def test_every_dtype(kernel_device, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_paper_shape_gpu(kernel_device, dtype):
-    """The paper's projector (1024 -> 768 -> 768) at a training-size batch, all autotuned configs."""
+    """The paper's projector (1024 -> 768 -> 768) at a training-size batch, autotuned."""
     if kernel_device.type != "cuda":
         pytest.skip("paper-size shape only on the GPU (minutes in the interpreter)")
     tol = GPU_FP32_TOL if dtype == torch.float32 else TOL[dtype]
