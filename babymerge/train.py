@@ -209,10 +209,13 @@ def _publish_final(model, tokenizer, out: Path) -> None:
 # Model and optimizer
 # ---------------------------------------------------------------------------------------------
 
-def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int
-                        ) -> BabyLlavaForConditionalGeneration:
+def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int,
+                        encoder: str | None = None) -> BabyLlavaForConditionalGeneration:
     """The starting weights: ``--init-from`` or a seeded random init that is the same for the LM
-    and the VLM (same seed, tokenizer and feature dimension: one basin for merging)."""
+    and the VLM (same seed, tokenizer and feature dimension: one basin for merging).
+
+    ``encoder`` (the feature file's ``encoder`` attribute) is recorded in the config, so the saved
+    model can be run on pixels (:func:`babymerge.model.load_vlm_with_encoder`)."""
     from babymerge.model import IMAGE_TOKEN
 
     if cfg.init_from is not None:
@@ -224,7 +227,8 @@ def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int
         model = build_model(preset, seed=cfg.seed, vocab_size=len(tokenizer),
                             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id)
+                            eos_token_id=tokenizer.eos_token_id,
+                            **({"encoder": encoder} if encoder else {}))
     return model
 
 
@@ -317,7 +321,7 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
                                                                 use_safetensors=True)
         source = str(resume_dir)
     else:
-        raw = build_initial_model(cfg, tokenizer, table.dim)
+        raw = build_initial_model(cfg, tokenizer, table.dim, table.attrs.get("encoder"))
         source = str(cfg.init_from) if cfg.init_from else f"preset {cfg.preset}"
     _check_model(raw, cfg, tokenizer, table, source)
     raw.to(device).train()
