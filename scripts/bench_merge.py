@@ -29,20 +29,23 @@ import kernels
 from babymerge.model import MODEL_PRESETS, build_model
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up: on a shared machine the minimum is
-    the least disturbed measurement of a bandwidth-bound op."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+def timed(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Fastest of ``repeats`` calls of each function after one warm-up. The functions take turns
+    (round robin) so that a burst of load on a shared machine hits all of them alike, and the
+    minimum is the least disturbed measurement of a bandwidth-bound op."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,10 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
         for d, s in zip(params, lm):
             d.copy_(s)
 
-    seconds = {"inplace": timed(inplace, device, repeats),
-               "state_dict": timed(state_dict, device, repeats),
-               "safetensors": timed(safetensors_round_trip, device, repeats),
-               "copy": timed(copy, device, repeats)}
+    seconds = timed({"inplace": inplace, "state_dict": state_dict,
+                     "safetensors": safetensors_round_trip, "copy": copy}, device, repeats)
     os.remove(path)
     os.rmdir(tmp)
     inplace_gbps = 3 * nbytes / seconds["inplace"] / 1e9
