@@ -340,7 +340,7 @@ class CaptionSet:
         labels[:, :p] = IGNORE_INDEX  # BOS and <image> are given, never predicted
         rows = torch.from_numpy(self.rows[index])
         return {"input_ids": torch.from_numpy(out), "labels": torch.from_numpy(labels),
-                "features": self.table.features[rows]}
+                "features": self.table.gather(rows)}
 
 
 def load_text(paths: list[Path], tokenizer, cache_dir: Path, seq_len: int,

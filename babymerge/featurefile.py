@@ -30,21 +30,27 @@ def decode_strings(values) -> list[str]:
 
 
 class FeatureTable:
-    """All features of one file held in memory (fp16 by default), looked up by image id.
+    """The features of one file (fp16 by default), looked up by image id or row.
 
-    At the paper's scale (~600k images x 1024 x 2 bytes = 1.2 GB) this fits in RAM, and in-memory
-    gathers keep the training loader far ahead of the GPU; ``mmap``-style partial reads are not
-    worth their latency here (HDF5 random batch reads are 2-90 ms).
+    At the paper's scale (~600k images x 1024 x 2 bytes = 1.2 GB) they fit in RAM, and in-memory
+    gathers keep the training loader far ahead of the GPU (HDF5 random batch reads are 2-90 ms).
+    A file larger than ``max_memory_bytes`` is read out of core instead: the file stays open
+    and :meth:`gather` reads each batch's rows from it, sorted, in one read.
     """
 
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float16,
-                 require_complete: bool = True, load_features: bool = True):
+                 require_complete: bool = True, load_features: bool = True,
+                 max_memory_bytes: int | None = None):
         """``load_features=False`` reads only ``/black`` and the attrs (a text-only LM needs no
-        image rows; the table is then empty)."""
+        image rows; the table is then empty). ``max_memory_bytes``: rows needing more (in
+        ``dtype``) stay in the file (``features`` is then None; use :meth:`gather`); None: always
+        in memory."""
         path = Path(path)
         if not path.is_file():
             raise FeatureFileError(f"feature file not found: {path}")
-        with h5py.File(path, "r") as f:
+        self._file = None
+        f = h5py.File(path, "r")
+        try:
             for name in (FEATURES, IDS, BLACK):
                 if name not in f:
                     raise FeatureFileError(f"{path}: missing /{name}; not a babymerge feature file")
@@ -54,16 +60,29 @@ class FeatureTable:
             n = int(f.attrs.get("count", f[IDS].shape[0])) if load_features else 0
             self.ids: list[str] = decode_strings(f[IDS][:n])
             self.black = torch.from_numpy(np.asarray(f[BLACK][:])).to(dtype)
-            self.features = (torch.from_numpy(np.asarray(f[FEATURES][:n])).to(dtype) if load_features
-                             else self.black.new_empty((0, self.black.shape[0])))
+            need = n * int(np.prod(f[FEATURES].shape[1:])) * self.black.element_size()
+            self.in_memory = max_memory_bytes is None or need <= max_memory_bytes
+            if not self.in_memory:
+                self.features = None
+                self._file, self._rows = f, f[FEATURES]
+            else:
+                self.features = (torch.from_numpy(np.asarray(f[FEATURES][:n])).to(dtype)
+                                 if load_features
+                                 else self.black.new_empty((0, self.black.shape[0])))
             self.failed: dict[str, str] = {}
             if FAILED in f:
                 g = f[FAILED]
                 self.failed = dict(zip(decode_strings(g["ids"][:]), decode_strings(g["reasons"][:])))
             self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        finally:
+            if self._file is None:
+                f.close()
         self.path = path
+        self.dtype = dtype
         self.row = {image_id: i for i, image_id in enumerate(self.ids)}
-        self.dim = int(self.features.shape[1]) if self.features.ndim == 2 else int(self.black.shape[0])
+        self.dim = (int(self._rows.shape[1]) if self.features is None
+                    else int(self.features.shape[1]) if self.features.ndim == 2
+                    else int(self.black.shape[0]))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -81,4 +100,24 @@ class FeatureTable:
 
     def lookup(self, image_ids: list[str]) -> torch.Tensor:
         """Features of ``image_ids``, shape (len, D)."""
-        return self.features[self.rows(image_ids)]
+        return self.gather(self.rows(image_ids))
+
+    def gather(self, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Features of the 1-D row indices ``rows``, in their order, shape (len, D), ``dtype``.
+
+        Out of core: one read of the unique rows in increasing order (h5py's fancy indexing
+        requires it, and a sorted read visits each HDF5 chunk once), then put back in order;
+        the result equals the in-memory gather.
+        """
+        if self.features is not None:
+            return self.features[torch.as_tensor(rows, dtype=torch.long)]
+        unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        block = (self._rows[unique] if len(unique)
+                 else np.empty((0, self.dim), dtype=self._rows.dtype))
+        return torch.from_numpy(block).to(self.dtype)[torch.from_numpy(inverse.reshape(-1))]
+
+    def close(self) -> None:
+        """Close the file held open out of core (no-op in memory)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -46,7 +46,7 @@ RESUME_DIR = "resume"
 CHECKPOINTS_DIR = "checkpoints"
 # Fields that may change between a run and its resumption without changing what it computes.
 RESUME_FREE_FIELDS = {"max_steps", "progress", "log_every", "save_every", "resume", "device",
-                      "compile", "cache_dir"}
+                      "compile", "cache_dir", "feature_memory_gb"}
 
 
 @dataclass
@@ -86,6 +86,10 @@ class TrainConfig:
     log_every: int = opt(10, help="steps between metrics records")
     max_steps: int = opt(0, help="stop (resumably) after this many steps in total; 0: no limit")
     cache_dir: Path = opt(Path("cache/tokens"), help="where tokenised corpora are cached")
+    feature_memory_gb: float = opt(-1.0, help="hold the feature matrix (fp16) in memory when it "
+                                   "needs at most this many GB per process, else read each "
+                                   "batch's rows from the file (same results); negative: half "
+                                   "the memory available at start, shared by the node's ranks")
     resume: bool = opt(True, help="resume from OUT/resume if present")
     progress: bool = opt(True, help="show progress bars")
 
@@ -205,6 +209,21 @@ def _publish_final(model, tokenizer, out: Path) -> None:
     shutil.rmtree(tmp)
 
 
+def feature_memory_budget(cfg: TrainConfig) -> int:
+    """Bytes of feature rows this process may hold: ``--feature-memory-gb``, or by default half
+    of the memory available now, split between the node's ranks (each holds its own copy)."""
+    if cfg.feature_memory_gb >= 0:
+        return int(cfg.feature_memory_gb * 2**30)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:  # Linux: MemAvailable counts the reclaimable page cache that "free pages" leaves out
+        with open("/proc/meminfo", encoding="ascii") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f
+                             if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pass
+    return available // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Model and optimizer
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +314,12 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
             return out
     device = world.device
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
-    table = FeatureTable(cfg.features, load_features=cfg.kind == "vlm")
+    budget = feature_memory_budget(cfg)
+    table = FeatureTable(cfg.features, load_features=cfg.kind == "vlm", max_memory_bytes=budget)
+    if not table.in_memory:
+        log.warning("%s: %d x %d features exceed the %.2f GB in-memory budget "
+                    "(--feature-memory-gb); each batch's rows are read from the file",
+                    cfg.features, len(table), table.dim, budget / 2**30)
 
     # Data: the first rank on each node tokenises into the cache, the others then read it.
     if world.local_rank != 0:
@@ -352,7 +376,7 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, step)
         save_config(cfg, out / "train_config.json", world_size=ws, total_steps=plan.total_steps,
-                    epochs_planned=plan.epochs,
+                    epochs_planned=plan.epochs, features_in_memory=table.in_memory,
                     samples={"text_sequences": len(sources.get(TEXT, ())),
                              "captions": len(sources.get(CAPTIONS, ()))})
     metrics = open(metrics_path, "a", encoding="utf-8") if world.is_main else None

@@ -34,7 +34,8 @@ def saved(world, tmp_path_factory):  # noqa: F811
     images.mkdir()
     rng = np.random.default_rng(0)
     for name, size in (("a", (90, 70)), ("b", (64, 64))):
-        Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(images / f"{name}.png")
+        pixels = (rng.random((*size, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"{name}.png")
     return {"root": root, "encoder": encoder, "vlm": root / "vlm", "images": images}
 
 
