@@ -105,15 +105,23 @@ class FeatureTable:
     def gather(self, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Features of the 1-D row indices ``rows``, in their order, shape (len, D), ``dtype``.
 
-        Out of core: one read of the unique rows in increasing order (h5py's fancy indexing
-        requires it, and a sorted read visits each HDF5 chunk once), then put back in order;
-        the result equals the in-memory gather.
+        Out of core: the unique rows are read in increasing order (each HDF5 chunk is visited
+        once), then put back in order; the result equals the in-memory gather.
         """
         if self.features is not None:
             return self.features[torch.as_tensor(rows, dtype=torch.long)]
         unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
-        block = (self._rows[unique] if len(unique)
-                 else np.empty((0, self.dim), dtype=self._rows.dtype))
+        if len(unique) == 0:
+            block = np.empty((0, self.dim), dtype=self._rows.dtype)
+        elif self._rows.chunks is None:
+            # Contiguous or virtual (what extract-features writes): one fancy read is fastest,
+            # 0.4 ms for 32 random rows of a 20k x 1024 fp16 file in the page cache.
+            block = self._rows[unique]
+        else:
+            # HDF5's selection code is slow on chunked data (32 rows: 2.0 ms as one fancy read,
+            # 0.24 ms row by row); rows sharing a chunk come in a row, so the chunk cache serves
+            # them from one chunk read.
+            block = np.stack([self._rows[int(r)] for r in unique])
         return torch.from_numpy(block).to(self.dtype)[torch.from_numpy(inverse.reshape(-1))]
 
     def close(self) -> None:

@@ -6,6 +6,14 @@ only, as LLaVA freezes it) on decoded 224x224 crops, then the identical model st
 and resizing, which the cache also saves, are not counted. The loader (batch assembly from the
 memory-mapped token cache and the feature table) is timed on its own and compared with the step.
 
+``loader_in_loop`` answers "does the loader make the GPU wait": the same caption batches run
+through a train-like loop (loader inline, as in ``babymerge train``, no sync until the end) with
+features in memory and out of core (``FeatureTable(max_memory_bytes=0)``: one sorted HDF5 read per
+batch; the file here sits in the page cache, so disk latency is not included), and once with
+every batch prebuilt on the device. ``wait_ms`` = step time with the loader minus step time
+with prebuilt batches: the loader's cost that the step does not hide. On CPU nothing overlaps
+(both share the cores); on CUDA the loader runs while queued kernels execute.
+
 Prints one JSON object. ``--quick`` (the default on CPU): tiny model and encoder, seconds. On CUDA
 the default is the paper's model and a DINOv2-large-sized random encoder, with bf16 autocast and
 the model FLOP utilisation (6N + 12·L·H·Q·T FLOPs per token, nanoGPT's estimate).
@@ -115,6 +123,58 @@ def main() -> None:
                           tokenizer=root / "tok", out=root / "out", seq_len=seq_len)
         optimizer = make_optimizer(model, cfg, device)
 
+        def to_device(b: dict) -> dict:
+            if device.type == "cuda":
+                return {k: v.pin_memory().to(device, non_blocking=True) for k, v in b.items()}
+            return b
+
+        def loop(batches) -> tuple[float, float]:
+            """(ms per step, ms of it building batches) over ``batches`` (callables that build
+            one), train-like: no sync until the end."""
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            load = 0.0
+            t0 = time.perf_counter()
+            for make in batches:
+                t1 = time.perf_counter()
+                b = make()
+                load += time.perf_counter() - t1
+                with autocast:
+                    loss = model(input_ids=b["input_ids"], pixel_values=b["features"],
+                                 labels=b["labels"], use_cache=False).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return 1000 * (time.perf_counter() - t0) / len(batches), 1000 * load / len(batches)
+
+        def loader_in_loop(n_steps: int) -> dict:
+            ooc = load_captions([root / "caps.tsv"], tokenizer, root / "cache", seq_len,
+                                FeatureTable(root / "f.h5", max_memory_bytes=0), progress=False)
+            indices = [rng.integers(0, len(ooc), batch) for _ in range(n_steps)]
+            prebuilt = [to_device(sources[CAPTIONS].batch(i)) for i in indices]
+            variants = {"prebuilt": [lambda b=b: b for b in prebuilt],
+                        "in_memory": [lambda i=i: to_device(sources[CAPTIONS].batch(i))
+                                      for i in indices],
+                        "out_of_core": [lambda i=i: to_device(ooc.batch(i)) for i in indices]}
+            assert all(torch.equal(ooc.batch(i)["features"], sources[CAPTIONS].batch(i)["features"])
+                       for i in indices[:2])
+            loop(variants["prebuilt"][:2])  # warm-up
+            # Rounds interleave the variants, and each keeps its fastest round: on a shared
+            # machine the noise only ever adds time.
+            rounds = [{name: loop(v) for name, v in variants.items()} for _ in range(3)]
+            timed = {name: min((r[name] for r in rounds), key=lambda t: t[0]) for name in variants}
+            base = timed["prebuilt"][0]
+            out = {"step_ms_prebuilt": round(base, 3), "steps": n_steps, "rounds": len(rounds)}
+            for name in ("in_memory", "out_of_core"):
+                step_ms, load_ms = timed[name]
+                out[name] = {"step_ms": round(step_ms, 3), "loader_ms": round(load_ms, 3),
+                             "loader_share_of_step": round(load_ms / step_ms, 4),
+                             "wait_ms": round(step_ms - base, 3),
+                             "wait_share_of_step": round((step_ms - base) / step_ms, 4)}
+            return out
+
         def loader_ms(src: int) -> float:
             n = len(sources[src])
             t0 = time.perf_counter()
@@ -178,6 +238,7 @@ def main() -> None:
                                               / results["cached_features"]["step_ms"], 3),
             "loader_ms_per_batch": {"text": round(loader_ms(TEXT), 3),
                                     "captions": round(loader_ms(CAPTIONS), 3)},
+            "loader_in_loop": loader_in_loop(max(steps, 8)),
             "model_flops_per_token": fpt, "mfu": mfu,
             "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                          "transformers": transformers.__version__},
