@@ -245,7 +245,7 @@ def prepare_task(spec: TaskSpec, tokenizer, table: FeatureTable | None,
         except FeatureFileError as e:
             raise TaskError(f"task {spec.name} ({spec.path}): {e}") from e
         unique, inverse = torch.unique(rows, return_inverse=True)
-        features, image_index = table.features[unique], inverse.tolist()
+        features, image_index = table.gather(unique), inverse.tolist()
 
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
