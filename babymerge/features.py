@@ -227,9 +227,14 @@ def load_encoder(name_or_path: str | Path, device: str | torch.device = "cpu",
 
 def save_random_dinov2(directory: str | Path, hidden_size: int = 64, num_layers: int = 2,
                        num_heads: int = 4, patch_size: int = 14, image_size: int = 224,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, initializer_range: float = 0.02) -> Path:
     """Save a randomly initialised ``Dinov2Model`` and a DINOv2 image processor (shortest edge
-    256/224 of the crop, centre crop ``image_size``, ImageNet mean/std) as an HF directory."""
+    256/224 of the crop, centre crop ``image_size``, ImageNet mean/std) as an HF directory.
+
+    ``initializer_range`` is the std of the random weights: at DINOv2's 0.02 a random encoder's
+    blocks are nearly linear and its pooled feature keeps little beyond the mean colour; the demo
+    uses a larger value so the feature also says which colours are where (measured by a probe,
+    ``babymerge/demo.py``)."""
     from transformers import Dinov2Config, Dinov2Model
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from transformers.models.bit import BitImageProcessorPil
@@ -238,7 +243,7 @@ def save_random_dinov2(directory: str | Path, hidden_size: int = 64, num_layers:
     torch.manual_seed(seed)
     config = Dinov2Config(hidden_size=hidden_size, num_hidden_layers=num_layers,
                           num_attention_heads=num_heads, patch_size=patch_size,
-                          image_size=image_size)
+                          image_size=image_size, initializer_range=initializer_range)
     Dinov2Model(config).save_pretrained(directory)
     # The PIL processor saves as "BitImageProcessor", what facebook/dinov2-* ship.
     BitImageProcessorPil(size={"shortest_edge": round(image_size * 256 / 224)},
