@@ -163,10 +163,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include the torch.compile baseline (default: yes, except --quick on CPU "
                         "where inductor's C++ build alone takes longer than the whole run)")
+    p.add_argument("--dtypes", default=None,
+                   help="projector dtypes, comma list of bf16,fp16,fp32 (default: bf16,fp32 on "
+                        "CUDA; fp32 on CPU). The merge runs in the first.")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    wanted = args.dtypes or ("bf16,fp32" if on_gpu else "fp32")
+    try:
+        dtypes = [names[d.strip()] for d in wanted.split(",") if d.strip()]
+    except KeyError as e:
+        p.error(f"--dtypes: unknown {e}; choose from {', '.join(names)}")
     ms = [256, 1024] if args.quick else [256, 1024, 4096, 16384]
     reps = 3 if args.quick else 30
     with_compile = args.compile if args.compile is not None else (on_gpu or not args.quick)
@@ -182,9 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
         "note": ("torch paths only: Triton needs a GPU (interpreted timings mean nothing)"
                  if not on_gpu else "Triton vs torch eager vs torch.compile, same run"),
         "torch_compile": "included" if with_compile else "skipped (--no-compile or --quick on CPU)",
-        "projector": bench_projector(device, dtype, ms, 1024, 768, 768, reps,
-                                     with_compile=with_compile),
-        "merge": bench_merge(device, dtype, preset, reps),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "projector": [row for dtype in dtypes
+                      for row in bench_projector(device, dtype, ms, 1024, 768, 768, reps,
+                                                 with_compile=with_compile)],
+        "merge": bench_merge(device, dtypes[0], preset, reps),
     }
     try:
         import triton
