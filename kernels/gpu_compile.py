@@ -3,7 +3,8 @@
 The CPU interpreter is more permissive than the GPU compiler (e.g. it runs tl.dot on 8x8 tiles,
 which the GPU rejects), so interpreted tests alone do not prove the kernels build. This lowers each
 kernel through Triton's real pipeline to a cubin for the target (H100 = sm_90 by default) and
-reports the shared memory each config needs, against the device's limit.
+reports the shared memory each config needs, against the device's limit, and the registers and
+spills per thread (``ptxas -v``).
 
     TRITON_INTERPRET=0 python -m kernels.gpu_compile [--arch 90] [--all-configs] \
         [--dtypes bf16,fp32]
@@ -17,7 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 # Shared memory per block when opted in (Triton does): H100/H200 (sm_90) 227 KB, A100 163 KB,
@@ -64,6 +68,7 @@ def _specs(dtype: str, all_configs: bool):
                           ("_projector_bwd_dz_kernel", P._DZ_CONFIGS),
                           ("_projector_bwd_grads_kernel", P._GRAD_CONFIGS)):
         fn = jit(getattr(P, name))
+        configs = configs["fp32" if dtype == "fp32" else "16bit"]
         chosen = configs if all_configs else [max(configs, key=tile_volume)]
         for cfg in chosen:
             const = dict(flags[name], UPCAST=False, PRECISION=precision, **cfg.kwargs)
@@ -80,6 +85,30 @@ def _specs(dtype: str, all_configs: bool):
     sig = {"table_ptr": "*i64", "n_tensors": "i32", "alpha": "fp32",
            **{k: "constexpr" for k in const}}
     yield "_interpolate_kernel", fn, sig, const, dict(num_warps=I.NUM_WARPS), _divisible(fn, ["table_ptr"])
+
+
+def _ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes per thread from the ptxas bundled with Triton (``ptxas -v``);
+    empty if no bundled ptxas accepts this PTX version."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        for exe in ("ptxas", "ptxas-blackwell"):
+            path = os.path.join(bin_dir, exe)
+            if not os.path.exists(path):
+                continue
+            done = subprocess.run([path, "-v", f"--gpu-name=sm_{arch}a", src, "-o", os.devnull],
+                                  capture_output=True, text=True)
+            regs = re.search(r"Used (\d+) registers", done.stderr)
+            spills = re.search(r"(\d+) bytes spill stores", done.stderr)
+            if done.returncode == 0 and regs:
+                return {"registers": int(regs.group(1)),
+                        "spill_bytes": int(spills.group(1)) if spills else 0}
+    return {}
 
 
 def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16",), all_configs: bool = False
@@ -105,6 +134,7 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16",), all_configs
                 compiled = triton.compile(ASTSource(fn, sig, const, attrs),
                                           target=GPUTarget("cuda", arch, 32), options=options)
                 rec["shared_bytes"] = compiled.metadata.shared
+                rec.update(_ptxas_usage(compiled.asm["ptx"], arch))
                 rec["ok"] = limit is None or compiled.metadata.shared <= limit
                 if not rec["ok"]:
                     rec["error"] = f"needs {compiled.metadata.shared} B of shared memory > {limit}"

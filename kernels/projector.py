@@ -51,12 +51,22 @@ def _configs(names: tuple[str, ...], tuned: list[tuple]) -> list[triton.Config]:
             for t in tuned]
 
 
-def _autotuned(configs: list[triton.Config], key: list[str]):
-    """triton.autotune on CUDA. The interpreter can run only one config and its tl.dot is a plain
+def _autotuned(configs: dict[str, list[triton.Config]], key: list[str]):
+    """triton.autotune on CUDA over ``configs["16bit"]`` for bf16/fp16 operands and
+    ``configs["fp32"]`` for fp32 (the kernel's first argument decides). fp32 dots run on FMA units
+    with every operand in registers: the tensor-core tile sizes spill kilobytes there (ptxas, sm_90),
+    so fp32 gets smaller tiles. The interpreter can run only one config and its tl.dot is a plain
     numpy loop whose cost is the padded tile volume, so there the launchers pass block sizes fitted
     to the shape instead (:func:`_fitted`)."""
+    def by_dtype(_configs, named_args, **_):
+        first = next(iter(named_args.values()))
+        return configs["fp32" if first.dtype == torch.float32 else "16bit"]
+
     def wrap(fn):
-        return fn if INTERPRET else triton.autotune(configs=configs, key=key)(fn)
+        if INTERPRET:
+            return fn
+        return triton.autotune(configs=configs["16bit"] + configs["fp32"], key=key,
+                               prune_configs_by={"early_config_prune": by_dtype})(fn)
     return wrap
 
 
@@ -69,23 +79,37 @@ def _fitted(**dims: tuple[int, int]) -> dict[str, int]:
             for name, (size, cap) in dims.items()}
 
 
-# Block sizes are >= 16 everywhere: tl.dot on the GPU needs every dimension >= 16.
-_FWD_CONFIGS = _configs(
-    ("BLOCK_M", "BLOCK_N", "BLOCK_H", "BLOCK_K"),
-    [(64, 64, 64, 64, 4, 3), (64, 128, 64, 64, 4, 3), (64, 256, 64, 64, 8, 3),
-     (128, 128, 64, 64, 8, 3), (64, 512, 32, 64, 8, 3),
-     (32, 256, 64, 64, 4, 4), (16, 256, 64, 128, 4, 4)])
-_DZ_CONFIGS = _configs(
-    ("BLOCK_M", "BLOCK_H", "BLOCK_N"),
-    [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
-     (32, 128, 128, 4, 3), (16, 128, 128, 4, 4)])
+# Block sizes are >= 16 everywhere: tl.dot on the GPU needs every dimension >= 16. Every config
+# compiles for sm_90 without register spills with the JIT's usual specialisation (kernels/
+# gpu_compile.py; ptxas -v), bf16 at 72-255 registers and 37-110 KB of shared memory.
+_FWD = ("BLOCK_M", "BLOCK_N", "BLOCK_H", "BLOCK_K")
+_FWD_CONFIGS = {
+    "16bit": _configs(_FWD, [(64, 64, 64, 64, 4, 3), (64, 128, 64, 64, 4, 3),
+                             (64, 256, 64, 64, 8, 3), (128, 128, 64, 64, 8, 3),
+                             (64, 512, 32, 64, 8, 3), (32, 256, 64, 64, 4, 4),
+                             (16, 256, 64, 128, 4, 4)]),
+    "fp32": _configs(_FWD, [(32, 64, 32, 32, 4, 2), (32, 128, 32, 32, 4, 2), (64, 64, 32, 32, 4, 2),
+                            (16, 128, 32, 64, 4, 2), (64, 128, 32, 32, 8, 2),
+                            (32, 256, 32, 32, 8, 2)]),
+}
+_DZ = ("BLOCK_M", "BLOCK_H", "BLOCK_N")
+_DZ_CONFIGS = {
+    "16bit": _configs(_DZ, [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+                            (128, 128, 64, 8, 3), (32, 128, 128, 4, 3), (16, 128, 128, 4, 4)]),
+    "fp32": _configs(_DZ, [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+                           (16, 128, 128, 4, 4)]),
+}
 # Weight-gradient tiles (A, B = output dims, R = the M reduction) and dx tiles (XM, XK, XH = the H
 # reduction) have their own sizes: in dW the rows M are the reduction, in dx they are an output dim.
-_GRAD_CONFIGS = _configs(
-    ("BLOCK_A", "BLOCK_B", "BLOCK_R", "BLOCK_XM", "BLOCK_XK", "BLOCK_XH"),
-    [(64, 64, 64, 64, 64, 64, 4, 3), (64, 128, 64, 64, 128, 64, 4, 3),
-     (128, 64, 64, 128, 64, 64, 4, 3), (128, 128, 64, 128, 128, 64, 8, 3),
-     (128, 128, 32, 64, 128, 64, 8, 4), (64, 64, 128, 32, 128, 64, 4, 3)])
+_GRAD = ("BLOCK_A", "BLOCK_B", "BLOCK_R", "BLOCK_XM", "BLOCK_XK", "BLOCK_XH")
+_GRAD_CONFIGS = {
+    "16bit": _configs(_GRAD, [(64, 64, 64, 64, 64, 64, 4, 3), (64, 128, 64, 64, 128, 64, 4, 3),
+                              (128, 64, 64, 128, 64, 64, 4, 3),
+                              (128, 128, 64, 128, 128, 64, 8, 3),
+                              (128, 128, 32, 64, 128, 64, 8, 4),
+                              (64, 64, 128, 32, 128, 64, 4, 3)]),
+    "fp32": _configs(_GRAD, [(64, 64, 32, 64, 64, 32, 8, 2), (32, 32, 32, 32, 32, 32, 4, 2)]),
+}
 
 # Autotuning is keyed on M rounded up to a power of two (M_BUCKET), not on M: the last batch of an
 # epoch or an evaluation batch must not trigger a fresh search.

@@ -24,3 +24,5 @@ def test_kernels_compile_for_sm90():
         "_interpolate_kernel"}
     assert all(0 < r["shared_bytes"] <= report["shared_limit_bytes"] for r in report["records"]
                if r["kernel"] != "_interpolate_kernel")
+    # register spills would make the kernels slow, not wrong; the configs are chosen to have none
+    assert all(r.get("spill_bytes", 0) == 0 for r in report["records"]), report["records"]
