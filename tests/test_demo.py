@@ -1,0 +1,88 @@
+"""`babymerge demo` end to end at tiny scale, and the pieces of its report."""
+
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from babymerge.cli import main
+from babymerge.demo import DemoConfig, demo, finding
+from babymerge.features import ExtractConfig
+from babymerge.merge import MergeConfig
+from babymerge.tokenizer import TokenizerConfig
+from babymerge.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return demo(DemoConfig(out=out, scale="tiny", progress=False)), out
+
+
+def test_demo_end_to_end_shows_what_the_paper_needs(report):
+    rep, out = report
+    results = json.loads((out / "merge" / "results.json").read_text())
+    assert [r["alpha"] for r in results["records"]] == [round(0.1 * i, 1) for i in range(11)]
+    tasks = results["tasks"]
+    kinds = {t["kind"] for t in tasks.values()}
+    assert kinds == {"minimal_pairs", "winoground", "vqa"}
+    by_alpha = {r["alpha"]: r["scores"] for r in results["records"]}
+    vlm, lm = by_alpha[0.0], by_alpha[1.0]
+    name = {t["kind"]: n for n, t in tasks.items()}
+    # the LM learned grammar from text: clearly above the 50% of a coin
+    assert lm[name["minimal_pairs"]] >= 0.62, lm
+    # the VLM uses the image: above chance, and above the LM that only sees the black image
+    for kind in ("winoground", "vqa"):
+        chance = tasks[name[kind]]["chance"]
+        assert vlm[name[kind]] > chance + 0.05, (kind, vlm, chance)
+        assert vlm[name[kind]] > lm[name[kind]], (kind, vlm, lm)
+
+    # the report: every stage timed, the random encoder labelled, the plot and one verdict
+    assert set(rep["stages"]) == {"world", "encoder", "extract-features", "tokenizer",
+                                  "train lm", "train vlm", "merge"}
+    assert all(s["seconds"] >= 0 for s in rep["stages"].values())
+    assert "randomly initialised" in rep["encoder"]
+    assert Path(rep["plot"]).is_file()
+    text = (out / "report.txt").read_text()
+    assert rep["finding"] in text and "paper's finding" in rep["finding"]
+    assert "0 VLM" in text and "1 LM" in text and "alpha_curve.png" in text
+
+
+def _results(grammar, multimodal, items=400):
+    tasks = {"g": {"kind": "minimal_pairs", "chance": 0.5, "items": items},
+             "w": {"kind": "winoground", "chance": 0.5, "items": items}}
+    return {"tasks": tasks, "records": [{"alpha": a, "grammar": g, "multimodal": m}
+                                        for a, g, m in zip((0.0, 0.5, 1.0), grammar, multimodal)]}
+
+
+def test_finding_sentence_follows_the_scores():
+    holds, text = finding(_results((0.60, 0.70, 0.75), (0.70, 0.69, 0.55)))
+    assert holds and "holds on this run" in text and "alpha = 0.5" in text and "67%" in text
+    holds, text = finding(_results((0.80, 0.78, 0.75), (0.70, 0.69, 0.55)))
+    assert not holds and "not weaker on grammar" in text
+    # the merge improves grammar but loses far more than one standard error of multimodal score
+    holds, text = finding(_results((0.60, 0.70, 0.75), (0.70, 0.55, 0.55)))
+    assert not holds and "only in part" in text
+
+
+def test_cli_and_bad_scale():
+    res = CliRunner().invoke(main, ["demo", "--help"])
+    assert res.exit_code == 0 and "--scale" in res.output and "tiny" in res.output
+    res = CliRunner().invoke(main, ["demo", "--scale", "huge"])
+    assert res.exit_code != 0 and "huge" in res.output
+    with pytest.raises(ValueError, match="--scale"):
+        DemoConfig(scale="huge")
+
+
+@pytest.mark.parametrize("name,cls", [("extract", ExtractConfig), ("tokenizer", TokenizerConfig),
+                                      ("train_lm", TrainConfig), ("train_vlm", TrainConfig),
+                                      ("merge", MergeConfig)])
+def test_paper_configs_name_only_real_fields(name, cls):
+    data = tomllib.loads((ROOT / "configs" / "paper" / f"{name}.toml").read_text())
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert set(data) <= fields, set(data) - fields
