@@ -11,6 +11,11 @@ device, and for each alpha the live parameters are overwritten in place through
 ``kernels.interpolate_`` (fused Triton on CUDA, multi-tensor torch elsewhere) and then scored with
 :mod:`babymerge.evaluate`. Nothing is written per alpha except for the alphas asked to be kept.
 
+Memory on the device, bounded and independent of the grid's length: the live model, plus 2P
+(linear, slerp) or 4P (task-vector methods) of resident tensors, P = the merged tensors' bytes
+(see :mod:`babymerge.merge_methods`), plus one scoring batch's activations and at most
+``evaluate.LOGIT_CHUNK`` x vocabulary logits. A checkpoint sweep holds one VLM at a time.
+
 Beyond the paper: ``--method`` picks any method of :mod:`babymerge.merge_methods` (task
 arithmetic, TIES and DARE take ``--base``, the shared initial checkpoint), and several ``--vlm``
 checkpoints make a checkpoint sweep, each merged with the same LM, like the paper's curves over

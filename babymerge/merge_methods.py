@@ -5,9 +5,16 @@ alpha of the sweep, to write the merged tensors into the live model's parameters
 (:meth:`MergeMethod.merge_into_`). alpha weighs the LM and 1 - alpha the VLM in every method, so
 alpha = 0 leans to the VLM and alpha = 1 to the LM.
 
-Memory, with P = the bytes of the merged tensors: linear and slerp hold LM + VLM (2P) beside the
-live model; the task-vector methods hold the base and two task vectors (the VLM's copy is reused
-for its task vector), 3P beside the live model.
+Each class's docstring gives its definition; ``reference`` (written into results.json) cites the
+paper it comes from.
+
+Memory beside the live model, with P = the bytes of the merged tensors (416 MB in fp32 for the
+paper preset): linear and slerp hold the two endpoints, 2P (the LM, shared by every VLM of a
+checkpoint sweep, and the VLM's private copy). The task-vector methods hold 4P: the LM (the sweep
+keeps it to score the unmerged LM), the base, and the two task vectors (the VLM's copy is turned
+into its task vector in place). Transient memory is bounded by the largest single tensor: linear
+none (one fused pass), slerp one temporary for a near-parallel tensor, TIES under ten temporaries
+of one tensor during its sign election.
 """
 
 from __future__ import annotations
@@ -59,7 +66,10 @@ class MergeMethod:
 
 @register("linear")
 class Linear(MergeMethod):
-    reference = "theta = alpha*LM + (1-alpha)*VLM (the paper; Wortsman et al. 2022, model soups)"
+    """``theta = alpha * LM + (1 - alpha) * VLM`` for every tensor: the paper's merge."""
+
+    reference = ("theta = alpha*LM + (1-alpha)*VLM (the paper; weight averaging as in Wortsman et "
+                 "al. 2022, Model soups, arXiv:2203.05482)")
 
     @torch.no_grad()
     def merge_into_(self, dst: list[torch.Tensor], alpha: float) -> None:
@@ -68,8 +78,13 @@ class Linear(MergeMethod):
 
 @register("slerp")
 class Slerp(MergeMethod):
-    reference = ("spherical interpolation per tensor (Shoemake 1985), linear where the two are "
-                 "nearly parallel")
+    """Per tensor, with omega the angle between the flattened LM and VLM tensors:
+    ``theta = sin((1 - alpha) omega) / sin(omega) * VLM + sin(alpha omega) / sin(omega) * LM``
+    (the tensors themselves, not their unit vectors, are combined, as mergekit's slerp does);
+    ``lerp`` where the two are nearly parallel."""
+
+    reference = ("spherical linear interpolation per tensor (Shoemake 1985, Animating rotation "
+                 "with quaternion curves, SIGGRAPH), linear where the two are nearly parallel")
     # |cos| above this: the arc is a line to float precision and sin(omega) ~ 0 would blow up
     PARALLEL_COS = 0.9995
 
@@ -94,8 +109,13 @@ class Slerp(MergeMethod):
 
 @register("task-arithmetic")
 class TaskArithmetic(MergeMethod):
+    """``theta = base + scale * (alpha * tau_LM + (1 - alpha) * tau_VLM)`` with the task vectors
+    ``tau = model - base``; at scale 1 this is the linear merge. Subclasses sparsify the task
+    vectors (:meth:`sparsify`) or combine them differently (:meth:`combine_into_`)."""
+
     reference = ("base + scale*(alpha*tau_LM + (1-alpha)*tau_VLM), tau = model - base "
-                 "(Ilharco et al. 2023); equals linear at scale 1")
+                 "(Ilharco et al. 2023, Editing models with task arithmetic, arXiv:2212.04089); "
+                 "equals linear at scale 1")
     needs_base = True
 
     def __init__(self, lm, vlm, base, **kw):
@@ -123,8 +143,13 @@ class TaskArithmetic(MergeMethod):
 
 @register("dare")
 class Dare(TaskArithmetic):
+    """Task arithmetic after DARE: each task vector's entries are dropped with probability
+    ``1 - density`` (an independent seeded mask per tensor and model) and the survivors rescaled
+    by ``1 / density``, which keeps each task vector's expectation."""
+
     reference = ("task arithmetic on task vectors with each entry dropped with probability "
-                 "1-density and the rest rescaled by 1/density (Yu et al. 2024, DARE)")
+                 "1-density and the rest rescaled by 1/density (Yu et al. 2024, DARE, Language "
+                 "models are Super Mario, arXiv:2311.03099)")
     uses_density = True
 
     def sparsify(self, tau: torch.Tensor, stream: int) -> torch.Tensor:
@@ -138,8 +163,15 @@ class Dare(TaskArithmetic):
 
 @register("ties")
 class Ties(TaskArithmetic):
-    reference = ("TIES (Yadav et al. 2023): task vectors trimmed to their top-density magnitudes, "
-                 "sign elected by the weighted sum, weighted mean of the entries that agree")
+    """TIES: (1) trim each task vector to its top ``density`` fraction by magnitude; (2) elect
+    each entry's sign as the sign of ``alpha * tau_LM + (1 - alpha) * tau_VLM``; (3) merge as the
+    mean, weighted by alpha and 1 - alpha, of the trimmed entries whose sign agrees (0 where none
+    does); then ``base + scale * merged`` as in task arithmetic. The paper's disjoint mean is the
+    unweighted case (alpha = 0.5)."""
+
+    reference = ("TIES (Yadav et al. 2023, TIES-Merging, arXiv:2306.01708): task vectors trimmed "
+                 "to their top-density magnitudes, sign elected by the weighted sum, weighted mean "
+                 "of the entries that agree")
     uses_density = True
     extrapolates = False  # negative weights would flip the sign election
 
