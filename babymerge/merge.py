@@ -67,7 +67,7 @@ class MergeConfig:
     features: Path | None = opt(None, "feature file with the tasks' image ids and the black "
                                 "feature")
     out: Path = opt(Path("run/merge"), "output folder: results.json/.md, alpha_curve.png, "
-                    "alpha_<a>/")
+                    "checkpoint_curve.png (several --vlm), alpha_<a>/")
     keep: str = opt("chosen", "alphas whose merged checkpoints are written as alpha_<a>/: a list "
                     "(0.3,0.8), 'chosen' (may be in the list), or 'none'")
     method: str = opt("linear", "merge method", choices=tuple(MERGE_METHODS))
@@ -326,8 +326,8 @@ def _log(path: Path, rec: dict) -> None:
 
 
 def merge(cfg: MergeConfig) -> dict:
-    """Run the sweep(s); write results.json/.md, alpha_curve.png, metrics.jsonl and the kept
-    checkpoints; return the results.json content."""
+    """Run the sweep(s); write results.json/.md, alpha_curve.png (and checkpoint_curve.png for a
+    checkpoint sweep), metrics.jsonl and the kept checkpoints; return the results.json content."""
     grid = parse_alpha_grid(cfg.alpha_grid, cfg.allow_extrapolation)
     keep, keep_chosen = parse_keep(cfg.keep, cfg.allow_extrapolation)
     method_cls = MERGE_METHODS[cfg.method]
@@ -411,6 +411,8 @@ def merge(cfg: MergeConfig) -> dict:
     atomic_write_text(cfg.out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(cfg.out / "results.md", results_markdown(results))
     atomic_write_bytes(cfg.out / "alpha_curve.png", plot_alpha_curve(results))
+    if len(vlm_names) > 1:
+        atomic_write_bytes(cfg.out / "checkpoint_curve.png", plot_checkpoint_curve(results))
     click.echo(f"chosen alpha {best['alpha']} ({best['vlm']}), objective {best['objective']:.4f}; "
                f"results in {cfg.out}")
     return results
@@ -452,9 +454,9 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_alpha_curve(results: dict) -> bytes:
-    """PNG: one panel per task plus the rule's objective; score against alpha for every VLM, the
-    unmerged LM (alpha = 1) and VLM (alpha = 0) marked, the chosen alpha highlighted."""
+def _panels(results: dict):
+    """A figure with one panel per task plus the rule's objective, and each panel's value of a
+    scores dict."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
     panels = list(results["tasks"]) + ["objective"]
@@ -462,14 +464,41 @@ def plot_alpha_curve(results: dict) -> bytes:
     nrows = -(-len(panels) // ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    vlms = list(results["vlms"])
-    colors = [f"C{i % 10}" for i in range(len(vlms))]
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
 
     def value(scores: dict, panel: str) -> float:
         return objective(scores, results["tasks"])["objective"] if panel == "objective" \
             else scores[panel]
 
-    for ax, panel in zip(axes, panels):
+    return fig, list(zip(axes, panels)), value
+
+
+def _title(ax, results: dict, panel: str) -> None:
+    """Panel title, chance line and y label."""
+    if panel != "objective":
+        ax.axhline(results["tasks"][panel]["chance"], color="grey", ls="--", lw=0.8,
+                   label="chance")
+        ax.set_title(f"{panel} ({results['tasks'][panel]['kind']})")
+    else:
+        ax.set_title("objective (chosen-alpha rule)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def plot_alpha_curve(results: dict) -> bytes:
+    """PNG: one panel per task plus the rule's objective; score against alpha for every VLM, the
+    unmerged LM (alpha = 1) and VLM (alpha = 0) marked, the chosen alpha highlighted."""
+    fig, panels, value = _panels(results)
+    vlms = list(results["vlms"])
+    colors = [f"C{i % 10}" for i in range(len(vlms))]
+    for ax, panel in panels:
         for vlm, color in zip(vlms, colors):
             recs = [r for r in results["records"] if r["vlm"] == vlm]
             ax.plot([r["alpha"] for r in recs], [value(r["scores"], panel) for r in recs], "o-",
@@ -484,19 +513,40 @@ def plot_alpha_curve(results: dict) -> bytes:
         ax.axvline(best["alpha"], color="crimson", ls=":", lw=1.2)
         ax.plot([best["alpha"]], [value(best["scores"], panel)], "o", color="crimson", ms=9,
                 mfc="none", mew=2, label=f"chosen alpha={best['alpha']}")
-        if panel != "objective":
-            ax.axhline(results["tasks"][panel]["chance"], color="grey", ls="--", lw=0.8,
-                       label="chance")
-            ax.set_title(f"{panel} ({results['tasks'][panel]['kind']})")
-        else:
-            ax.set_title("objective (chosen-alpha rule)")
+        _title(ax, results, panel)
         ax.set_xlabel("alpha (0 = VLM, 1 = LM)")
-        ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=7)
+    panels[0][0].legend(fontsize=7)
     fig.suptitle(f"{results['method']['name']} merge: score against alpha")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+    return _png(fig)
+
+
+def plot_checkpoint_curve(results: dict) -> bytes:
+    """PNG for a checkpoint sweep, the paper's curves over training: score against the --vlm
+    checkpoints (in the order given), one line per alpha beside the unmerged VLM and LM, the
+    chosen (checkpoint, alpha) circled."""
+    fig, panels, value = _panels(results)
+    vlms = list(results["vlms"])
+    alphas = sorted({r["alpha"] for r in results["records"]})
+    from matplotlib import colormaps  # imported here: matplotlib loads only when plotting
+
+    shades = colormaps["viridis"]  # alpha 0 dark to alpha 1 light, however many grid points
+    x = list(range(len(vlms)))
+    for ax, panel in panels:
+        for k, alpha in enumerate(alphas):
+            by_vlm = {r["vlm"]: r for r in results["records"] if r["alpha"] == alpha}
+            ax.plot(x, [value(by_vlm[v]["scores"], panel) for v in vlms], "o-", ms=3, lw=1,
+                    color=shades(k / max(1, len(alphas) - 1)), label=f"alpha={alpha}")
+        for which, style in (("vlm", "*--"), ("lm", "s--")):
+            ax.plot(x, [value(results["endpoints"][v][which], panel) for v in vlms], style,
+                    color="black" if which == "vlm" else "grey", ms=7, mfc="none",
+                    label=f"{which.upper()} (unmerged)")
+        best = next(r for r in results["records"] if r["alpha"] == results["chosen_alpha"]
+                    and r["vlm"] == results["chosen_vlm"])
+        ax.plot([vlms.index(best["vlm"])], [value(best["scores"], panel)], "o", color="crimson",
+                ms=10, mfc="none", mew=2, label="chosen")
+        _title(ax, results, panel)
+        ax.set_xticks(x, vlms, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel("VLM checkpoint (--vlm order)")
+    panels[0][0].legend(fontsize=6, ncols=2)
+    fig.suptitle(f"{results['method']['name']} merge: score over the VLM checkpoints")
+    return _png(fig)

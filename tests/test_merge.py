@@ -86,6 +86,7 @@ def test_results_files_follow_the_contract(sweep):
     md = (cfg.out / "results.md").read_text()
     assert "| vlm | alpha | blimp | wg | vqa |" in md and "(chosen)" in md
     assert (cfg.out / "alpha_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (cfg.out / "checkpoint_curve.png").exists()  # one --vlm: no curve over training
     assert len((cfg.out / "metrics.jsonl").read_text().splitlines()) == 3
     saved = json.loads((cfg.out / "merge_config.json").read_text())
     assert saved["config"]["alpha_grid"] == "0,0.3,1"
@@ -173,6 +174,8 @@ def test_vlm_only_tensors_kept_and_checkpoint_sweep(world, tmp_path):
     assert [(r["vlm"], r["alpha"]) for r in results["records"]] == [("vlm", 0.5), ("vlm2", 0.5)]
     assert set(results["endpoints"]) == {"vlm", "vlm2"}
     assert results["chosen_vlm"] in ("vlm", "vlm2")
+    # the paper's curves over training: score against the --vlm checkpoints
+    assert (cfg.out / "checkpoint_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name, vlm_dir in (("vlm", world.vlm), ("vlm2", vlm2)):
         kept = load_file(cfg.out / name / "alpha_0.5" / "model.safetensors")
         original = load_file(vlm_dir / "model.safetensors")
