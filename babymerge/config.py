@@ -87,6 +87,12 @@ class ConfigError(click.UsageError):
     """A bad config value or file; the message names the flag or key."""
 
 
+class InputError(click.ClickException, ValueError):
+    """Bad input found while a stage runs (a file, a line, a flag): the CLI prints the message
+    as ``Error: ...`` without a traceback; library callers catch it as a ``ValueError``. Each
+    stage's input error derives from it."""
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML (.toml) or YAML (.yaml/.yml) mapping of field names to values."""
     path = Path(path)

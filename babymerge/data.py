@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from babymerge.config import atomic_write_text
+from babymerge.config import InputError, atomic_write_text
 from babymerge.featurefile import FeatureTable
 from babymerge.model import image_prefix_ids
 from babymerge.tokenizer import normalize_text, word_start_mask
@@ -35,7 +35,7 @@ TEXT, CAPTIONS = 0, 1  # batch sources
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Unusable training data; the message names the file (and line) at fault."""
 
 

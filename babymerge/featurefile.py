@@ -12,6 +12,8 @@ import h5py
 import numpy as np
 import torch
 
+from babymerge.config import InputError
+
 FEATURES = "features"
 IDS = "ids"
 BLACK = "black"
@@ -21,7 +23,7 @@ POOLING = "mean_patch"
 STR_DTYPE = h5py.string_dtype("utf-8")
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(InputError):
     """A feature file that is missing, incomplete, or does not match what the caller needs."""
 
 
@@ -49,7 +51,10 @@ class FeatureTable:
         if not path.is_file():
             raise FeatureFileError(f"feature file not found: {path}")
         self._file = None
-        f = h5py.File(path, "r")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise FeatureFileError(f"{path}: not a readable HDF5 file ({e})") from e
         try:
             for name in (FEATURES, IDS, BLACK):
                 if name not in f:

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from babymerge import __version__
-from babymerge.config import config_to_dict, opt, arg
+from babymerge.config import InputError, arg, config_to_dict, opt
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
                                    FeatureFileError, decode_strings)
 from babymerge.images import (DEFAULT_MAX_PIXELS, ImageDataset, Preprocess, collate, list_images,
@@ -116,7 +116,7 @@ class JoinConfig:
 # The encoder
 
 
-class EncoderError(ValueError):
+class EncoderError(InputError):
     """An encoder that cannot be loaded or is not a DINOv2-family model."""
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from babymerge.config import InputError
+
 # Extensions taken as images in folders and tar shards (lower case, without the dot).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif", "ppm",
                     "pgm", "pbm")
@@ -40,7 +42,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """A SOURCE that cannot be listed: the message names the file, line or flag."""
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from babymerge.config import arg, opt, save_config
+from babymerge.config import InputError, arg, opt, save_config
 from babymerge.model import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 SPACE = "▁"  # U+2581, Llama's space marker; not whitespace or punctuation, so BERT keeps it
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A corpus or tokenizer directory babymerge cannot use; the message names it."""
 
 

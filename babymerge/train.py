@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from babymerge import distributed
-from babymerge.config import atomic_write_text, config_to_dict, opt, save_config
+from babymerge.config import InputError, atomic_write_text, config_to_dict, opt, save_config
 from babymerge.data import CAPTIONS, ORDERS, TEXT, EpochPlan, load_captions, load_text
 from babymerge.featurefile import FeatureFileError, FeatureTable
 from babymerge.model import (MODEL_PRESETS, BabyLlavaForConditionalGeneration, build_model,
@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 BABYLM_MAX_EPOCHS = 10
 RESUME_DIR = "resume"
 CHECKPOINTS_DIR = "checkpoints"
+
+
+class TrainError(InputError):
+    """A run that cannot start as asked (resume mismatch, model and data that do not fit)."""
+
+
 # Fields that may change between a run and its resumption without changing what it computes.
 RESUME_FREE_FIELDS = {"max_steps", "progress", "log_every", "save_every", "resume", "device",
                       "compile", "cache_dir", "feature_memory_gb"}
@@ -196,7 +202,7 @@ def _check_resumable(cfg: TrainConfig, state: dict, directory: Path) -> None:
     diff = sorted(k for k in new if k not in RESUME_FREE_FIELDS and old.get(k) != new[k])
     if diff:
         shown = "; ".join(f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
-        raise ValueError(f"{directory} holds a run with another config ({shown}); resume with the "
+        raise TrainError(f"{directory} holds a run with another config ({shown}); resume with the "
                          "same options, or pass --no-resume with a new --out")
 
 
@@ -258,10 +264,10 @@ def _check_model(model, cfg: TrainConfig, tokenizer, table: FeatureTable, source
                                f"{table.path} holds {table.dim}-d ones (another encoder?)")
     vocab = model.config.text_config.vocab_size
     if vocab != len(tokenizer):
-        raise ValueError(f"vocabulary mismatch: {source} has {vocab} tokens, the tokenizer "
+        raise TrainError(f"vocabulary mismatch: {source} has {vocab} tokens, the tokenizer "
                          f"{cfg.tokenizer or cfg.init_from} {len(tokenizer)}")
     if cfg.seq_len > model.config.text_config.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds {source}'s "
+        raise TrainError(f"--seq-len {cfg.seq_len} exceeds {source}'s "
                          f"{model.config.text_config.max_position_embeddings} positions")
 
 
@@ -300,11 +306,11 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
     resume_dir = out / RESUME_DIR
     state = read_resume_state(resume_dir)
     if state is not None and not cfg.resume:
-        raise ValueError(f"{out} already holds a run; use a new --out, or drop --no-resume")
+        raise TrainError(f"{out} already holds a run; use a new --out, or drop --no-resume")
     if state is not None:
         _check_resumable(cfg, state, resume_dir)
         if state["world_size"] != world.world_size:
-            raise ValueError(f"{resume_dir} was saved by {state['world_size']} process(es); "
+            raise TrainError(f"{resume_dir} was saved by {state['world_size']} process(es); "
                              f"resume it with the same number (now {world.world_size}): the "
                              "data position counts global batches per step")
         if state["finished"] or (cfg.max_steps and state["step"] >= cfg.max_steps):

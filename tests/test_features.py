@@ -320,3 +320,13 @@ def test_source_errors_name_the_problem(tmp_path, encoder_dir):
     (tmp_path / "l.jsonl").write_text("{not json\n")
     with pytest.raises(SourceError, match=r"l.jsonl:1: not valid JSON"):
         extract(tmp_path / "l.jsonl", tmp_path / "f.h5", encoder_dir)
+    # on the command line the same errors are a message, not a traceback
+    from click.testing import CliRunner
+
+    from babymerge.cli import main
+
+    result = CliRunner().invoke(main, ["extract-features", str(tmp_path / "nope"), "--out",
+                                       str(tmp_path / "f.h5"), "--encoder", str(encoder_dir)])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1 and "Error: SOURCE" in result.output
+    assert "no such file or folder" in result.output
