@@ -174,3 +174,11 @@ def test_too_long_and_wrong_feature_dim(world, tmp_path):
     tasks = load_tasks([world.specs["wg"]], world.tokenizer, other)
     with pytest.raises(TaskError, match="dimension 32 but the model's projector expects 16"):
         check_feature_dim(load_model(world.vlm), tasks)
+
+
+def test_progress_bar_counts_items(world, capsys):
+    """The bar advances per scored sequence but reads in items (8 VQA items, 32 candidates)."""
+    task = load_tasks([world.specs["vqa"]], world.tokenizer, world.features)[0]
+    score_candidates(load_model(world.vlm), task, batch_size=16, progress=True)
+    err = capsys.readouterr().err
+    assert "/8.0" in err and "item/s" in err
