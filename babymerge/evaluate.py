@@ -31,6 +31,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import click
@@ -39,9 +40,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from babymerge.config import arg, atomic_write_text, opt
+from babymerge.config import InputError, arg, atomic_write_text, opt
 from babymerge.featurefile import FeatureFileError, FeatureTable
-from babymerge.model import image_prefix_ids, load_model
+from babymerge.model import image_prefix_ids, load_black_feature, load_model
 from babymerge.tokenizer import TokenizerError, load_tokenizer
 
 TASK_KINDS = ("minimal_pairs", "winoground", "vqa")
@@ -77,7 +78,7 @@ class EvalConfig:
             parse_task_spec(spec)  # syntax only: a bad spec fails before anything is loaded
 
 
-class TaskError(click.ClickException, ValueError):
+class TaskError(InputError):
     """Bad evaluation data or task spec; the message names the task, file and line."""
 
 
@@ -278,8 +279,11 @@ def prepare_task(spec: TaskSpec, tokenizer, table: FeatureTable | None,
 
 
 def load_tasks(specs: list[str], tokenizer, features: str | Path | FeatureTable | None,
-               max_positions: int | None = None) -> list[PreparedTask]:
-    """Parse ``KIND:PATH`` specs and prepare every task (names must be unique)."""
+               max_positions: int | None = None, checkpoint: str | Path | None = None
+               ) -> list[PreparedTask]:
+    """Parse ``KIND:PATH`` specs and prepare every task (names must be unique). Without
+    ``features``, text-only tasks use the ``/black`` feature saved in ``checkpoint`` by
+    ``babymerge train`` (:func:`babymerge.model.load_black_feature`)."""
     parsed = [parse_task_spec(s) for s in specs]
     # text-only tasks need just /black: skip reading the rows (the file may be a 600k-image one)
     table = features
@@ -294,7 +298,12 @@ def load_tasks(specs: list[str], tokenizer, features: str | Path | FeatureTable 
     if dupes:
         raise TaskError(f"--task: duplicate task name(s) {', '.join(dupes)}; name them with "
                         "NAME=KIND:PATH")
-    return [prepare_task(p, tokenizer, table, max_positions) for p in parsed]
+    black = load_black_feature(checkpoint) if table is None and checkpoint is not None else None
+    # prepare_task reads only ``.black`` of a text-only task's table; image tasks still need
+    # --features (and say so)
+    black_only = SimpleNamespace(black=black) if black is not None else None
+    return [prepare_task(p, tokenizer, table if table is not None or p.kind not in GRAMMAR_KINDS
+                         else black_only, max_positions) for p in parsed]
 
 
 def check_feature_dim(model, tasks: list[PreparedTask]) -> None:
@@ -413,7 +422,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise TaskError(f"{cfg.model}: not a checkpoint directory (no config.json)")
     tokenizer = checkpoint_tokenizer(cfg.model, "MODEL")
     # data errors surface before the model is loaded
-    tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.model))
+    tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.model),
+                       checkpoint=cfg.model)
     model = load_model(cfg.model, resolve_device(cfg.device), DTYPES[cfg.dtype])
     check_feature_dim(model, tasks)
     t0 = time.perf_counter()

@@ -38,7 +38,8 @@ import click
 import torch
 from safetensors import safe_open
 
-from babymerge.config import atomic_write_bytes, atomic_write_text, opt, save_config
+from babymerge.config import (InputError, atomic_write_bytes, atomic_write_text, opt,
+                              save_config)
 from babymerge.evaluate import (DTYPES, GRAMMAR_KINDS, MULTIMODAL_KINDS, PreparedTask,
                                 check_feature_dim, checkpoint_max_positions, checkpoint_tokenizer,
                                 evaluate_tasks, load_tasks, parse_task_spec, resolve_device,
@@ -106,7 +107,7 @@ class MergeConfig:
             parse_task_spec(spec)
 
 
-class MergeError(click.ClickException, ValueError):
+class MergeError(InputError):
     """Checkpoints that cannot be merged, or a bad alpha; the message names the flag or tensor."""
 
 
