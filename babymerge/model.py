@@ -30,6 +30,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import kernels
 
 IMAGE_TOKEN = "<image>"
+# The /black feature a model was trained with (text-only inputs carry it), saved in its checkpoint
+# so text-only scoring needs no feature file.
+BLACK_FEATURE_FILE = "black_feature.safetensors"
 
 
 @dataclass
@@ -186,6 +189,24 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def save_black_feature(directory: str | Path, feature: torch.Tensor) -> None:
+    """Write the ``/black`` feature (D,) into a checkpoint directory, as float32 safetensors (the
+    feature file's fp16 values convert exactly)."""
+    from safetensors.torch import save_file
+
+    save_file({"black": feature.detach().to("cpu", torch.float32).contiguous()},
+              str(Path(directory) / BLACK_FEATURE_FILE))
+
+
+def load_black_feature(directory: str | Path) -> torch.Tensor | None:
+    """The ``/black`` feature (D,) float32 saved in a checkpoint by ``babymerge train``; None for a
+    checkpoint without one (made before it was saved, or by other tools)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / BLACK_FEATURE_FILE
+    return load_file(str(path))["black"] if path.is_file() else None
 
 
 def export_language_model(model: BabyLlavaForConditionalGeneration, directory: str | Path,

@@ -6,6 +6,8 @@ learning-rate schedule, the BabyLM word-count checkpoint schedule, and the check
 component. A run writes to ``--out``:
 
     out/config.json, model.safetensors, tokenizer files   the final model (HF directory)
+    out/black_feature.safetensors                          the /black feature it was trained with
+                                                           (in every checkpoint; eval's fallback)
     out/metrics.jsonl                                      one JSON record per logged step
     out/train_config.json                                  the resolved config and versions
     out/checkpoints/words_1M/ ... words_1B/                 HF directories at BabyLM word counts
@@ -36,7 +38,7 @@ from babymerge.config import InputError, atomic_write_text, config_to_dict, opt,
 from babymerge.data import CAPTIONS, ORDERS, TEXT, EpochPlan, load_captions, load_text
 from babymerge.featurefile import FeatureFileError, FeatureTable
 from babymerge.model import (MODEL_PRESETS, BabyLlavaForConditionalGeneration, build_model,
-                             save_checkpoint)
+                             save_black_feature, save_checkpoint)
 from babymerge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -169,11 +171,13 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def save_resume(directory: Path, model, tokenizer, optimizer, state: dict) -> None:
+def save_resume(directory: Path, model, tokenizer, optimizer, state: dict,
+                black: torch.Tensor) -> None:
     """Model, optimizer (torch.save of tensors and numbers), RNG and ``state`` (JSON: step, data
     position, counters, config) in one atomic directory swap."""
 
     def write(tmp: Path) -> None:
+        save_black_feature(tmp, black)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -206,10 +210,11 @@ def _check_resumable(cfg: TrainConfig, state: dict, directory: Path) -> None:
                          "same options, or pass --no-resume with a new --out")
 
 
-def _publish_final(model, tokenizer, out: Path) -> None:
+def _publish_final(model, tokenizer, out: Path, black: torch.Tensor) -> None:
     """Write the final HF files into ``out`` itself (beside checkpoints/ and metrics), each file
     replaced atomically."""
-    tmp = save_checkpoint(model, out / ".final", tokenizer)
+    tmp = save_checkpoint(model, out / ".final", tokenizer,
+                          write_extra=lambda d: save_black_feature(d, black))
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     shutil.rmtree(tmp)
@@ -459,7 +464,8 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
                 name = f"words_{words_label(crossed[-1])}"
                 save_checkpoint(raw, out / CHECKPOINTS_DIR / name, tokenizer, extra_files={
                     "train_state.json": json.dumps({"step": step, "words": words,
-                                                    "tokens": tokens}) + "\n"})
+                                                    "tokens": tokens}) + "\n"},
+                    write_extra=lambda d: save_black_feature(d, table.black))
                 metrics.write(json.dumps({"event": "checkpoint", "name": name, "step": step,
                                           "words": words,
                                           "counts": [words_label(w) for w in crossed]}) + "\n")
@@ -468,7 +474,8 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
                             step == plan.total_steps)
             if world.is_main and (crossed or stop_now or
                                   (cfg.save_every and step % cfg.save_every == 0)):
-                save_resume(resume_dir, raw, tokenizer, optimizer, position(*next_pos))
+                save_resume(resume_dir, raw, tokenizer, optimizer, position(*next_pos),
+                            table.black)
             if stop_now:
                 stopped = True
                 break
@@ -477,8 +484,9 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
     bar.close()
     if world.is_main:
         if not stopped:
-            _publish_final(raw, tokenizer, out)
-            save_resume(resume_dir, raw, tokenizer, optimizer, position(plan.epochs, 0, True))
+            _publish_final(raw, tokenizer, out, table.black)
+            save_resume(resume_dir, raw, tokenizer, optimizer, position(plan.epochs, 0, True),
+                        table.black)
         metrics.close()
     distributed.barrier(world)
     return out

@@ -228,3 +228,30 @@ def test_bf16_autocast_path_runs_on_cpu(world, tmp_path):
     out = train(lm_config(world, tmp_path / "bf16", precision="bf16", epochs=1))
     losses = [r["loss"] for r in records(out) if "loss" in r]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_checkpoints_carry_the_black_feature_eval_falls_back_to(world, tmp_path):
+    from babymerge.evaluate import EvalConfig, evaluate, load_tasks
+    from babymerge.model import load_black_feature
+
+    # a black feature nobody could guess (the world's is zeros)
+    black = np.linspace(-1, 1, DIM)
+    features = write_feature_file(tmp_path / "f.h5", ["a"], np.ones((1, DIM)), black)
+    out = train(lm_config(world, tmp_path / "lm", features=features, epochs=1,
+                          checkpoint_unit=500))
+    want = FeatureTable(features, dtype=torch.float32).black
+    dirs = [out, out / "resume", *(out / "checkpoints").iterdir()]
+    assert len(dirs) > 2
+    for d in dirs:
+        assert torch.equal(load_black_feature(d), want), d
+    assert load_black_feature(tmp_path) is None
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"sentence_good": f"the {a} sees the red cat.",
+                                         "sentence_bad": f"the {a} the sees red cat.",
+                                         "UID": "order"}) + "\n" for a in ("dog", "bird")))
+    task = load_tasks([f"minimal_pairs:{pairs}"], load_tokenizer(out), None, checkpoint=out)[0]
+    assert torch.equal(task.features.float(), want[None])
+    # without --features, eval of a text-only task runs on the checkpoint's own /black
+    with_file = evaluate(EvalConfig(model=out, task=[f"minimal_pairs:{pairs}"], features=features))
+    without = evaluate(EvalConfig(model=out, task=[f"minimal_pairs:{pairs}"]))
+    assert without["scores"] == with_file["scores"]
