@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -45,7 +46,7 @@ from babymerge.evaluate import (DTYPES, GRAMMAR_KINDS, MULTIMODAL_KINDS, Prepare
                                 evaluate_tasks, load_tasks, parse_task_spec, resolve_device,
                                 task_summary)
 from babymerge.merge_methods import MERGE_METHODS, MergeMethod
-from babymerge.model import load_model, save_checkpoint
+from babymerge.model import BLACK_FEATURE_FILE, load_model, save_checkpoint
 
 RULE = ("chosen_alpha maximises the mean of the grammar score (mean accuracy over minimal_pairs "
         "tasks) and the multimodal score (mean over winoground and vqa tasks), a kind absent from "
@@ -66,7 +67,8 @@ class MergeConfig:
     task: list[str] = opt([], "task as KIND:PATH or NAME=KIND:PATH (repeatable), as in eval",
                           short="-t")
     features: Path | None = opt(None, "feature file with the tasks' image ids and the black "
-                                "feature")
+                                "feature (text-only tasks without it: the first --vlm's "
+                                "black_feature.safetensors)")
     out: Path = opt(Path("run/merge"), "output folder: results.json/.md, alpha_curve.png, "
                     "checkpoint_curve.png (several --vlm), alpha_<a>/")
     keep: str = opt("chosen", "alphas whose merged checkpoints are written as alpha_<a>/: a list "
@@ -315,8 +317,16 @@ class _Sweep:
         provenance = {"lm": str(self.cfg.lm), "vlm": str(self.vlm_dir), "alpha": alpha,
                       "method": self.cfg.method,
                       "base": str(self.cfg.base) if self.cfg.base else None}
+        black = self.vlm_dir / BLACK_FEATURE_FILE
+
+        def copy_black(tmp: Path) -> None:
+            # the merged model takes text-only input as the VLM did: with the VLM's /black feature
+            if black.is_file():
+                shutil.copy2(black, tmp / BLACK_FEATURE_FILE)
+
         return str(save_checkpoint(self.model, sub / f"alpha_{format_alpha(alpha)}", self.tokenizer,
-                                   extra_files={"merge.json": json.dumps(provenance, indent=2)}))
+                                   extra_files={"merge.json": json.dumps(provenance, indent=2)},
+                                   write_extra=copy_black))
 
 
 def _log(path: Path, rec: dict) -> None:
@@ -348,7 +358,9 @@ def merge(cfg: MergeConfig) -> dict:
     tokenizer = checkpoint_tokenizer(cfg.vlm[0], "--vlm")
     for vlm_dir in cfg.vlm:
         _check_tokenizers(cfg.lm, vlm_dir, tokenizer)
-    tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]))
+    # without --features, text-only tasks use the /black feature the (first) VLM was trained with
+    tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]),
+                       checkpoint=cfg.vlm[0])
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out / "merge_config.json")

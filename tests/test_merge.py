@@ -6,6 +6,8 @@ import json
 import math
 import shutil
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -18,7 +20,8 @@ from babymerge.evaluate import EvalConfig, evaluate
 from babymerge.merge import (MergeConfig, MergeError, _vlm_names, choose, merge, parse_alpha_grid,
                              parse_keep)
 from babymerge.merge_methods import MERGE_METHODS
-from babymerge.model import MODEL_PRESETS, build_model, save_checkpoint
+from babymerge.model import (MODEL_PRESETS, build_model, load_black_feature,
+                             save_black_feature, save_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +262,19 @@ def test_merge_cli_runs(world, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["chosen_alpha"] == 1.0 and results["kept"] == []
     assert results["records"][0]["scores"] == results["endpoints"]["vlm"]["lm"]  # slerp at 1 = LM
+
+
+def test_black_feature_from_the_vlm_checkpoint(world, sweep, tmp_path):
+    """A VLM carrying black_feature.safetensors (as train writes it) merges without --features,
+    scoring text-only tasks exactly as with the feature file's /black, and its kept checkpoints
+    carry the same file."""
+    with h5py.File(world.features) as f:
+        black = torch.from_numpy(np.asarray(f["black"][:], dtype=np.float32))
+    vlm = shutil.copytree(world.vlm, tmp_path / "vlm")
+    save_black_feature(vlm, black)
+    cfg = MergeConfig(lm=world.lm, vlm=[vlm], task=[world.specs["blimp"]], out=tmp_path / "out",
+                      alpha_grid="0.3", keep="0.3")
+    results = merge(cfg)
+    with_file = next(r for r in sweep[1]["records"] if r["alpha"] == 0.3)
+    assert results["records"][0]["scores"]["blimp"] == with_file["scores"]["blimp"]
+    assert torch.equal(load_black_feature(cfg.out / "alpha_0.3"), black)
