@@ -494,7 +494,9 @@ def _title(ax, results: dict, panel: str) -> None:
                    label="chance")
         ax.set_title(f"{panel} ({results['tasks'][panel]['kind']})")
     else:
-        ax.set_title("objective (chosen-alpha rule)")
+        # the rule in brief, so the figure says why the circled point is the chosen one
+        ax.set_title("objective = mean(grammar, multimodal)\nchosen: its max, ties to smaller alpha",
+                     fontsize=9)
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
 
