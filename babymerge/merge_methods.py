@@ -12,9 +12,10 @@ Memory beside the live model, with P = the bytes of the merged tensors (416 MB i
 paper preset): linear and slerp hold the two endpoints, 2P (the LM, shared by every VLM of a
 checkpoint sweep, and the VLM's private copy). The task-vector methods hold 4P: the LM (the sweep
 keeps it to score the unmerged LM), the base, and the two task vectors (the VLM's copy is turned
-into its task vector in place). Transient memory is bounded by the largest single tensor: linear
-none (one fused pass), slerp one temporary for a near-parallel tensor, TIES under ten temporaries
-of one tensor during its sign election.
+into its task vector in place). Transient memory is a few copies of the largest single tensor at
+most: linear none (one fused pass), slerp two float64 copies while measuring an angle (once, when
+built) and one temporary for a near-parallel tensor, TIES under ten temporaries of one tensor
+during its sign election.
 """
 
 from __future__ import annotations
