@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from babymerge.config import InputError, atomic_write_text
 from babymerge.featurefile import FeatureTable
 from babymerge.model import image_prefix_ids
-from babymerge.tokenizer import normalize_text, word_start_mask
+from babymerge.tokenizer import iter_lines, normalize_text, word_start_mask
 
 CACHE_FORMAT = 1
 ENCODE_CHUNK_LINES = 20_000
@@ -70,19 +70,13 @@ def _cache_key(path: Path, kind: str, fingerprint: str) -> str:
 
 
 def _text_documents(path: Path):
-    """(line number, text) of the non-blank lines."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                text = normalize_text(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 ({e})") from e
-            if text:
-                yield lineno, None, text
+    """(None, text) of the non-blank lines (text documents have no image id)."""
+    for text in iter_lines([path], DataError):
+        yield None, text
 
 
 def _caption_documents(path: Path, skipped: Counter):
-    """(line number, image id, caption) from jsonl (``image_id``, ``caption``) or TSV
+    """(image id, caption) from jsonl (``image_id``, ``caption``) or TSV
     (``id<TAB>caption``); the format is chosen by the suffix (.jsonl/.json, else TSV)."""
     is_json = path.suffix in (".jsonl", ".json")
     with open(path, "rb") as f:
@@ -108,7 +102,7 @@ def _caption_documents(path: Path, skipped: Counter):
             if not caption:
                 skipped["empty caption"] += 1
                 continue
-            yield lineno, image_id.strip(), caption
+            yield image_id.strip(), caption
 
 
 def tokenize_file(path: str | Path, tokenizer, cache_dir: str | Path, kind: str = "text",
@@ -163,7 +157,7 @@ def _write_cache(path: Path, tokenizer, cache_dir: Path, key: str, kind: str,
     bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, disable=not progress,
                desc=f"tokenise {path.name}")
     done = 0
-    for _, image_id, text in docs:
+    for image_id, text in docs:
         batch.append(text)
         if image_id is not None:
             ids.append(image_id)

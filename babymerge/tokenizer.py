@@ -74,15 +74,16 @@ def normalize_text(line: str) -> str:
     return " ".join(line.split())
 
 
-def iter_lines(paths: Iterable[Path]) -> Iterator[str]:
-    """Non-empty normalised lines of the text files, in order."""
+def iter_lines(paths: Iterable[Path], error: type[Exception] = TokenizerError) -> Iterator[str]:
+    """Non-empty normalised lines of the text files, in order; a line that is not UTF-8 raises
+    ``error`` naming the file and line (the training data reader passes its own error type)."""
     for path in paths:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 try:
                     text = normalize_text(raw.decode("utf-8"))
                 except UnicodeDecodeError as e:
-                    raise TokenizerError(f"{path}:{lineno}: not UTF-8 ({e})") from e
+                    raise error(f"{path}:{lineno}: not UTF-8 ({e})") from e
                 if text:
                     yield text
 

@@ -93,6 +93,10 @@ def test_bad_caption_and_corpus_inputs_are_clear_errors(world, tok, tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(DataError, match=r"empty.txt: no text"):
         load_text([empty], tok, tmp_path, 32, progress=False)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("the cat.\nthe caf\u00e9.\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt:2: not UTF-8"):
+        load_text([latin1], tok, tmp_path, 32, progress=False)
 
 
 def test_epoch_plan_orders_and_rank_slices(world, tok, tmp_path):
