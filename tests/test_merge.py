@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -59,11 +60,15 @@ def test_kept_checkpoint_is_the_merge_of_the_files_on_disk(world, sweep):
     kept = cfg.out / "alpha_0.3"
     assert str(kept) in results["kept"]
     lm, vlm = load_file(world.lm / "model.safetensors"), load_file(world.vlm / "model.safetensors")
-    merged = load_file(kept / "model.safetensors")
-    assert merged.keys() == vlm.keys()
-    for name, v in vlm.items():
-        torch.testing.assert_close(merged[name], 0.3 * lm[name] + 0.7 * v, rtol=1e-6, atol=1e-6,
-                                   msg=name)
+    # 0.3 is written right after its in-place merge; 'chosen' (when not 0.3) after the whole sweep,
+    # merged again from the resident endpoints, which must have come through unchanged
+    for path in results["kept"]:
+        alpha = json.loads((Path(path) / "merge.json").read_text())["alpha"]
+        merged = load_file(Path(path) / "model.safetensors")
+        assert merged.keys() == vlm.keys()
+        for name, v in vlm.items():
+            torch.testing.assert_close(merged[name], alpha * lm[name] + (1 - alpha) * v,
+                                       rtol=1e-6, atol=1e-6, msg=f"{path} {name}")
     model = AutoModelForImageTextToText.from_pretrained(kept)  # a standard HF directory
     assert model.config.model_type == "babyllava"
     assert AutoTokenizer.from_pretrained(kept).get_vocab() == world.tokenizer.get_vocab()
