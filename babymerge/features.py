@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from babymerge import __version__
+from babymerge.distributed import resolve_device
 from babymerge.config import InputError, arg, config_to_dict, opt
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
                                    FeatureFileError, decode_strings)
@@ -276,7 +277,7 @@ def resolve_shard(shard: str | None) -> tuple[int, int]:
         return env
     given = parse_shard(shard)
     if env[1] > 1 and env != given:
-        raise ValueError(f"--shard {shard} disagrees with RANK={env[0]} WORLD_SIZE={env[1]}")
+        raise InputError(f"--shard {shard} disagrees with RANK={env[0]} WORLD_SIZE={env[1]}")
     return given
 
 
@@ -285,16 +286,6 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     if world == 1:
         return out
     return out.with_name(f"{out.stem}.shard-{rank:05d}-of-{world:05d}{out.suffix}")
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +453,7 @@ def extract_features(cfg: ExtractConfig) -> dict:
     items = list_images(cfg.source, cfg.image_root, cfg.id_column, cfg.path_column)
     items = items[rank * len(items) // world:(rank + 1) * len(items) // world]
 
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     precision = cfg.precision if cfg.precision != "auto" else (
         "bfloat16" if device.type == "cuda" else "float32")
     encoder = load_encoder(cfg.encoder, device, PRECISIONS[precision], cfg.max_pixels,
