@@ -460,7 +460,11 @@ def extract_features(cfg: ExtractConfig) -> dict:
                            cfg.jpeg_draft)
     storage = STORAGE_DTYPES[cfg.dtype]
     black = encoder.encode([Image.new("RGB", BLACK_SIZE)])[0].numpy().astype(storage)
-    attrs = {"encoder": cfg.encoder, "layer": LAYER, "pooling": POOLING,
+    # A local encoder directory is recorded by its absolute path: train copies this attr into the
+    # model's config, and a saved VLM must find its encoder from any working directory.
+    encoder_name = (str(Path(cfg.encoder).resolve()) if Path(cfg.encoder).is_dir()
+                    else cfg.encoder)
+    attrs = {"encoder": encoder_name, "layer": LAYER, "pooling": POOLING,
              "image_size": encoder.image_size, "dtype": cfg.dtype,
              "babymerge_version": __version__,
              "config": json.dumps({**config_to_dict(cfg), "precision_resolved": precision,

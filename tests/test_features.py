@@ -108,6 +108,18 @@ def test_folder_extraction_file_layout(tmp_path, encoder_dir):
     torch.testing.assert_close(table.black.float(), black, atol=2e-3, rtol=2e-3)
 
 
+def test_local_encoder_recorded_by_absolute_path(tmp_path, encoder_dir, monkeypatch):
+    # train copies the attr into the model config: a VLM must find its encoder from any folder
+    (tmp_path / "imgs").mkdir()
+    smooth_image(np.random.default_rng(2), 40, 50).save(tmp_path / "imgs" / "a.png")
+    monkeypatch.chdir(encoder_dir.parent)
+    extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir.name)
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert f.attrs["encoder"] == str(encoder_dir.resolve())
+    monkeypatch.chdir(tmp_path)  # the same encoder named from elsewhere is the same encoder
+    assert extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir)["skipped"] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Sources
 
