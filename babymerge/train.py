@@ -389,7 +389,10 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
         save_config(cfg, out / "train_config.json", world_size=ws, total_steps=plan.total_steps,
                     epochs_planned=plan.epochs, features_in_memory=table.in_memory,
                     samples={"text_sequences": len(sources.get(TEXT, ())),
-                             "captions": len(sources.get(CAPTIONS, ()))})
+                             "captions": len(sources.get(CAPTIONS, ())),
+                             # by reason; the warning says it once, this keeps it with the run
+                             "captions_skipped": (dict(sources[CAPTIONS].skipped)
+                                                  if CAPTIONS in sources else {})})
     metrics = open(metrics_path, "a", encoding="utf-8") if world.is_main else None
 
     def position(epoch: int, k: int, finished: bool = False) -> dict:

@@ -133,6 +133,9 @@ def test_vlm_scores_captions_higher_with_their_own_images(world, tmp_path):
         train(cfg)
     messages = " ".join(str(w.message) for w in caught)
     assert "at most 10 epochs" in messages and "1 image id not in feature file" in messages
+    samples = json.loads((out / "train_config.json").read_text())["samples"]
+    assert samples["captions_skipped"] == {"image id not in feature file": 1,
+                                           "image failed in feature extraction": 1}
     model, tok = load_model(out), load_tokenizer(out)
     feats = torch.tensor(world["feats"], dtype=torch.float32)
     n = len(feats)
