@@ -284,6 +284,12 @@ class _Sweep:
         self.model = load_model(self.vlm_dir, device, dtype)
         check_feature_dim(self.model, tasks)
         params = dict(self.model.named_parameters())
+        # a tensor in both files that the model does not use (a buffer, another architecture's
+        # weight) has no live parameter to merge into
+        unused = [n for n in names if n not in params]
+        if unused:
+            raise MergeError(f"--vlm {self.vlm_dir}: {len(unused)} tensor(s) in the checkpoints are "
+                             f"not parameters of the loaded model: {', '.join(unused[:8])}")
         self.live = [params[n].data for n in names]  # overwritten in place at every alpha
         self.vlm_copy = [p.detach().clone() for p in self.live]
 

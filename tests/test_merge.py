@@ -154,6 +154,13 @@ def test_mismatched_checkpoints_fail_before_any_work(world, tmp_path):
     vocab = spec["model"]["vocab"]
     vocab["▁red"], vocab["▁blue"] = vocab["▁blue"], vocab["▁red"]  # same size, other rows
     (retok / "tokenizer.json").write_text(json.dumps(spec))
+    both = [shutil.copytree(d, tmp_path / f"both_{d.name}") for d in (world.lm, world.vlm)]
+    for d in both:  # in both files, so names and shapes match, but no parameter of the model
+        save_file({**load_file(d / "model.safetensors"), "model.adapter.weight": torch.zeros(2)},
+                  d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergeError, match="1 tensor.*not parameters of the loaded model: model.ad"):
+        merge(MergeConfig(lm=both[0], vlm=[both[1]], task=[world.specs["blimp"]],
+                          features=world.features, out=tmp_path / "out_both"))
     v = len(tok)
     for lm, why in [(tmp_path / "narrow", rf"shape mismatch\(es\).*embed_tokens.weight \({v}, 32\) "
                                           rf"vs \({v}, 64\)"),
