@@ -288,8 +288,8 @@ class _Sweep:
         # weight) has no live parameter to merge into
         unused = [n for n in names if n not in params]
         if unused:
-            raise MergeError(f"--vlm {self.vlm_dir}: {len(unused)} tensor(s) in the checkpoints are "
-                             f"not parameters of the loaded model: {', '.join(unused[:8])}")
+            raise MergeError(f"--vlm {self.vlm_dir}: {len(unused)} tensor(s) in the checkpoints "
+                             f"are not parameters of the loaded model: {', '.join(unused[:8])}")
         self.live = [params[n].data for n in names]  # overwritten in place at every alpha
         self.vlm_copy = [p.detach().clone() for p in self.live]
 
@@ -501,8 +501,8 @@ def _title(ax, results: dict, panel: str) -> None:
         ax.set_title(f"{panel} ({results['tasks'][panel]['kind']})")
     else:
         # the rule in brief, so the figure says why the circled point is the chosen one
-        ax.set_title("objective = mean(grammar, multimodal)\nchosen: its max, ties to smaller alpha",
-                     fontsize=9)
+        ax.set_title("objective = mean(grammar, multimodal)\n"
+                     "chosen: its max, ties to smaller alpha", fontsize=9)
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
 
