@@ -17,6 +17,7 @@ the number is mostly the data path); ``--encoder`` takes a real model directory 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = ExtractConfig(source=str(source), out=tmp / "features.h5", encoder=encoder,
                             batch_size=args.batch_size, device=device.type, dtype="float32",
                             num_workers=args.num_workers)
-        ours = extract_features(cfg)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result
+            ours = extract_features(cfg)
         table = FeatureTable(cfg.out, dtype=torch.float32)
         autocast = torch.bfloat16 if device.type == "cuda" else None
         result = {"bench": "extract_features", "device": (torch.cuda.get_device_name(device)
