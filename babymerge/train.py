@@ -63,8 +63,10 @@ class TrainConfig:
 
     kind: str = opt("", help="lm: text only (with the black image); vlm: captions + text",
                     choices=("lm", "vlm"))
-    text: list[Path] = opt([], help="text corpus files (BabyLM style, one document per line)")
-    captions: list[Path] = opt([], help="caption files: jsonl {image_id, caption} or TSV id<TAB>text")
+    text: list[Path] = opt([], help="text corpus file (BabyLM style, one document per "
+                                "line); repeat the flag for several")
+    captions: list[Path] = opt([], help="caption file: jsonl {image_id, caption} or TSV "
+                                    "id<TAB>text; repeat the flag for several")
     features: Path | None = opt(None, help="feature file (.h5): caption images and /black")
     tokenizer: Path | None = opt(None, help="tokenizer directory (default: the --init-from model's)")
     out: Path | None = opt(None, help="output directory (final model, checkpoints, metrics)")
