@@ -69,7 +69,7 @@ class BabyLlavaConfig(LlavaConfig):
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2",
                                        init_kwargs={"hidden_size": 1024, "num_hidden_layers": 24,
                                                     "num_attention_heads": 16,
-                                                    "intermediate_size": 4096 // 1, "patch_size": 14}),
+                                                    "intermediate_size": 4096, "patch_size": 14}),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
     }
     image_seq_length: int = 1
