@@ -41,9 +41,9 @@ from babymerge.features import load_encoder, save_random_dinov2
 from babymerge.model import MODEL_PRESETS, build_model
 from babymerge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 from babymerge.train import TrainConfig, make_optimizer
-
-# Dense bf16 tensor-core peaks (FLOP/s) for the MFU denominator.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12}
+# One table of GPU peaks for both stage benchmarks (it tells H100 SXM, PCIe and NVL apart); the
+# script's own folder is on sys.path when it runs.
+from bench_extract import peak_flops
 
 
 def parse_args() -> argparse.Namespace:
@@ -222,8 +222,7 @@ def main() -> None:
                              "feature_ms": round(1000 * sum(e for _, e in times) / steps, 3),
                              "tokens_per_s": round(batch * seq_len * steps / total, 1)}
         fpt = flops_per_token(model, seq_len)
-        peak = next((v for k, v in PEAK_BF16.items()
-                     if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+        peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         mfu = ({k: round(fpt * results[k]["tokens_per_s"] / peak, 4) for k in results}
                if peak else None)
         out = {
