@@ -568,6 +568,7 @@ def plot_checkpoint_curve(results: dict) -> bytes:
         _title(ax, results, panel)
         ax.set_xticks(x, vlms, rotation=30, ha="right", fontsize=7)
         ax.set_xlabel("VLM checkpoint (--vlm order)")
-    panels[0][0].legend(fontsize=6, ncols=2)
+    # one line per grid point: the legend goes beside the panels, not over the curves
+    fig.legend(*panels[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     fig.suptitle(f"{results['method']['name']} merge: score over the VLM checkpoints")
     return _png(fig)
