@@ -290,3 +290,35 @@ def test_black_feature_from_the_vlm_checkpoint(world, sweep, tmp_path):
     with_file = next(r for r in sweep[1]["records"] if r["alpha"] == 0.3)
     assert results["records"][0]["scores"]["blimp"] == with_file["scores"]["blimp"]
     assert torch.equal(load_black_feature(cfg.out / "alpha_0.3"), black)
+
+
+def test_sweep_overwrites_the_live_parameters_through_the_dispatch_point(world, tmp_path,
+                                                                          monkeypatch):
+    """Every alpha goes through kernels.interpolate_ into the loaded model's own parameter
+    storages (no new model, no state dict), reading the two resident endpoints."""
+    import kernels
+
+    import babymerge.merge as merge_module
+
+    models, calls = [], []
+    real_load, real_interpolate = merge_module.load_model, kernels.interpolate_
+
+    def load(*args, **kw):
+        models.append(real_load(*args, **kw))
+        return models[-1]
+
+    def interpolate(dst, a, b, alpha):
+        calls.append(([t.data_ptr() for t in dst], [t.data_ptr() for t in a + b], alpha))
+        real_interpolate(dst, a, b, alpha)
+
+    monkeypatch.setattr(merge_module, "load_model", load)
+    monkeypatch.setattr(kernels, "interpolate_", interpolate)
+    merge(MergeConfig(lm=world.lm, vlm=[world.vlm], task=[world.specs["blimp"]],
+                      features=world.features, out=tmp_path / "out", alpha_grid="0,0.5,1",
+                      keep="none"))
+    assert len(models) == 1 and [c[2] for c in calls] == [0.0, 0.5, 1.0]
+    live = {p.data_ptr() for p in models[0].parameters()}
+    assert all(set(dst) <= live for dst, _, _ in calls)  # written into the model itself
+    assert len(calls[0][0]) == len(list(models[0].parameters()))
+    assert all(c[1] == calls[0][1] for c in calls)  # the same resident endpoints every time
+    assert not set(calls[0][1]) & live  # endpoints are copies, not the live tensors
