@@ -15,6 +15,7 @@ Every step is the real stage function with its own config (nothing here re-imple
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -43,8 +44,10 @@ class EncoderSize:
     mean-pooled feature keeps little more than the image's mean colour, which a background's
     tint swamps; at 0.2 a linear probe on 1,200 scenes reads which colours are present (86% vs
     69% majority) and which colour goes with which shape (76% vs 23%). Shape and position stay
-    near chance for every random size tried (hidden 64-256, 1-3 blocks, patch 4-14): the demo's
-    VLM sees colours, counts a little, and shapes hardly (a real DINOv2 sees all three).
+    near chance for every random size tried (hidden 64-256, 1-3 blocks, patch 4-14). The demo's
+    small VLM learns counts from this feature but not (yet) colours, although a small MLP on the
+    raw feature reads the colour of one-object scenes at 96%: the VQA-style score beats chance
+    through count questions; a real DINOv2 carries all of these.
     """
 
     hidden_size: int = 64
@@ -82,7 +85,7 @@ SCALES: dict[str, Scale] = {
                   encoder=EncoderSize(), preset="tiny", vocab_size=600, seq_len=64,
                   batch_size=32, lm_epochs=6, vlm_epochs=6, lr=3e-3, warmup_steps=20),
     # the README's command: under 5 minutes on 2 CPU cores
-    "small": Scale(world=WorldConfig(), encoder=EncoderSize(), preset="tiny", vocab_size=600,
+    "small": Scale(world=WorldConfig(text_words=100_000, captions_per_image=4), encoder=EncoderSize(), preset="tiny", vocab_size=600,
                    seq_len=64, batch_size=32, lm_epochs=4, vlm_epochs=4, lr=3e-3,
                    warmup_steps=50),
     # a clearer curve for those with ~20 minutes
@@ -156,7 +159,8 @@ def _train_throughput(run_dir: Path) -> dict:
 def finding(results: dict) -> tuple[bool, str]:
     """Whether the paper's finding holds on this run, as one sentence.
 
-    The finding: the VLM (alpha = 0) is weaker on grammar than the LM (alpha = 1), and some merge
+    The finding: the VLM (alpha = 0) is weaker on grammar than the LM (alpha = 1) by more than one
+    standard error of the LM's grammar score, and some merge
     0 < alpha < 1 scores higher on grammar than the VLM while keeping its multimodal score (no
     drop larger than one standard error of that score).
     """
@@ -168,7 +172,14 @@ def finding(results: dict) -> tuple[bool, str]:
     mm_items = sum(t["items"] for t in tasks.values() if t["kind"] != "minimal_pairs")
     p = vlm["multimodal"]
     se = math.sqrt(max(p * (1 - p), 1e-6) / max(mm_items, 1))
-    if vlm["grammar"] >= lm["grammar"]:
+    g_items = sum(t["items"] for t in tasks.values() if t["kind"] == "minimal_pairs")
+    q = lm["grammar"]
+    g_se = math.sqrt(max(q * (1 - q), 1e-6) / max(g_items, 1))
+    if vlm["grammar"] >= lm["grammar"] - g_se:
+        if vlm["grammar"] < lm["grammar"]:
+            return False, (f"The paper's finding cannot be seen on this run: the VLM and the LM "
+                           f"are equally good on grammar ({vlm['grammar']:.3f} vs "
+                           f"{lm['grammar']:.3f}, within one standard error {g_se:.3f}).")
         return False, (f"The paper's finding does not hold on this run: the VLM is not weaker on "
                        f"grammar than the LM ({vlm['grammar']:.3f} vs {lm['grammar']:.3f}).")
     better = [r for a, r in sorted(recs.items()) if 0 < a < 1 and r["grammar"] > vlm["grammar"]
@@ -206,12 +217,16 @@ def results_table(results: dict) -> str:
 
 def demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline in ``cfg.out``; print and write the report; return its content."""
-    scale = SCALES[cfg.scale]
+    return run_demo(cfg, SCALES[cfg.scale])
+
+
+def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
+    """:func:`demo` at any :class:`Scale` (the benchmark passes its own quick one)."""
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "demo_config.json")
     timer = StageTimer()
-    world_cfg = WorldConfig(**{**scale.world.__dict__, "seed": cfg.seed})
+    world_cfg = dataclasses.replace(scale.world, seed=cfg.seed)
 
     with timer.stage("world") as info:
         world = generate_world(world_cfg, run / "world")

@@ -50,6 +50,12 @@ RELATIONS = {"above": "above", "below": "below", "left": "to the left of",
 PLACES = {"top": "at the top", "bottom": "at the bottom", "left": "on the left",
           "right": "on the right"}
 SG, PL = "sg", "pl"
+# Drawing: object radius as a fraction of the image side, and jitter amplitudes (0-255 units).
+RADIUS = {"small": 0.085, "big": 0.14}
+# The background is most of the image: its tint is the largest source of variance in a pooled
+# feature, so it jitters little; a random encoder's feature then varies mostly with the objects.
+BACKGROUND_JITTER = 6
+HUE_JITTER = 20
 
 # Minimal-pair phenomena (BLiMP-style UIDs) -> (field, linguistics_term)
 PHENOMENA = {
@@ -164,7 +170,7 @@ def layout(scene: Scene, side: int, rng: random.Random) -> None:
     scene.objects = []
     placed: list[tuple[float, float, float]] = []
     for group, (x0, y0, x1, y1) in zip(scene.groups, _regions(scene, side)):
-        base = (0.075 if group.size == "small" else 0.13) * side
+        base = RADIUS[group.size] * side
         for _ in range(group.count):
             r = base * rng.uniform(0.85, 1.15)
             for attempt in range(200):
@@ -202,7 +208,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
 def render(scene: Scene, side: int, rng: random.Random) -> Image.Image:
     """Draw a laid-out scene: light jittered background, a few faint background specks,
     hue-jittered objects with a dark outline."""
-    bg = _jitter((225, 225, 220), rng, 25)
+    bg = _jitter((225, 225, 220), rng, BACKGROUND_JITTER)
     img = Image.new("RGB", (side, side), bg)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(0, 6)):  # clutter that carries no meaning
@@ -210,7 +216,7 @@ def render(scene: Scene, side: int, rng: random.Random) -> Image.Image:
         d = side * 0.01
         draw.ellipse((x - d, y - d, x + d, y + d), fill=_jitter(bg, rng, 40))
     for shape, colour, cx, cy, r, rot in scene.objects:
-        fill = _jitter(COLOURS[colour], rng, 20)
+        fill = _jitter(COLOURS[colour], rng, HUE_JITTER)
         outline = tuple(int(c * 0.5) for c in fill)
         if shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline)
