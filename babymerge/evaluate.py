@@ -333,7 +333,7 @@ def score_candidates(model, task: PreparedTask, batch_size: int = 64,
     features = task.features.to(device, dtype)
     # the bar advances per candidate (batches cut across items) but reads in items and items/s,
     # the unit the task sizes and the pipeline's throughput are quoted in
-    with tqdm(total=len(order), unit="item", unit_scale=task.num_items / len(order),
+    with tqdm(total=len(order), unit="item", unit_scale=task.num_items / max(1, len(order)),
               desc=f"eval {task.name}", disable=not progress, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]

@@ -14,7 +14,8 @@ from transformers import AutoModelForImageTextToText
 
 from babymerge.cli import main
 from babymerge.evaluate import (EvalConfig, TaskError, accuracy, check_feature_dim, evaluate,
-                                load_tasks, parse_task_spec, read_items, score_candidates)
+                                load_tasks, pack_task, parse_task_spec, read_items,
+                                score_candidates)
 from babymerge.model import load_model
 
 
@@ -182,3 +183,7 @@ def test_progress_bar_counts_items(world, capsys):
     score_candidates(load_model(world.vlm), task, batch_size=16, progress=True)
     err = capsys.readouterr().err
     assert "/8.0" in err and "item/s" in err
+    # no candidates at all (ImageTextModel.score with no texts): an empty result, not a crash
+    empty = pack_task(parse_task_spec("vqa:none.jsonl"), [1, 4], [[]], [[]], ["none"], [0],
+                      task.features)
+    assert score_candidates(load_model(world.vlm), empty, progress=True).numel() == 0
