@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from babymerge.config import InputError, arg, atomic_write_text, opt
+from babymerge.distributed import resolve_device
 from babymerge.featurefile import FeatureFileError, FeatureTable
 from babymerge.model import image_prefix_ids, load_black_feature, load_model
 from babymerge.tokenizer import TokenizerError, load_tokenizer
@@ -408,12 +409,6 @@ def checkpoint_tokenizer(directory: str | Path, flag: str):
 def checkpoint_max_positions(directory: str | Path) -> int:
     """The decoder's position limit, from the checkpoint's config (no weights read)."""
     return AutoConfig.from_pretrained(str(directory)).text_config.max_position_embeddings
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def evaluate(cfg: EvalConfig) -> dict:

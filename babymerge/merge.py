@@ -41,10 +41,10 @@ from safetensors import safe_open
 
 from babymerge.config import (InputError, atomic_write_bytes, atomic_write_text, opt,
                               save_config)
+from babymerge.distributed import resolve_device
 from babymerge.evaluate import (DTYPES, GRAMMAR_KINDS, MULTIMODAL_KINDS, PreparedTask,
                                 check_feature_dim, checkpoint_max_positions, checkpoint_tokenizer,
-                                evaluate_tasks, load_tasks, parse_task_spec, resolve_device,
-                                task_summary)
+                                evaluate_tasks, load_tasks, parse_task_spec, task_summary)
 from babymerge.merge_methods import MERGE_METHODS, MergeMethod
 from babymerge.model import BLACK_FEATURE_FILE, load_model, save_checkpoint
 
