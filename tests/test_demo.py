@@ -36,10 +36,7 @@ def test_demo_end_to_end_shows_what_the_paper_needs(report):
     name = {t["kind"]: n for n, t in tasks.items()}
     # the LM learned grammar from text: clearly above the 50% of a coin
     assert lm[name["minimal_pairs"]] >= 0.6, lm
-    # the VLM uses the image: above chance, and above the LM that only sees the black image
-    chance = tasks[name["vqa"]]["chance"]
-    assert vlm[name["vqa"]] > chance + 0.05, (vlm, chance)
-    assert vlm[name["vqa"]] > lm[name["vqa"]], (vlm, lm)
+    assert set(vlm) == set(lm) == set(tasks)
 
     # the report: every stage timed, the random encoder labelled, the plot and one verdict
     assert set(rep["stages"]) == {"world", "encoder", "extract-features", "tokenizer",
@@ -52,15 +49,23 @@ def test_demo_end_to_end_shows_what_the_paper_needs(report):
     assert "0 VLM" in text and "1 LM" in text and "alpha_curve.png" in text
 
 
-@pytest.mark.xfail(strict=False, reason="not reached yet: with the random encoder the tiny VLM "
-                   "learns counts from the image but not colours or shapes, and Winoground-style "
-                   "items (mostly swaps between two objects) stay near chance")
-def test_demo_vlm_beats_chance_and_lm_on_winoground(report):
+@pytest.mark.xfail(strict=False, reason="not reached yet: the demo's VLM does not use the image "
+                   "(the random encoder's features have norm ~80, so the projected image token is "
+                   "~2000x a word embedding); its VQA-style edge over the LM comes from caption "
+                   "statistics (count answers are mostly 'one' in captions and eval, uniform in "
+                   "the text corpus), and Winoground-style items stay at chance")
+@pytest.mark.parametrize("kind", ["winoground", "vqa"])
+def test_demo_vlm_beats_chance_and_lm_with_the_image(report, kind):
     results = json.loads((report[1] / "merge" / "results.json").read_text())
-    name = next(n for n, t in results["tasks"].items() if t["kind"] == "winoground")
+    name = next(n for n, t in results["tasks"].items() if t["kind"] == kind)
     by_alpha = {r["alpha"]: r["scores"][name] for r in results["records"]}
     assert by_alpha[0.0] > results["tasks"][name]["chance"] + 0.05
     assert by_alpha[0.0] > by_alpha[1.0]
+    if kind == "vqa":  # and not through the count prior: colour questions need the image
+        rows = [json.loads(x) for x in (report[1] / "world" / "eval" / "vqa.jsonl").open()]
+        assert any(r["question_type"] == "colour" for r in rows)
+        pytest.fail("per-question-type scores are not reported by merge; colour questions stay "
+                    "at chance in the analysis made for this test (see the reason)")
 
 
 def _results(grammar, multimodal, items=400):
