@@ -55,6 +55,7 @@ RADIUS = {"small": 0.085, "big": 0.14}
 # The background is most of the image: its tint is the largest source of variance in a pooled
 # feature, so it jitters little; a random encoder's feature then varies mostly with the objects.
 BACKGROUND_JITTER = 6
+BACKGROUND = (225, 225, 220)
 HUE_JITTER = 20
 
 # Minimal-pair phenomena (BLiMP-style UIDs) -> (field, linguistics_term)
@@ -208,7 +209,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
 def render(scene: Scene, side: int, rng: random.Random) -> Image.Image:
     """Draw a laid-out scene: light jittered background, a few faint background specks,
     hue-jittered objects with a dark outline."""
-    bg = _jitter((225, 225, 220), rng, BACKGROUND_JITTER)
+    bg = _jitter(BACKGROUND, rng, BACKGROUND_JITTER)
     img = Image.new("RGB", (side, side), bg)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(0, 6)):  # clutter that carries no meaning
