@@ -134,3 +134,22 @@ class FeatureTable:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def feature_statistics(path: str | Path, chunk_rows: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (fp32, float64 sums) of ``/features``, read in row chunks so a
+    file larger than memory costs one sequential pass."""
+    with h5py.File(path, "r") as f:
+        n = int(f.attrs.get("count", f[IDS].shape[0]))
+        if n == 0:
+            raise FeatureFileError(f"{path}: no feature rows to take statistics of")
+        dim = f[FEATURES].shape[1]
+        total = np.zeros(dim, np.float64)
+        squares = np.zeros(dim, np.float64)
+        for start in range(0, n, chunk_rows):
+            block = np.asarray(f[FEATURES][start:min(start + chunk_rows, n)], dtype=np.float64)
+            total += block.sum(0)
+            squares += np.square(block).sum(0)
+    mean = total / n
+    var = np.maximum(squares / n - np.square(mean), 0.0)
+    return torch.from_numpy(mean).float(), torch.from_numpy(np.sqrt(var)).float()

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -75,6 +76,12 @@ class BabyLlavaConfig(LlavaConfig):
     image_seq_length: int = 1
     encoder: str = "facebook/dinov2-large"
     pooling: str = "mean_patch"
+    # "none" is the paper's projector on raw features. "standardize" first maps each feature
+    # dimension to zero mean and unit variance with statistics of the training feature file,
+    # stored as frozen tensors (model.feature_mean, model.feature_std): pooled features of a
+    # randomly initialised encoder share one large offset (norm ~70 against variations of ~1),
+    # and a projector trained on them learns to ignore the image (see babymerge/demo.py).
+    feature_norm: Literal["none", "standardize"] = "none"
 
 
 class BabyLlavaModel(LlavaModel):
@@ -87,6 +94,12 @@ class BabyLlavaModel(LlavaModel):
 
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        if config.feature_norm == "standardize":
+            dim = config.vision_config.hidden_size
+            # Parameters (frozen), not buffers, so that merging interpolates them like every
+            # other tensor; two models trained on one feature file hold equal values.
+            self.feature_mean = torch.nn.Parameter(torch.zeros(dim), requires_grad=False)
+            self.feature_std = torch.nn.Parameter(torch.ones(dim), requires_grad=False)
         self.post_init()
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
@@ -96,6 +109,10 @@ class BabyLlavaModel(LlavaModel):
                              f"got {tuple(pixel_values.shape)}. Encode pixels with "
                              "babymerge.features first.")
         proj = self.multi_modal_projector
+        if self.config.feature_norm == "standardize":
+            # detached: from_pretrained makes every parameter trainable again, these must not be
+            pixel_values = ((pixel_values.float() - self.feature_mean.detach())
+                            / self.feature_std.detach())
         x = pixel_values.to(proj.linear_1.weight.dtype)
         out = kernels.project(x, proj.linear_1.weight, proj.linear_1.bias, proj.linear_2.weight,
                               proj.linear_2.bias)
@@ -128,7 +145,8 @@ register_with_auto_classes()
 
 
 def build_config(model: ModelConfig, *, vocab_size: int, image_token_id: int, pad_token_id: int,
-                 bos_token_id: int, eos_token_id: int, encoder: str = "facebook/dinov2-large"
+                 bos_token_id: int, eos_token_id: int, encoder: str = "facebook/dinov2-large",
+                 feature_norm: str = "none"
                  ) -> BabyLlavaConfig:
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=model.hidden_size,
                        intermediate_size=model.intermediate_size, num_hidden_layers=model.num_layers,
@@ -139,8 +157,21 @@ def build_config(model: ModelConfig, *, vocab_size: int, image_token_id: int, pa
     return BabyLlavaConfig(text_config=text, vision_config={"model_type": "dinov2",
                                                             "hidden_size": model.feature_dim},
                            image_token_index=image_token_id, encoder=encoder,
+                           feature_norm=feature_norm,
                            pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                            eos_token_id=eos_token_id)
+
+
+def set_feature_statistics(model: "BabyLlavaForConditionalGeneration", mean: torch.Tensor,
+                           std: torch.Tensor) -> None:
+    """Store the training features' per-dimension mean and std (``feature_norm="standardize"``)."""
+    inner = model.model
+    if model.config.feature_norm != "standardize":
+        raise ValueError("set_feature_statistics needs a model built with feature_norm='standardize'")
+    with torch.no_grad():
+        inner.feature_mean.copy_(mean)
+        # a constant dimension would divide by zero; it carries no information anyway
+        inner.feature_std.copy_(std.clamp_min(1e-6))
 
 
 def build_model(model: ModelConfig, *, seed: int, **ids) -> BabyLlavaForConditionalGeneration:

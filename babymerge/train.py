@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 from babymerge import distributed
 from babymerge.config import InputError, atomic_write_text, config_to_dict, opt, save_config
 from babymerge.data import CAPTIONS, ORDERS, TEXT, EpochPlan, load_captions, load_text
-from babymerge.featurefile import FeatureFileError, FeatureTable
+from babymerge.featurefile import FeatureFileError, FeatureTable, feature_statistics
 from babymerge.model import (MODEL_PRESETS, BabyLlavaForConditionalGeneration, build_model,
-                             save_black_feature, save_checkpoint)
+                             save_black_feature, save_checkpoint, set_feature_statistics)
 from babymerge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,10 @@ class TrainConfig:
                                    "needs at most this many GB per process, else read each "
                                    "batch's rows from the file (same results); negative: half "
                                    "the memory available at start, shared by the node's ranks")
+    feature_norm: str = opt("none", help="none: the paper's projector on raw features; "
+                            "standardize: per-dimension z-score with the feature file's statistics, "
+                            "stored in the model (a new model only)",
+                            choices=("none", "standardize"))
     resume: bool = opt(True, help="resume from OUT/resume if present")
     progress: bool = opt(True, help="show progress bars")
 
@@ -253,14 +257,19 @@ def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int,
     if cfg.init_from is not None:
         model = BabyLlavaForConditionalGeneration.from_pretrained(str(cfg.init_from),
                                                                   use_safetensors=True)
+        if cfg.feature_norm != "none" and model.config.feature_norm != cfg.feature_norm:
+            raise TrainError(f"--feature-norm {cfg.feature_norm}: {cfg.init_from} was built with "
+                             f"feature_norm={model.config.feature_norm}; a started model keeps its own")
     else:
         preset = MODEL_PRESETS[cfg.preset]
         preset = type(preset)(**{**preset.__dict__, "feature_dim": feature_dim})
         model = build_model(preset, seed=cfg.seed, vocab_size=len(tokenizer),
                             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, feature_norm=cfg.feature_norm,
                             **({"encoder": encoder} if encoder else {}))
+        if cfg.feature_norm == "standardize":
+            set_feature_statistics(model, *feature_statistics(cfg.features))
     return model
 
 

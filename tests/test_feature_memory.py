@@ -76,3 +76,23 @@ def test_training_out_of_core_equals_in_memory_and_default_is_in_memory(
     assert all(torch.equal(w_m[k], w_d[k]) for k in w_m)
     # the feature file's encoder is recorded, so the model can be run on pixels later
     assert load_model(tmp_path / "memory").config.encoder == "test/random"
+
+
+def test_standardize_stores_the_feature_files_statistics(world, tmp_path, one_thread):  # noqa: F811
+    from babymerge.featurefile import feature_statistics
+
+    with h5py.File(world["features"], "r") as f:
+        x = np.asarray(f[FEATURES][:], dtype=np.float64)
+    mean, std = feature_statistics(world["features"], chunk_rows=3)  # several chunks
+    assert np.allclose(mean.numpy(), x.mean(0), atol=1e-5)
+    assert np.allclose(std.numpy(), x.std(0), atol=1e-5)
+    cfg = TrainConfig(kind="lm", text=[world["text"]], features=world["features"],
+                      tokenizer=world["tokenizer"], preset="tiny", seq_len=32, batch_size=16,
+                      epochs=1, warmup_steps=1, save_every=0, progress=False,
+                      cache_dir=world["root"] / "cache", out=tmp_path / "lm",
+                      feature_norm="standardize")
+    train(cfg)
+    model = load_model(tmp_path / "lm")
+    assert model.config.feature_norm == "standardize"
+    assert torch.allclose(model.model.feature_mean, mean)
+    assert torch.allclose(model.model.feature_std, std.clamp_min(1e-6))

@@ -32,3 +32,22 @@ def test_checkpoint_loads_with_auto_classes_and_exports_llama(tmp_path):
     text = torch.tensor([[1, 9, 10, 11]])
     emb = m.model.language_model(input_ids=text).last_hidden_state
     assert torch.allclose(llama(input_ids=text).logits, m.lm_head(emb), atol=1e-5)
+
+
+def test_standardized_features_are_stored_frozen_and_applied(tmp_path):
+    from babymerge.model import load_model, set_feature_statistics
+
+    m = build_model(MODEL_PRESETS["tiny"], seed=0, feature_norm="standardize", **IDS).eval()
+    plain = build_model(MODEL_PRESETS["tiny"], seed=0, **IDS).eval()
+    mean, std = torch.randn(1024), torch.rand(1024) + 0.5
+    set_feature_statistics(m, mean, std)
+    save_checkpoint(m, tmp_path / "ck")
+    loaded = load_model(tmp_path / "ck")
+    ids, feat = torch.tensor([[1, 4, 9, 10]]), torch.randn(1, 1024) * 50
+    got = loaded(input_ids=ids, pixel_values=feat).logits
+    # the same weights without normalisation, fed the z-scored feature by hand
+    want = plain(input_ids=ids, pixel_values=(feat - mean) / std).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    loaded.train()
+    loaded(input_ids=ids, pixel_values=feat, labels=ids).loss.backward()
+    assert loaded.model.feature_mean.grad is None and loaded.model.feature_std.grad is None
