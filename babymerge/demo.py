@@ -44,11 +44,9 @@ class EncoderSize:
     mean-pooled feature keeps little more than the image's mean colour, which a background's
     tint swamps; at 0.2 a linear probe on 1,200 scenes reads which colours are present (86% vs
     69% majority) and which colour goes with which shape (76% vs 23%). Shape and position stay
-    near chance for every random size tried (hidden 64-256, 1-3 blocks, patch 4-14). Known
-    limitation: a small MLP on the raw feature reads the colour of one-object scenes at 96%, yet
-    the demo's VLM does not learn to use the feature (norm ~80 at 0.2 and still large at 0.05:
-    the projected image token is orders of magnitude above the word embeddings); its VQA-style
-    edge over the LM is the caption prior on count answers.
+    near chance for every random size tried (hidden 64-256, 1-3 blocks, patch 4-14). The
+    feature's norm is ~80 at 0.2, so the models standardise it (``feature_norm`` in
+    :func:`_train_config`); on the raw feature the VLM learned to ignore the image.
     """
 
     hidden_size: int = 64
