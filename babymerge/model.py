@@ -162,7 +162,7 @@ def build_config(model: ModelConfig, *, vocab_size: int, image_token_id: int, pa
                            eos_token_id=eos_token_id)
 
 
-def set_feature_statistics(model: "BabyLlavaForConditionalGeneration", mean: torch.Tensor,
+def set_feature_statistics(model: BabyLlavaForConditionalGeneration, mean: torch.Tensor,
                            std: torch.Tensor) -> None:
     """Store the training features' per-dimension mean and std (``feature_norm="standardize"``)."""
     inner = model.model
@@ -174,9 +174,10 @@ def set_feature_statistics(model: "BabyLlavaForConditionalGeneration", mean: tor
         inner.feature_std.copy_(std.clamp_min(1e-6))
 
 
-def build_model(model: ModelConfig, *, seed: int, **ids) -> BabyLlavaForConditionalGeneration:
-    """A randomly initialised BabyLLaVA; the same seed gives the same weights (one basin)."""
-    cfg = build_config(model, **ids)
+def build_model(model: ModelConfig, *, seed: int, **config_kwargs) -> BabyLlavaForConditionalGeneration:
+    """A randomly initialised BabyLLaVA (``config_kwargs`` go to :func:`build_config`); the same
+    seed gives the same weights (one basin)."""
+    cfg = build_config(model, **config_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BabyLlavaForConditionalGeneration(cfg)
