@@ -174,7 +174,8 @@ def set_feature_statistics(model: BabyLlavaForConditionalGeneration, mean: torch
         inner.feature_std.copy_(std.clamp_min(1e-6))
 
 
-def build_model(model: ModelConfig, *, seed: int, **config_kwargs) -> BabyLlavaForConditionalGeneration:
+def build_model(model: ModelConfig, *, seed: int,
+                **config_kwargs) -> BabyLlavaForConditionalGeneration:
     """A randomly initialised BabyLLaVA (``config_kwargs`` go to :func:`build_config`); the same
     seed gives the same weights (one basin)."""
     cfg = build_config(model, **config_kwargs)
