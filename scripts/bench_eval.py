@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 
 import torch
-import transformers
 
+from babymerge.benchmark import environment
 from babymerge.evaluate import TaskSpec, pack_task, score_candidates
 from babymerge.model import MODEL_PRESETS, build_model
 
@@ -83,11 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     _, t_size1 = timed(lambda: score_candidates(model, task, 1, progress=False))
     reference, t_single = timed(lambda: one_at_a_time(model, task))
     result = {
-        "bench": "eval_minimal_pairs", "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": sys.version.split()[0],
+        "bench": "eval_minimal_pairs", **environment(device),
         "preset": preset, "vocab": args.vocab, "pairs": pairs, "batch_size": args.batch_size,
         "pairs_per_s": {"batched": pairs / t_batched, "batched_size1": pairs / t_size1,
                         "one_at_a_time": pairs / t_single},

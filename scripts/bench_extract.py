@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,13 +29,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from babymerge.features import (ExtractConfig, extract_features, num_decode_workers,
-                                pool_patch_tokens, save_random_dinov2)
+from babymerge.benchmark import environment, peak_flops
 from babymerge.featurefile import LAYER, FeatureTable
+from babymerge.features import (
+    ExtractConfig,
+    extract_features,
+    num_decode_workers,
+    pool_patch_tokens,
+    save_random_dinov2,
+)
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' datasheets.
-PEAK_BF16 = {"H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-             "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 SHAPES = {"tiny": dict(hidden_size=64, num_layers=2, num_heads=4),
           "large": dict(hidden_size=1024, num_layers=24, num_heads=16)}
 
@@ -60,13 +62,6 @@ def encoder_flops_per_image(config, image_size: int) -> float:
     blocks = config.num_hidden_layers + 1 + LAYER
     embed = 2 * (tokens - 1) * 3 * config.patch_size ** 2 * d
     return float(per_block * blocks + embed)
-
-
-def peak_flops(name: str) -> float | None:
-    for key in sorted(PEAK_BF16, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16[key]
-    return None
 
 
 @torch.inference_mode()
@@ -144,10 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             ours = extract_features(cfg)
         table = FeatureTable(cfg.out, dtype=torch.float32)
         autocast = torch.bfloat16 if device.type == "cuda" else None
-        result = {"bench": "extract_features", "device": (torch.cuda.get_device_name(device)
-                                                          if device.type == "cuda"
-                                                          else platform.processor() or "cpu"),
-                  "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        result = {"bench": "extract_features", **environment(device),
+                  "cpu_count": os.cpu_count(),
                   "images": len(files), "image_size_generated": None if args.source else args.size,
                   "encoder": args.encoder or f"random dinov2 ({args.shape} shape)",
                   "batch_size": args.batch_size,
@@ -167,15 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
 
             flops = encoder_flops_per_image(AutoConfig.from_pretrained(encoder), table.attrs[
                 "image_size"])
-            peak = peak_flops(result["device"])
+            peak = peak_flops(device)
             result |= {"gflops_per_image": round(flops / 1e9, 2),
                        "achieved_tflops": round(flops * ours["images_per_s"] / 1e12, 2),
                        "peak_bf16_tflops": peak and peak / 1e12,
                        "pct_of_peak": peak and round(100 * flops * ours["images_per_s"] / peak, 2)}
-    import transformers
-
-    result |= {"versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                            "transformers": transformers.__version__}}
     print(json.dumps(result))
     return result
 

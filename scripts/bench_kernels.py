@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,16 +28,11 @@ import torch
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("bench_kernels: unset TRITON_INTERPRET (timings of interpreted kernels mean nothing)")
 
+from babymerge.benchmark import environment, peak_flops  # noqa: E402
 from babymerge.model import MODEL_PRESETS, build_model  # noqa: E402
 from kernels.projector_reference import project_reference  # noqa: E402
 
 IDS = dict(vocab_size=30000, image_token_id=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-# Dense tensor-core peak (TFLOP/s) by dtype for the devices we expect; None elsewhere.
-PEAK_TFLOPS = {
-    "H100 80GB HBM3": {torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 67.0},
-    "H100 PCIe": {torch.bfloat16: 756.0, torch.float16: 756.0, torch.float32: 51.0},
-    "H200": {torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 67.0},
-}
 
 
 def timed(fn, device: torch.device, reps: int) -> float:
@@ -61,16 +55,6 @@ def timed(fn, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, table in PEAK_TFLOPS.items():
-        if key in name:
-            return table.get(dtype)
-    return None
-
-
 def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: int,
                     with_compile: bool) -> list[dict]:
     """fwd+bwd of x (M,K) -> (M,N) with weight gradients (x is data: no dx, as in training)."""
@@ -84,7 +68,7 @@ def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: 
     if device.type == "cuda":
         from kernels.projector import project_triton
         paths["triton"] = project_triton
-    peak = peak_tflops(device, dtype)
+    peak = peak_flops(device, dtype)
     rows = []
     for m in ms:
         x = torch.randn(m, k, generator=g).to(device, dtype)
@@ -102,7 +86,7 @@ def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: 
             row[f"{name}_ms"] = round(sec * 1e3, 4)
             row[f"{name}_tflops"] = round(flops / sec / 1e12, 3)
             if peak:
-                row[f"{name}_pct_peak"] = round(100 * flops / sec / 1e12 / peak, 1)
+                row[f"{name}_pct_peak"] = round(100 * flops / sec / peak, 1)
             if device.type == "cuda":
                 peak_mem = torch.cuda.max_memory_allocated(device)
                 row[f"{name}_peak_mem_mb"] = round(peak_mem / 2**20, 1)
@@ -182,11 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     report = {
         "benchmark": "bench_kernels",
-        "device": torch.cuda.get_device_name(device) if on_gpu else platform.processor() or "cpu",
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "cuda": torch.version.cuda},
+        **environment(device),
         "note": ("torch paths only: Triton needs a GPU (interpreted timings mean nothing)"
                  if not on_gpu else "Triton vs torch eager vs torch.compile, same run"),
         "torch_compile": "included" if with_compile else "skipped (--no-compile or --quick on CPU)",
@@ -196,11 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
                                                  with_compile=with_compile)],
         "merge": bench_merge(device, dtypes[0], preset, reps),
     }
-    try:
-        import triton
-        report["versions"]["triton"] = triton.__version__
-    except ImportError:
-        report["versions"]["triton"] = None
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(report, indent=1))
     return report

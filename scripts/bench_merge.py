@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 import kernels
+from babymerge.benchmark import environment
 from babymerge.model import MODEL_PRESETS, build_model
 
 
@@ -107,11 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     inplace_gbps = 3 * nbytes / seconds["inplace"] / 1e9
     copy_gbps = 2 * nbytes / seconds["copy"] / 1e9
     result = {
-        "bench": "merge_one_alpha", "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": sys.version.split()[0],
+        "bench": "merge_one_alpha", **environment(device),
         "kernel_path": os.environ.get("BABYMERGE_KERNELS", "auto"),
         "preset": preset, "vocab": args.vocab, "dtype": args.dtype, "params": sum(
             p.numel() for p in params), "param_bytes": nbytes, "repeats": repeats,

@@ -17,16 +17,14 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
-from babymerge import __version__
+from babymerge.benchmark import environment
 from babymerge.demo import SCALES, DemoConfig, Scale, run_demo
 from babymerge.features import load_encoder
 from babymerge.model import MODEL_PRESETS, build_model
@@ -105,10 +103,7 @@ def main() -> None:
                                                 / base_enc, 3),
         },
         "finding_holds": report["holds"],
-        "device": "cpu", "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "versions": {"babymerge": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "python": sys.version.split()[0]},
+        **environment(torch.device("cpu")),
     }
     print(json.dumps(result))
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -33,17 +32,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import transformers
 
+from babymerge.benchmark import environment, peak_flops
 from babymerge.data import CAPTIONS, TEXT, load_captions, load_text
 from babymerge.featurefile import BLACK, FAILED, FEATURES, IDS, STR_DTYPE, FeatureTable
 from babymerge.features import load_encoder, save_random_dinov2
 from babymerge.model import MODEL_PRESETS, build_model
 from babymerge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 from babymerge.train import TrainConfig, make_optimizer
-# One table of GPU peaks for both stage benchmarks (it tells H100 SXM, PCIe and NVL apart); the
-# script's own folder is on sys.path when it runs.
-from bench_extract import peak_flops
 
 
 def parse_args() -> argparse.Namespace:
@@ -222,14 +218,11 @@ def main() -> None:
                              "feature_ms": round(1000 * sum(e for _, e in times) / steps, 3),
                              "tokens_per_s": round(batch * seq_len * steps / total, 1)}
         fpt = flops_per_token(model, seq_len)
-        peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        peak = peak_flops(device)
         mfu = ({k: round(fpt * results[k]["tokens_per_s"] / peak, 4) for k in results}
                if peak else None)
         out = {
-            "bench": "train_step", "device": (torch.cuda.get_device_name(device)
-                                              if device.type == "cuda" else platform.processor()
-                                              or "cpu"),
-            "threads": torch.get_num_threads(), "preset": preset, "batch_size": batch,
+            "bench": "train_step", **environment(device), "preset": preset, "batch_size": batch,
             "seq_len": seq_len, "steps": steps, "vocab_size": vocab, "precision": "bf16" if use_bf16 else "fp32",
             "encoder": {**enc_kw, "image_size": encoder.image_size},
             **results,
@@ -239,8 +232,6 @@ def main() -> None:
                                     "captions": round(loader_ms(CAPTIONS), 3)},
             "loader_in_loop": loader_in_loop(max(steps, 8)),
             "model_flops_per_token": fpt, "mfu": mfu,
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                         "transformers": transformers.__version__},
         }
     print(json.dumps(out))
 

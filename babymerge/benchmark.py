@@ -1,0 +1,62 @@
+"""What every benchmark in ``scripts/`` records beside its timings: the device, the library
+versions, and the hardware's peak FLOP/s (one table, so every script computes % of peak alike)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+# Dense (no sparsity) tensor-core peaks in FLOP/s from the vendors' datasheets, matched as a
+# substring of torch.cuda.get_device_name, longest first: "A100" before "A10", "H100 PCIe" before
+# "H100" (an H100 SXM reports itself as "NVIDIA H100 80GB HBM3").
+_T = 1e12
+PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
+    "H100 PCIe": {torch.bfloat16: 756 * _T, torch.float16: 756 * _T, torch.float32: 51 * _T},
+    "H100 NVL": {torch.bfloat16: 835 * _T, torch.float16: 835 * _T, torch.float32: 60 * _T},
+    "H100": {torch.bfloat16: 989 * _T, torch.float16: 989 * _T, torch.float32: 67 * _T},
+    "H200": {torch.bfloat16: 989 * _T, torch.float16: 989 * _T, torch.float32: 67 * _T},
+    "A100": {torch.bfloat16: 312 * _T, torch.float16: 312 * _T, torch.float32: 19.5 * _T},
+    "L40S": {torch.bfloat16: 362 * _T, torch.float16: 362 * _T, torch.float32: 91.6 * _T},
+    "A10": {torch.bfloat16: 125 * _T, torch.float16: 125 * _T, torch.float32: 31.2 * _T},
+    "L4": {torch.bfloat16: 121 * _T, torch.float16: 121 * _T, torch.float32: 30.3 * _T},
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or device.type
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """The device's dense peak FLOP/s for ``dtype``; None on a CPU or an unknown GPU."""
+    return peak_flops_of(device_name(device), dtype) if device.type == "cuda" else None
+
+
+def peak_flops_of(name: str, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Peak FLOP/s of the GPU called ``name`` (as CUDA reports it); None if not in the table."""
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_FLOPS[key].get(dtype)
+    return None
+
+
+def environment(device: torch.device) -> dict:
+    """Device and versions, flat, for the top level of a benchmark's JSON object."""
+    import transformers
+
+    from babymerge import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": str(device), "device_name": device_name(device),
+            "threads": torch.get_num_threads(), "babymerge": __version__,
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "triton": triton_version}

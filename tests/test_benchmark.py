@@ -1,0 +1,20 @@
+import torch
+
+from babymerge.benchmark import environment, peak_flops, peak_flops_of
+
+
+def test_peak_table_matches_the_most_specific_name():
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12  # the SXM part
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12  # not the A10's
+    assert peak_flops_of("NVIDIA A10") == 125e12
+    assert peak_flops_of("NVIDIA L40S") == 362e12  # not the L4's
+    assert peak_flops_of("NVIDIA H100 PCIe", torch.float32) == 51e12
+    assert peak_flops_of("Some Future GPU") is None
+    assert peak_flops(torch.device("cpu")) is None
+
+
+def test_environment_records_device_and_versions():
+    env = environment(torch.device("cpu"))
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert env["transformers"] and env["babymerge"] and env["threads"] >= 1
