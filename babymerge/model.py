@@ -25,7 +25,6 @@ from huggingface_hub.dataclasses import strict
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
                           LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaModel)
-from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import kernels
@@ -57,6 +56,11 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# The encoder whose pooled feature the paper's projector reads.
+DINOV2_LARGE = {"model_type": "dinov2", "hidden_size": 1024, "num_hidden_layers": 24,
+                "num_attention_heads": 16, "intermediate_size": 4096, "patch_size": 14}
+
+
 @strict
 class BabyLlavaConfig(LlavaConfig):
     """LlavaConfig with one image token and a pooled-feature input.
@@ -66,13 +70,6 @@ class BabyLlavaConfig(LlavaConfig):
     """
 
     model_type = "babyllava"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2",
-                                       init_kwargs={"hidden_size": 1024, "num_hidden_layers": 24,
-                                                    "num_attention_heads": 16,
-                                                    "intermediate_size": 4096, "patch_size": 14}),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
     image_seq_length: int = 1
     encoder: str = "facebook/dinov2-large"
     pooling: str = "mean_patch"
@@ -82,6 +79,18 @@ class BabyLlavaConfig(LlavaConfig):
     # randomly initialised encoder share one large offset (norm ~70 against variations of ~1),
     # and a projector trained on them learns to ignore the image (see babymerge/demo.py).
     feature_norm: Literal["none", "standardize"] = "none"
+
+    def __post_init__(self, **kwargs):
+        # The vision sub-config defaults to DINOv2-large, not Llava's CLIP. Filled in here rather
+        # than through transformers' newer `sub_configs_defaults`, so that transformers 5.x
+        # releases before it (5.17 ships on the GPU machines) load the same config.
+        if self.vision_config is None:
+            self.vision_config = dict(DINOV2_LARGE)
+        elif isinstance(self.vision_config, dict) and "model_type" not in self.vision_config:
+            self.vision_config = {**self.vision_config, "model_type": "dinov2"}
+        if isinstance(self.text_config, dict) and "model_type" not in self.text_config:
+            self.text_config = {**self.text_config, "model_type": "llama"}
+        super().__post_init__(**kwargs)
 
 
 class BabyLlavaModel(LlavaModel):
