@@ -6,6 +6,8 @@ happens in DataLoader workers (:class:`ImageDataset`): bytes -> PIL (JPEG drafte
 needed) -> RGB done right for every mode -> resized with torch's uint8 antialiased kernel (the same
 bicubic as PIL, ~5x faster) -> centre crop, returned as uint8 so that pinned host->device copies
 are 4x smaller than float. Rescale and normalise happen on the device (:mod:`babymerge.features`).
+On CUDA with torchvision, ordinary JPEGs skip the worker decode: workers check the header and pass
+the bytes on, and :class:`GpuJpegDecoder` decodes them with nvJPEG and resizes on the device.
 
 Why not ``datasets``' imagefolder / webdataset builders: they copy every image's bytes into an Arrow
 cache first (a second copy of a 60 GB image set), decode in the main process, and stop at the first
@@ -315,6 +317,8 @@ class Preprocess:
     interpolation: str = "bicubic"
     max_pixels: int = DEFAULT_MAX_PIXELS
     jpeg_draft: bool = True
+    # Workers pass the JPEGs that :meth:`gpu_decodable` accepts on undecoded, for nvJPEG.
+    defer_jpeg: bool = False
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(height, width) after the shortest-edge resize, rounded as transformers does."""
@@ -322,8 +326,9 @@ class Preprocess:
         new_long = int(self.shortest_edge * long / short)
         return (new_long, self.shortest_edge) if width <= height else (self.shortest_edge, new_long)
 
-    def open(self, data: bytes) -> Image.Image:
-        """Decode ``data`` to an RGB PIL image or raise :class:`BadImage` with the reason."""
+    def _header(self, data: bytes) -> Image.Image:
+        """The lazily opened image (header parsed, pixels not decoded) after the checks that need
+        no decoding: empty, not an image, decompression bomb, extreme aspect ratio."""
         if not data:
             raise BadImage("empty file (0 bytes)")
         try:
@@ -334,6 +339,8 @@ class Preprocess:
             raise BadImage(f"too large (decompression-bomb guard): {e}") from e
         except Image.UnidentifiedImageError as e:
             raise BadImage("not an image (no decoder recognises the bytes)") from e
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # cut inside the header
+            raise BadImage(f"truncated or corrupt ({type(e).__name__}: {e})") from e
         width, height = image.size
         if width * height > self.max_pixels:
             raise BadImage(f"too large (decompression-bomb guard): {width}x{height} = "
@@ -344,9 +351,15 @@ class Preprocess:
         if new_h * new_w > self.max_pixels:
             raise BadImage(f"extreme aspect ratio: {width}x{height} would resize to "
                            f"{new_w}x{new_h}")
+        return image
+
+    def open(self, data: bytes) -> Image.Image:
+        """Decode ``data`` to an RGB PIL image or raise :class:`BadImage` with the reason."""
+        image = self._header(data)
         if self.jpeg_draft and image.format == "JPEG":
             # DCT-domain downscaling by 1/2, 1/4 or 1/8 while decoding, never below the resize
             # target: halves decode time for large photos (the resize then does the rest).
+            new_h, new_w = self.resized_size(*image.size)
             image.draft(None, (new_w, new_h))
         try:
             with warnings.catch_warnings():
@@ -356,16 +369,39 @@ class Preprocess:
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise BadImage(f"truncated or corrupt ({type(e).__name__}: {e})") from e
 
+    def gpu_decodable(self, data: bytes) -> tuple[int, int] | None:
+        """(width, height) if ``data`` is a JPEG that nvJPEG decodes as libjpeg does (up to IDCT
+        and chroma-upsampling rounding), else None; :class:`BadImage` for what fails the header
+        checks. Deferred: sequential (not progressive) YCbCr or grey JPEGs that end in the EOI
+        marker. Everything else stays on PIL in the worker: CMYK and Adobe-RGB JPEGs need PIL's
+        colour handling, and a file cut short must meet PIL's truncation check (nvJPEG may fill
+        the missing rows with grey instead of failing)."""
+        image = self._header(data)
+        if (image.format == "JPEG" and image.mode in ("RGB", "L")
+                and not image.info.get("progressive") and image.info.get("adobe_transform") != 0
+                and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"):
+            return image.size
+        return None
+
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """uint8 (3, crop_height, crop_width) of an RGB image: shortest-edge resize, centre crop."""
-        width, height = image.size
-        new_h, new_w = self.resized_size(width, height)
         # HWC memory viewed as NCHW is exactly channels_last, the layout torch's fast uint8
         # antialiased resize wants; it matches PIL's bicubic to within one grey level.
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+        return self.resize_crop(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+
+    def resize_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, H, W) on any device -> uint8 (3, crop_height, crop_width)."""
+        height, width = x.shape[-2:]
+        new_h, new_w = self.resized_size(width, height)
+        x = x.unsqueeze(0)
         if (new_h, new_w) != (height, width):
-            x = F.interpolate(x, size=(new_h, new_w), mode=self.interpolation, antialias=True,
-                              align_corners=False)
+            if x.is_cuda:  # CUDA's antialiased resize takes floats only; round as the uint8 one
+                x = F.interpolate(x.float(), size=(new_h, new_w), mode=self.interpolation,
+                                  antialias=True, align_corners=False)
+                x = x.round_().clamp_(0, 255).to(torch.uint8)
+            else:
+                x = F.interpolate(x, size=(new_h, new_w), mode=self.interpolation,
+                                  antialias=True, align_corners=False)
         top, left = (new_h - self.crop_height) // 2, (new_w - self.crop_width) // 2
         return x[0, :, top:top + self.crop_height, left:left + self.crop_width].contiguous()
 
@@ -374,7 +410,8 @@ class Preprocess:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """``(index, pixels or None, reason)`` per item; a bad image never raises, it is reported."""
+    """``(index, payload or None, reason)`` per item, payload = uint8 crop (3, H, W) or, for a
+    deferred JPEG, its :class:`JpegBytes`; a bad image never raises, it is reported."""
 
     def __init__(self, items: list[ImageItem], preprocess: Preprocess):
         self.items = items
@@ -383,13 +420,18 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | JpegBytes | None, str]:
         item = self.items[index]
         try:
             data = item.read_bytes()
         except OSError as e:
             return index, None, f"unreadable ({type(e).__name__}: {e.strerror or e})"
         try:
+            if self.preprocess.defer_jpeg:
+                size = self.preprocess.gpu_decodable(data)
+                if size is not None:
+                    return index, JpegBytes(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                            *size), ""
             return index, self.preprocess(data), ""
         except BadImage as e:
             return index, None, str(e)
@@ -397,11 +439,120 @@ class ImageDataset(torch.utils.data.Dataset):
             return index, None, f"decode error ({type(e).__name__}: {e})"
 
 
-def collate(batch: list[tuple[int, torch.Tensor | None, str]]
-            ) -> tuple[list[int], torch.Tensor | None, list[int], list[str]]:
-    """(good indices, their stacked uint8 pixels, bad indices, reasons), order kept."""
-    good = [(i, x) for i, x, _ in batch if x is not None]
-    pixels = torch.stack([x for _, x in good]) if good else None
-    bad = [(i, r) for i, x, r in batch if x is None]
-    return [i for i, _ in good], pixels, [i for i, _ in bad], [r for _, r in bad]
+@dataclass(frozen=True)
+class JpegBytes:
+    """An undecoded JPEG (its bytes as a uint8 tensor) and its size from the header."""
 
+    data: torch.Tensor
+    width: int
+    height: int
+
+
+@dataclass
+class Batch:
+    """What the loader yields: ``good`` indices with their ``pixels`` (stacked uint8 crops),
+    ``jpegs`` indices with their undecoded bytes (``jpeg_bytes``), ``bad`` indices with
+    ``reasons``. Batch order is kept within each list."""
+
+    good: list[int]
+    pixels: torch.Tensor | None
+    jpegs: list[int]
+    jpeg_bytes: list[JpegBytes]
+    bad: list[int]
+    reasons: list[str]
+
+    def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this on custom batches
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate(batch: list[tuple[int, torch.Tensor | JpegBytes | None, str]]) -> Batch:
+    good = [(i, x) for i, x, _ in batch if isinstance(x, torch.Tensor)]
+    jpegs = [(i, x) for i, x, _ in batch if isinstance(x, JpegBytes)]
+    bad = [(i, r) for i, x, r in batch if x is None]
+    return Batch(good=[i for i, _ in good],
+                 pixels=torch.stack([x for _, x in good]) if good else None,
+                 jpegs=[i for i, _ in jpegs], jpeg_bytes=[x for _, x in jpegs],
+                 bad=[i for i, _ in bad], reasons=[r for _, r in bad])
+
+
+def gpu_jpeg_decoder_available() -> bool:
+    """torchvision with nvJPEG and a CUDA device (torchvision is optional: its wheels are tied to
+    one torch build, and the CPU machines here cannot install one beside torch 2.13)."""
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class GpuJpegDecoder:
+    """Deferred JPEGs -> uint8 crops on the device: nvJPEG (``torchvision.io.decode_jpeg``) in
+    batches, then the same resize and crop as the workers (:meth:`Preprocess.resize_crop`).
+
+    Full-resolution decodes of a batch are resident at once, so a batch is split to keep them
+    under ``max_batch_pixels`` (64 M pixels = 192 MB). A batch that nvJPEG refuses is retried
+    one image at a time, and an image it refuses goes through PIL on the CPU, which decodes it or
+    gives the reason for ``/failed``: the outcome for a file does not depend on where it ran.
+    ``decode`` is injectable (signature of torchvision's) so the batching logic is testable
+    without torchvision.
+    """
+
+    def __init__(self, preprocess: Preprocess, device: torch.device, decode=None,
+                 max_batch_pixels: int = 64 * 2**20):
+        if decode is None:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            def decode(data, device):
+                return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        self.preprocess = preprocess
+        self.device = device
+        self.decode = decode
+        self.max_batch_pixels = max_batch_pixels
+
+    def __call__(self, jpegs: list[JpegBytes]) -> list[torch.Tensor | str]:
+        """One uint8 crop (3, H, W) on the device, or a failure reason, per JPEG, in order."""
+        out: list[torch.Tensor | str] = []
+        chunk: list[JpegBytes] = []
+        pixels = 0
+        for jpeg in jpegs:
+            if chunk and pixels + jpeg.width * jpeg.height > self.max_batch_pixels:
+                out += self._decode_chunk(chunk)
+                chunk, pixels = [], 0
+            chunk.append(jpeg)
+            pixels += jpeg.width * jpeg.height
+        if chunk:
+            out += self._decode_chunk(chunk)
+        return out
+
+    def _decode_chunk(self, chunk: list[JpegBytes]) -> list[torch.Tensor | str]:
+        try:
+            images = self.decode([j.data for j in chunk], device=self.device)
+        except RuntimeError:
+            return [self._decode_one(j) for j in chunk]
+        out: list[torch.Tensor | str] = []
+        for image, jpeg in zip(images, chunk, strict=True):
+            try:
+                out.append(self._crop(image, jpeg))
+            except BadImage:
+                out.append(self._on_cpu(jpeg))
+        return out
+
+    def _decode_one(self, jpeg: JpegBytes) -> torch.Tensor | str:
+        try:
+            return self._crop(self.decode([jpeg.data], device=self.device)[0], jpeg)
+        except (RuntimeError, BadImage):
+            return self._on_cpu(jpeg)
+
+    def _on_cpu(self, jpeg: JpegBytes) -> torch.Tensor | str:
+        try:
+            return self.preprocess(jpeg.data.numpy().tobytes()).to(self.device)
+        except BadImage as e:
+            return str(e)
+
+    def _crop(self, image: torch.Tensor, jpeg: JpegBytes) -> torch.Tensor:
+        if tuple(image.shape) != (3, jpeg.height, jpeg.width):
+            raise BadImage(f"decoder gave {tuple(image.shape)} for a {jpeg.width}x{jpeg.height} "
+                           "JPEG")
+        return self.preprocess.resize_crop(image)
