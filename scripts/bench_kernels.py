@@ -91,12 +91,37 @@ def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: 
                 peak_mem = torch.cuda.max_memory_allocated(device)
                 row[f"{name}_peak_mem_mb"] = round(peak_mem / 2**20, 1)
         if "triton" in paths:
+            row |= triton_breakdown(x, weights, dy, device, reps)
             row["triton_speedup_vs_eager"] = round(row["torch_eager_ms"] / row["triton_ms"], 3)
             if with_compile:
                 row["triton_speedup_vs_compile"] = round(
                     row["torch_compile_ms"] / row["triton_ms"], 3)
         rows.append(row)
     return rows
+
+
+def triton_breakdown(x, weights, dy, device, reps: int) -> dict:
+    """Where the fused step's time goes: the forward kernel alone (saving z, as in training), the
+    two backward kernels alone, eager's forward alone; and the block sizes the autotuner chose."""
+    from kernels import projector as kp
+
+    w1, b1, w2, b2 = (w.detach() for w in weights)
+    _, z = kp.projector_forward(x, w1, b1, w2, b2, save_z=True)
+    needs = (False, True, True, True, True)
+    out = {
+        "triton_fwd_ms": timed(lambda: kp.projector_forward(x, w1, b1, w2, b2, save_z=True),
+                               device, reps) * 1e3,
+        "triton_bwd_ms": timed(lambda: kp.projector_backward(dy, x, w1, w2, z, needs, True, True),
+                               device, reps) * 1e3,
+        "torch_eager_fwd_ms": timed(lambda: project_reference(x, w1, b1, w2, b2), device,
+                                    reps) * 1e3,
+    }
+    out = {k: round(v, 4) for k, v in out.items()}
+    out["triton_configs"] = {
+        name: getattr(getattr(kp, name), "best_config", None).__str__()
+        for name in ("_projector_fwd_kernel", "_projector_bwd_dz_kernel",
+                     "_projector_bwd_grads_kernel")}
+    return out
 
 
 def bench_merge(device, dtype, preset: str, reps: int) -> dict:

@@ -1,14 +1,48 @@
 #!/usr/bin/env bash
-# One prepared pass for a lent GPU (device tool): the kernel tests without the Triton interpreter,
-# then every benchmark at its CUDA defaults. Results land in $OUT (the device tool's folder) or
-# ./gpu_results: gpu_tests.txt and one JSON per benchmark. Needs a CUDA build of torch installed.
+# One prepared pass for a lent GPU (device tool): the GPU tests without the Triton interpreter,
+# the benchmarks at GPU sizes, and the demo on CUDA. Runs from the repository root on the Python
+# that holds a CUDA torch, with the package on PYTHONPATH (nothing is installed: the GPU machines
+# have no package index). Phases as arguments, default all:
+#     scripts/gpu_checks.sh [tests] [kernels] [merge] [extract] [demo] [train] [eval]
+# Results land in $OUT (the device tool's folder) or ./gpu_results, at most 8 files: log.txt
+# (versions, nvidia-smi, each phase's exit status and stderr), gpu_tests.txt, bench_<phase>.json,
+# demo.txt.
 set -uo pipefail
 out=${OUT:-gpu_results}
 mkdir -p "$out"
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-TRITON_INTERPRET=0 timeout 240 python -m pytest -q -m gpu tests/ > "$out/gpu_tests.txt" 2>&1
-echo "gpu tests: exit $?"
-for bench in bench_kernels bench_merge bench_eval bench_train bench_extract; do
-    timeout 120 python "scripts/$bench.py" > "$out/$bench.json" 2> "$out/$bench.err"
-    echo "$bench: exit $?"
+py=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 \
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+log=$out/log.txt
+phases=${*:-tests kernels merge extract demo train eval}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $py -c "import sys, torch, triton, transformers; print(sys.version.split()[0], torch.__version__,
+torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+    $py -c "import torchvision; print('torchvision', torchvision.__version__)" 2>&1
+} >> "$log" 2>&1
+
+run() {  # run NAME SECONDS COMMAND...: stdout to $out/NAME, stderr to the log
+    local name=$1 limit=$2 t0=$SECONDS
+    shift 2
+    echo "== $name" >> "$log"
+    timeout "$limit" "$@" > "$out/$name" 2>> "$log"
+    echo "== $name: exit $? in $((SECONDS - t0)) s" | tee -a "$log"
+}
+
+for phase in $phases; do
+    case $phase in
+        tests) run gpu_tests.txt 240 $py -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/ ;;
+        kernels) run bench_kernels.json 240 $py scripts/bench_kernels.py ;;
+        merge) run bench_merge.json 60 $py scripts/bench_merge.py ;;
+        extract) run bench_extract.json 150 $py scripts/bench_extract.py --shape large \
+            --images 2048 --batch-size 256 ;;
+        demo) run demo.txt 150 bash -c "$py -m babymerge.cli demo --out /tmp/demo_run \
+            --no-progress && cat /tmp/demo_run/report.txt" ;;
+        train) run bench_train.json 150 $py scripts/bench_train.py ;;
+        eval) run bench_eval.json 60 $py scripts/bench_eval.py ;;
+        *) echo "unknown phase $phase" | tee -a "$log" ;;
+    esac
 done
