@@ -21,12 +21,21 @@ arithmetic, TIES and DARE take ``--base``, the shared initial checkpoint), and s
 checkpoints make a checkpoint sweep, each merged with the same LM, like the paper's curves over
 training.
 
+Resumable: every scored point (and unmerged endpoint score) is appended to ``metrics.jsonl`` as
+it is made, and ``merge_config.json`` holds the sweep's identity (content hashes of the
+checkpoints, of the prepared tasks, the method and dtype). Running the same command again after an
+interruption reuses the points logged for the same (VLM, alpha) under the same identity and scores
+only the rest, with the same results; the grid, ``--keep`` and the ``--vlm`` list may change
+(extending the grid scores only the new points). A different identity is refused, naming what
+differs; ``--restart`` discards the logged points instead.
+
 The chosen alpha follows :data:`RULE`: the grid point maximising the mean of the grammar score (mean
 over minimal-pairs tasks) and the multimodal score (mean over image tasks).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -83,6 +92,9 @@ class MergeConfig:
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     dtype: str = opt("float32", "dtype of the live model and the resident endpoints",
                      choices=tuple(DTYPES))
+    restart: bool = opt(False, "discard the points already logged in OUT/metrics.jsonl and sweep "
+                        "afresh (by default a rerun reuses those made with the same checkpoints, "
+                        "tasks, method and dtype)")
 
     def __post_init__(self) -> None:
         if self.lm is None:
@@ -277,8 +289,10 @@ class _Sweep:
     """One VLM of the sweep: the live model loaded from it and a resident copy of its tensors."""
 
     def __init__(self, cfg: MergeConfig, index: int, vlm_name: str, names: list[str],
-                 tasks: list[PreparedTask], tokenizer, device: torch.device, dtype: torch.dtype):
+                 tasks: list[PreparedTask], tokenizer, device: torch.device, dtype: torch.dtype,
+                 kept_identity: str):
         self.cfg, self.vlm_dir, self.vlm_name = cfg, cfg.vlm[index], vlm_name
+        self.kept_identity = kept_identity
         self.tasks, self.tokenizer, self.device = tasks, tokenizer, device
         self.summary = task_summary(tasks)
         self.model = load_model(self.vlm_dir, device, dtype)
@@ -309,20 +323,20 @@ class _Sweep:
             torch.cuda.synchronize(self.device)  # so merge_s times the merge, not its launch
         return self._score(alpha, time.perf_counter() - t0)
 
-    def score_unmerged(self, tensors: list[torch.Tensor]) -> dict[str, float]:
-        """Scores of the live model with ``tensors`` copied in (an endpoint, unmerged)."""
+    def score_unmerged(self, tensors: list[torch.Tensor], which: str) -> dict:
+        """Record of the live model with ``tensors`` copied in (the unmerged ``which`` endpoint)."""
         for d, s in zip(self.live, tensors, strict=True):
             d.copy_(s)
-        return self._score(None, 0.0)["scores"]
+        return {**self._score(None, 0.0), "endpoint": which}
 
     def save(self, method: MergeMethod, alpha: float, current: float | None = None) -> str:
         """Write the merge at ``alpha`` as ``alpha_<a>/`` (merging first unless it is live)."""
         if current != alpha:
             method.merge_into_(self.live, alpha)
-        sub = self.cfg.out if len(self.cfg.vlm) == 1 else self.cfg.out / self.vlm_name
         provenance = {"lm": str(self.cfg.lm), "vlm": str(self.vlm_dir), "alpha": alpha,
                       "method": self.cfg.method,
-                      "base": str(self.cfg.base) if self.cfg.base else None}
+                      "base": str(self.cfg.base) if self.cfg.base else None,
+                      "identity": self.kept_identity}
         black = self.vlm_dir / BLACK_FEATURE_FILE
 
         def copy_black(tmp: Path) -> None:
@@ -330,16 +344,227 @@ class _Sweep:
             if black.is_file():
                 shutil.copy2(black, tmp / BLACK_FEATURE_FILE)
 
-        return str(save_checkpoint(self.model, sub / f"alpha_{format_alpha(alpha)}", self.tokenizer,
+        return str(save_checkpoint(self.model, _kept_path(self.cfg, self.vlm_name, alpha),
+                                   self.tokenizer,
                                    extra_files={"merge.json": json.dumps(provenance, indent=2)},
                                    write_extra=copy_black))
 
 
+def _kept_path(cfg: MergeConfig, vlm_name: str, alpha: float) -> Path:
+    sub = cfg.out if len(cfg.vlm) == 1 else cfg.out / vlm_name
+    return sub / f"alpha_{format_alpha(alpha)}"
+
+
 def _log(path: Path, rec: dict) -> None:
+    # one write of one whole line per record, appended as soon as it is scored: a kill leaves at
+    # most the last line cut short, which _read_metrics drops (that point is scored again)
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
     shown = " ".join(f"{n}={s:.4f}" for n, s in rec["scores"].items())
-    click.echo(f"[{rec['vlm']}] alpha={rec['alpha']}: {shown} objective={rec['objective']:.4f}")
+    what = f"{rec['endpoint'].upper()} unmerged" if "endpoint" in rec else f"alpha={rec['alpha']}"
+    click.echo(f"[{rec['vlm']}] {what}: {shown} objective={rec['objective']:.4f}")
+
+
+# --- resuming -----------------------------------------------------------------------------------
+# A sweep's identity is what its scores and kept checkpoints are a function of: the checkpoints'
+# contents (not their paths: a moved run resumes), the prepared tasks (token ids and feature rows,
+# so task files, --features and the tokenizer are all covered), the method with the settings it
+# uses, and the dtype. Free to change on resume: the alpha grid and --keep (points are keyed by
+# (VLM name, alpha)), the --vlm list (each VLM has its own identity), --device and --batch-size
+# (as train's resume, they change only the rounding of the scoring), --allow-extrapolation.
+
+def _file_digest(path: Path, cached: dict | None) -> dict:
+    """sha256 of a file, reusing ``cached`` (this function's earlier answer, stored in
+    merge_config.json) when path, size and mtime are unchanged, so a resume reads no weights
+    to recognise them; a rewritten file (a retrained checkpoint) is hashed again, and an identical
+    rewrite (train re-publishing the same weights) still matches."""
+    st = path.stat()
+    entry = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if cached and all(cached.get(k) == v for k, v in entry.items()) and "sha256" in cached:
+        return cached
+    with path.open("rb") as f:
+        entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    return entry
+
+
+def _checkpoint_fingerprint(directory: Path, cached: dict | None) -> dict:
+    """{file name: digest} of the files the loaded model is made of (not the tokenizer: the
+    prepared tasks' token ids cover it, and merge checks that the LM's vocabulary matches)."""
+    files = [directory / "config.json", *_weight_files(directory)]
+    files += [f for f in (directory / BLACK_FEATURE_FILE,) if f.is_file()]
+    cached = cached or {}
+    return {f.name: _file_digest(f, cached.get(f.name)) for f in files if f.is_file()}
+
+
+def _task_digest(task: PreparedTask) -> str:
+    """sha256 of exactly what scoring reads from a prepared task."""
+    h = hashlib.sha256(json.dumps([task.name, task.kind, task.input_ids, task.score_from,
+                                   task.groups]).encode())
+    for t in (task.feature_rows, task.item_start, task.features):
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _identity(cfg: MergeConfig, tasks: list[PreparedTask], vlm_names: list[str],
+              old: dict | None) -> dict:
+    method_cls = MERGE_METHODS[cfg.method]
+    old = old or {}
+    return {
+        # the settings the method reads (as results.json's method block, plus dare's seed; ties
+        # ignores --seed, so a ties resume with another seed is refused needlessly, harmlessly)
+        "method": {"name": cfg.method,
+                   **({"density": cfg.density, "seed": cfg.seed} if method_cls.uses_density
+                      else {}),
+                   **({"scale": cfg.scale} if method_cls.needs_base else {})},
+        "dtype": cfg.dtype,
+        "lm": _checkpoint_fingerprint(cfg.lm, old.get("lm")),
+        "base": (_checkpoint_fingerprint(cfg.base, old.get("base")) if method_cls.needs_base
+                 else None),
+        "tasks": [[t.name, _task_digest(t)] for t in tasks],
+        "vlms": {name: _checkpoint_fingerprint(d, old.get("vlms", {}).get(name))
+                 for name, d in zip(vlm_names, cfg.vlm, strict=True)},
+    }
+
+
+def _contents(fingerprint: dict | None) -> dict | None:
+    """A checkpoint fingerprint without paths and times: what identity comparisons look at."""
+    return None if fingerprint is None else {n: d["sha256"] for n, d in fingerprint.items()}
+
+
+SHARED = (("method", "--method/--density/--scale/--seed"), ("dtype", "--dtype"),
+          ("lm", "--lm"), ("base", "--base"), ("tasks", "--task/--features"))
+
+
+def _kept_identity(identity: dict, vlm_name: str) -> str:
+    """Digest of what a kept checkpoint of ``vlm_name`` is a function of (not the tasks), written
+    into its merge.json: a complete ``alpha_<a>/`` (saved atomically) with the same digest is not
+    saved again on resume."""
+    essence = {"method": identity["method"], "dtype": identity["dtype"],
+               "lm": _contents(identity["lm"]), "base": _contents(identity["base"]),
+               "vlm": _contents(identity["vlms"][vlm_name])}
+    return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()
+
+
+def _is_kept(cfg: MergeConfig, identity: dict, vlm_name: str, alpha: float) -> bool:
+    path = _kept_path(cfg, vlm_name, alpha) / "merge.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (saved.get("identity") == _kept_identity(identity, vlm_name)
+            and saved.get("alpha") == alpha)
+
+
+def _read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every complete record of ``metrics.jsonl``; a last line cut short by a
+    kill is dropped (its point is scored again); any other bad line is an error."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the write was cut short
+                break
+            rec = None
+        if not (isinstance(rec, dict) and isinstance(rec.get("vlm"), str)
+                and isinstance(rec.get("scores"), dict)
+                and (rec.get("endpoint") in ("vlm", "lm") or isinstance(rec.get("alpha"), float))):
+            raise MergeError(f"{path}:{number}: not a merge record; fix or remove the line, or "
+                             "pass --restart to discard every logged point")
+        out.append((line, rec))
+    return out
+
+
+def _differences(old: dict, new: dict, have: set[str], cfg: MergeConfig,
+                 vlm_names: list[str]) -> list[str]:
+    """What differs between the logged sweep's identity and this run's, as flags."""
+    diffs = []
+    for key, flag in SHARED:
+        before, now = old.get(key), new[key]
+        if key in ("lm", "base"):
+            before, now = _contents(before), _contents(now)
+        if before == now:
+            continue
+        if key in ("lm", "base") and before and now:
+            changed = sorted(n for n in set(before) | set(now) if before.get(n) != now.get(n))
+            diffs.append(f"{flag} {getattr(cfg, key)}: {', '.join(changed)} changed")
+        elif key == "tasks":
+            names_before, names_now = [n for n, _ in before or []], [n for n, _ in now]
+            changed = [n for n, d in now if [n, d] not in (before or [])]
+            diffs.append(f"{flag}: tasks {names_before} -> {names_now}"
+                         if names_before != names_now else
+                         f"{flag}: the items or image features of {', '.join(changed)} changed")
+        else:
+            diffs.append(f"{flag}: {before!r} -> {now!r}")
+    for name, directory in zip(vlm_names, cfg.vlm, strict=True):
+        if name not in have:
+            continue  # nothing of it to reuse: its identity is simply replaced
+        before = _contents(old.get("vlms", {}).get(name))
+        now = _contents(new["vlms"][name])
+        if before != now:
+            changed = sorted(n for n in set(before or {}) | set(now)
+                             if (before or {}).get(n) != now.get(n))
+            diffs.append(f"--vlm {directory}: {', '.join(changed)} changed since its points "
+                         f"(as {name!r}) were logged")
+    return diffs
+
+
+def _open_run(cfg: MergeConfig, tasks: list[PreparedTask], vlm_names: list[str]
+              ) -> tuple[dict, list[dict]]:
+    """Check the out folder's logged points against this run's identity; rewrite
+    metrics.jsonl without a cut-short last line and merge_config.json with the identity. Returns
+    (identity, the logged records to reuse)."""
+    config_path, metrics_path = cfg.out / "merge_config.json", cfg.out / "metrics.jsonl"
+    old = None
+    if not cfg.restart and config_path.is_file():
+        try:
+            old = json.loads(config_path.read_text(encoding="utf-8")).get("identity")
+        except ValueError:
+            old = None
+    logged = [] if cfg.restart else _read_metrics(metrics_path)
+    identity = _identity(cfg, tasks, vlm_names, old)
+    if logged:
+        if not isinstance(old, dict):
+            raise MergeError(f"{metrics_path} holds {len(logged)} record(s) but {config_path} no "
+                             "sweep identity to check them against (written by an older babymerge, "
+                             "or removed); pass --restart to discard them, or use another --out")
+        diffs = _differences(old, identity, {r["vlm"] for _, r in logged}, cfg, vlm_names)
+        if diffs:
+            raise MergeError(f"{cfg.out} holds points of a sweep with other inputs ("
+                             + "; ".join(diffs) + "); rerun with the same ones, pass --restart to "
+                             "discard those points, or use another --out")
+        # VLMs of earlier runs keep their identity: their logged points stay reusable
+        identity["vlms"] = {**old.get("vlms", {}), **identity["vlms"]}
+    # metrics.jsonl first: a kill between the two writes must not leave old points under a new
+    # identity (the reverse, old identity and no points, only starts afresh)
+    atomic_write_text(metrics_path, "".join(line + "\n" for line, _ in logged))
+    save_config(cfg, config_path, identity=identity)
+    return identity, [r for _, r in logged]
+
+
+def _reuse_line(points: dict, ends: dict, vlm_names: list[str], grid: list[float]) -> str | None:
+    """One line naming the logged points this run reuses; None when there are none."""
+    parts = []
+    for name in vlm_names:
+        alphas = [a for a in grid if (name, a) in points]
+        endpoints = [w.upper() for w in ("vlm", "lm") if (name, w) in ends]
+        if not alphas and not endpoints:
+            continue
+        shown = (f"all {len(grid)} alphas" if len(alphas) == len(grid) else
+                 "alpha " + ", ".join(map(str, alphas)) if alphas else "no alpha")
+        parts.append(f"{name}: {shown}" + (f" + unmerged {'/'.join(endpoints)}" if endpoints
+                                           else ""))
+    if not parts:
+        return None
+    count = sum((n, a) in points for n in vlm_names for a in grid)
+    return (f"resuming: reused {count} of {len(grid) * len(vlm_names)} point(s) logged in "
+            f"metrics.jsonl ({'; '.join(parts)})")
 
 
 def merge(cfg: MergeConfig) -> dict:
@@ -369,51 +594,94 @@ def merge(cfg: MergeConfig) -> dict:
                        checkpoint=cfg.vlm[0])
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.out / "merge_config.json")
+    identity, logged = _open_run(cfg, tasks, vlm_names)
     metrics_path = cfg.out / "metrics.jsonl"
-    metrics_path.write_text("", encoding="utf-8")
-    lm = read_tensors(cfg.lm, names, device, dtype)
-    base = read_tensors(cfg.base, names, device, dtype) if method_cls.needs_base else None
+    points = {(r["vlm"], r["alpha"]): r for r in logged if "endpoint" not in r}
+    end_scores = {(r["vlm"], r["endpoint"]): r["scores"] for r in logged if "endpoint" in r}
+    line = _reuse_line(points, end_scores, vlm_names, grid)
+    if line:
+        click.echo(line)
+
+    resident: dict[str, list[torch.Tensor] | None] = {}
+
+    def endpoint(which: str) -> list[torch.Tensor] | None:
+        """The LM's (or base's) tensors, read once, on the first VLM that needs loading."""
+        if which not in resident:
+            directory = cfg.lm if which == "lm" else cfg.base
+            resident[which] = (read_tensors(directory, names, device, dtype)
+                               if which == "lm" or method_cls.needs_base else None)
+        return resident[which]
+
+    def log(rec: dict) -> dict:
+        _log(metrics_path, rec)
+        if "endpoint" in rec:
+            end_scores[(rec["vlm"], rec["endpoint"])] = rec["scores"]
+        return rec
+
+    def start(index: int, score_vlm: bool) -> tuple[_Sweep, MergeMethod]:
+        sweep = _Sweep(cfg, index, vlm_names[index], names, tasks, tokenizer, device, dtype,
+                       _kept_identity(identity, vlm_names[index]))
+        if score_vlm:  # before the method is built, which may turn vlm_copy into a task vector
+            log(sweep.score_unmerged(sweep.vlm_copy, "vlm"))
+        method = method_cls(endpoint("lm"), sweep.vlm_copy, endpoint("base"),
+                            density=cfg.density, scale=cfg.scale, seed=cfg.seed)
+        return sweep, method
+
+    def unsaved(name: str, alpha: float) -> bool:
+        return not _is_kept(cfg, identity, name, alpha)
+
+    def to_keep(name: str) -> list[float]:
+        """--keep's alphas for VLM ``name``, plus a single VLM's chosen one (needs its whole grid
+        scored; a checkpoint sweep keeps only the winner over all VLMs, after the loop)."""
+        if not (keep_chosen and len(vlm_names) == 1):
+            return keep
+        chosen = choose([points[(name, a)] for a in grid], vlm_names)["alpha"]
+        return keep + ([chosen] if chosen not in keep else [])
+
     records: list[dict] = []
     endpoints: dict[str, dict] = {}
     kept: list[str] = []
     linear = cfg.method == "linear"
-
-    def start(index: int, score_vlm: bool) -> tuple[_Sweep, MergeMethod, dict]:
-        sweep = _Sweep(cfg, index, vlm_names[index], names, tasks, tokenizer, device, dtype)
-        # scored before the method is built, which may turn vlm_copy into a task vector
-        ends = {"vlm": sweep.score_unmerged(sweep.vlm_copy)} if score_vlm else {}
-        method = method_cls(lm, sweep.vlm_copy, base, density=cfg.density, scale=cfg.scale,
-                            seed=cfg.seed)
-        return sweep, method, ends
-
+    # with linear merging the grid's 0 and 1 ARE the endpoints; other methods score the two
+    # unmerged models, so the plot shows what the method gains or loses. Unmerged scores are
+    # logged like the points, so a resumed run need not load a finished VLM just for them.
+    needed_ends = [w for w, a in (("vlm", 0.0), ("lm", 1.0)) if not (linear and a in grid)]
     for index, vlm_name in enumerate(vlm_names):
-        # with linear merging the grid's 0 and 1 ARE the endpoints; other methods score the two
-        # unmerged models, so the plot shows what the method gains or loses
-        sweep, method, ends = start(index, score_vlm=not (linear and 0.0 in grid))
+        todo = [a for a in grid if (vlm_name, a) not in points]
+        missing_ends = [w for w in needed_ends if (vlm_name, w) not in end_scores]
+        sweep = method = None
+        # a VLM whose points are all logged and whose kept checkpoints are all there is not even
+        # read (to_keep needs the whole grid: evaluated only when todo is empty)
+        if todo or missing_ends or any(unsaved(vlm_name, a) for a in to_keep(vlm_name)):
+            sweep, method = start(index, score_vlm="vlm" in missing_ends)
         for alpha in grid:
-            rec = sweep.merge_and_score(method, alpha)
+            if (vlm_name, alpha) in points:
+                rec = points[(vlm_name, alpha)]
+            else:
+                rec = points[(vlm_name, alpha)] = log(sweep.merge_and_score(method, alpha))
+                if alpha in keep and unsaved(vlm_name, alpha):
+                    sweep.save(method, alpha, current=alpha)  # live already: no merge to redo
             records.append(rec)
-            _log(metrics_path, rec)
-            if alpha in keep:
-                kept.append(sweep.save(method, alpha, current=alpha))
-            if linear and alpha in (0.0, 1.0):
-                ends["vlm" if alpha == 0.0 else "lm"] = rec["scores"]
-        if "lm" not in ends:
-            ends["lm"] = sweep.score_unmerged(lm)
+        if "lm" in missing_ends:
+            log(sweep.score_unmerged(endpoint("lm"), "lm"))
+        ends = {w: end_scores[(vlm_name, w)] for w in needed_ends}
+        if linear:
+            ends.update({w: points[(vlm_name, a)]["scores"] for w, a in (("vlm", 0.0), ("lm", 1.0))
+                         if a in grid})
         endpoints[vlm_name] = {"vlm": ends["vlm"], "lm": ends["lm"]}
-        kept += [sweep.save(method, a) for a in keep if a not in grid]
-        if keep_chosen and len(vlm_names) == 1:
-            chosen = choose(records, vlm_names)["alpha"]
-            if chosen not in keep:
-                kept.append(sweep.save(method, chosen))
+        for alpha in to_keep(vlm_name):
+            if unsaved(vlm_name, alpha):
+                sweep.save(method, alpha)
+            kept.append(str(_kept_path(cfg, vlm_name, alpha)))
         del sweep, method  # one VLM's live model and copies resident at a time
 
     best = choose(records, vlm_names)
     if keep_chosen and len(vlm_names) > 1 and best["alpha"] not in keep:
         # a checkpoint sweep knows its winner only at the end: load that VLM once more
-        sweep, method, _ = start(vlm_names.index(best["vlm"]), score_vlm=False)
-        kept.append(sweep.save(method, best["alpha"]))
+        if unsaved(best["vlm"], best["alpha"]):
+            sweep, method = start(vlm_names.index(best["vlm"]), score_vlm=False)
+            sweep.save(method, best["alpha"])
+        kept.append(str(_kept_path(cfg, best["vlm"], best["alpha"])))
 
     results = {"tasks": task_summary(tasks), "records": records, "chosen_alpha": best["alpha"],
                "chosen_vlm": best["vlm"],

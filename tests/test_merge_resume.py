@@ -1,0 +1,203 @@
+"""babymerge merge resumes: an interrupted sweep rerun with the same command scores only the missing
+points and ends with the results of an uninterrupted run; another identity is refused (or
+discarded with --restart); a longer grid reuses the logged points; a finished VLM is not loaded."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from evalmerge_fixtures import build_world, make_checkpoint
+
+import babymerge.merge as merge_module
+from babymerge.merge import MergeConfig, MergeError, merge
+
+TIMINGS = ("merge_s", "eval_s")
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C or a kill between two scored points."""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("resumeworld"))
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts scorings, model loads and endpoint reads in merge; ``spy.fail_at = n`` raises on the
+    n-th scoring (1-based), as an interruption after n - 1 logged points."""
+    class Spy:
+        scored = loads = reads = saves = 0
+        fail_at = None
+
+    real_eval, real_load = merge_module.evaluate_tasks, merge_module.load_model
+    real_read, real_save = merge_module.read_tensors, merge_module.save_checkpoint
+
+    def evaluate_tasks(*args, **kw):
+        Spy.scored += 1
+        if Spy.scored == Spy.fail_at:
+            raise Interrupted
+        return real_eval(*args, **kw)
+
+    def count(name, real):
+        def wrapped(*args, **kw):
+            setattr(Spy, name, getattr(Spy, name) + 1)
+            return real(*args, **kw)
+        return wrapped
+
+    monkeypatch.setattr(merge_module, "evaluate_tasks", evaluate_tasks)
+    monkeypatch.setattr(merge_module, "load_model", count("loads", real_load))
+    monkeypatch.setattr(merge_module, "read_tensors", count("reads", real_read))
+    monkeypatch.setattr(merge_module, "save_checkpoint", count("saves", real_save))
+    # the figures are test_merge.py's; rendering them is most of a tiny merge's time
+    for plot in ("plot_alpha_curve", "plot_checkpoint_curve"):
+        monkeypatch.setattr(merge_module, plot, lambda results: b"png")
+
+    def reset():
+        Spy.scored = Spy.loads = Spy.reads = Spy.saves = 0
+        Spy.fail_at = None
+
+    Spy.reset = staticmethod(reset)
+    return Spy
+
+
+def config(world, out, **kw):
+    kw.setdefault("task", list(world.specs.values()))
+    return MergeConfig(lm=world.lm, vlm=kw.pop("vlm", [world.vlm]), features=world.features,
+                       out=out, **kw)
+
+
+def comparable(results: dict, out: Path) -> dict:
+    """results.json without timings and with kept paths relative to the out folder."""
+    return {**results, "records": [{k: v for k, v in r.items() if k not in TIMINGS}
+                                   for r in results["records"]],
+            "kept": [str(Path(k).relative_to(out)) for k in results["kept"]]}
+
+
+def on_disk(out: Path) -> dict:
+    return comparable(json.loads((out / "results.json").read_text()), out)
+
+
+def test_interrupted_sweep_resumes_to_the_uninterrupted_results(world, tmp_path, spy, capsys):
+    # no 1.0 in the grid: the LM's unmerged score is its own logged record
+    kw = dict(alpha_grid="0,0.25,0.5,0.75", keep="0.25,chosen")
+    reference = merge(config(world, tmp_path / "ref", **kw))
+    assert spy.scored == 5 and spy.loads == 1
+
+    out = tmp_path / "run"
+    spy.reset()
+    spy.fail_at = 4  # 0, 0.25, 0.5 logged (0.25 kept), killed while scoring 0.75
+    with pytest.raises(Interrupted):
+        merge(config(world, out, **kw))
+    kept = out / "alpha_0.25"
+    assert (kept / "merge.json").is_file() and spy.saves == 1
+    kept_mtime = (kept / "model.safetensors").stat().st_mtime_ns
+    # and a kill in the middle of writing the next line
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"alpha": 0.75, "vlm": "vlm", "scores": {"bli')
+    capsys.readouterr()
+
+    spy.reset()
+    results = merge(config(world, out, **kw))
+    assert spy.scored == 2  # 0.75 and the unmerged LM: nothing logged is scored again
+    assert "resuming: reused 3 of 4 point(s)" in capsys.readouterr().out
+    assert comparable(results, out) == comparable(reference, tmp_path / "ref") == on_disk(out)
+    assert (kept / "model.safetensors").stat().st_mtime_ns == kept_mtime  # complete: not re-saved
+    chosen = results["chosen_alpha"]
+    assert spy.saves == (0 if chosen == 0.25 else 1)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all(json.loads(line) for line in lines)  # the cut line is gone
+
+    spy.reset()  # a finished sweep rerun: rebuilt from the log, nothing loaded, read or scored
+    again = merge(config(world, out, **kw))
+    assert (spy.scored, spy.loads, spy.reads, spy.saves) == (0, 0, 0, 0)
+    assert comparable(again, out) == comparable(reference, tmp_path / "ref")
+
+    spy.reset()  # the chosen checkpoint deleted by hand: that VLM is loaded again, only to save
+    shutil.rmtree(out / f"alpha_{chosen}")
+    merge(config(world, out, **kw))
+    assert (spy.scored, spy.loads, spy.saves) == (0, 1, 1)
+    assert (out / f"alpha_{chosen}" / "model.safetensors").is_file()
+
+
+def test_another_identity_is_refused_or_restarted(world, tmp_path, spy):
+    vlm = shutil.copytree(world.vlm, tmp_path / "vlm")
+    out = tmp_path / "out"
+    kw = dict(alpha_grid="0,1", keep="none", task=[world.specs["blimp"]])
+    merge(config(world, out, vlm=[vlm], **kw))
+
+    refused = [(dict(dtype="bfloat16"), r"--dtype: 'float32' -> 'bfloat16'"),
+               (dict(method="slerp"), r"--method.*'linear'.*'slerp'"),
+               (dict(task=[world.specs["blimp"], world.specs["wg"]]),
+                r"--task/--features: tasks \['blimp'\] -> \['blimp', 'wg'\]")]
+    for change, message in refused:
+        with pytest.raises(MergeError, match=message + r".*pass --restart"):
+            merge(config(world, out, vlm=[vlm], **{**kw, **change}))
+
+    # a task file edited in place: same name, other items
+    tasks = shutil.copytree(world.root / "tasks" / "blimp", tmp_path / "blimp")
+    spec = f"blimp=minimal_pairs:{tasks}"
+    merge(config(world, tmp_path / "out2", vlm=[vlm], **{**kw, "task": [spec]}))
+    first = tasks / "order.jsonl"
+    first.write_text("".join(first.read_text().splitlines(keepends=True)[1:]))
+    with pytest.raises(MergeError, match="the items or image features of blimp changed"):
+        merge(config(world, tmp_path / "out2", vlm=[vlm], **{**kw, "task": [spec]}))
+
+    # the same weights written again (train re-publishing them): hashed again, still the same
+    weights = vlm / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    spy.reset()
+    merge(config(world, out, vlm=[vlm], **kw))
+    assert spy.scored == spy.loads == 0
+
+    # a retrained checkpoint behind the same folder: refused, then discarded with --restart
+    make_checkpoint(vlm, world.tokenizer, seed=7)
+    with pytest.raises(MergeError, match=r"--vlm .*vlm: model.safetensors changed"):
+        merge(config(world, out, vlm=[vlm], **kw))
+    spy.reset()
+    results = merge(config(world, out, vlm=[vlm], restart=True, **kw))
+    assert spy.scored == 2
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["scores"] for r in logged] == [r["scores"] for r in results["records"]]
+    spy.reset()
+    merge(config(world, out, vlm=[vlm], **kw))  # and that new sweep resumes as usual
+    assert spy.scored == 0
+
+
+def test_a_longer_grid_reuses_the_logged_points(world, tmp_path, spy):
+    kw = dict(keep="none", task=[world.specs["blimp"]])
+    out = tmp_path / "out"
+    merge(config(world, out, alpha_grid="0,0.5", **kw))
+    assert spy.scored == 3  # 0, 0.5 and the unmerged LM (1 is not on this grid)
+    spy.reset()
+    extended = merge(config(world, out, alpha_grid="0:1:0.25", **kw))
+    assert spy.scored == 3  # 0.25, 0.75, 1; with 1 on the grid the LM endpoint is that point
+    fresh = merge(config(world, tmp_path / "fresh", alpha_grid="0:1:0.25", **kw))
+    assert comparable(extended, out) == comparable(fresh, tmp_path / "fresh")
+    spy.reset()  # a shorter grid again: a subset of the log, nothing scored
+    short = merge(config(world, out, alpha_grid="0,1", **kw))
+    assert spy.scored == 0 and [r["alpha"] for r in short["records"]] == [0.0, 1.0]
+
+
+def test_checkpoint_sweep_skips_finished_vlms(world, tmp_path, spy):
+    """A checkpoint sweep killed in its second VLM loads only that one again; its kept winner is
+    the uninterrupted run's."""
+    vlm2 = make_checkpoint(tmp_path / "vlm2", world.tokenizer, seed=5)
+    kw = dict(vlm=[world.vlm, vlm2], alpha_grid="1", keep="chosen", method="dare",
+              base=world.base, density=0.5, task=[world.specs["blimp"]])
+    reference = merge(config(world, tmp_path / "ref", **kw))
+    out = tmp_path / "out"
+    spy.reset()
+    # dare scores both unmerged endpoints: vlm's VLM, 1, LM; vlm2's VLM; killed at its 1
+    spy.fail_at = 5
+    with pytest.raises(Interrupted):
+        merge(config(world, out, **kw))
+    spy.reset()
+    results = merge(config(world, out, **kw))
+    # vlm2 to finish its grid, then the winner once more to save it; vlm is not loaded to score
+    assert spy.scored == 2 and spy.loads == 2
+    assert comparable(results, out) == comparable(reference, tmp_path / "ref")
+    assert Path(results["kept"][0]).parent.name == results["chosen_vlm"]
