@@ -118,9 +118,11 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_results(world, tmp_path,
 
     spy.reset()  # the chosen checkpoint deleted by hand: that VLM is loaded again, only to save
     shutil.rmtree(out / f"alpha_{chosen}")
+    (out / f".alpha_{chosen}.killed").mkdir()  # what a kill during its save leaves
     merge(config(world, out, **kw))
     assert (spy.scored, spy.loads, spy.saves) == (0, 1, 1)
     assert (out / f"alpha_{chosen}" / "model.safetensors").is_file()
+    assert not (out / f".alpha_{chosen}.killed").exists()
 
 
 def test_another_identity_is_refused_or_restarted(world, tmp_path, spy):
