@@ -168,6 +168,13 @@ def test_another_identity_is_refused_or_restarted(world, tmp_path, spy):
     merge(config(world, out, vlm=[vlm], **kw))  # and that new sweep resumes as usual
     assert spy.scored == 0
 
+    # points logged by a babymerge before resuming (no identity to check them against)
+    saved = json.loads((out / "merge_config.json").read_text())
+    del saved["identity"]
+    (out / "merge_config.json").write_text(json.dumps(saved))
+    with pytest.raises(MergeError, match="no sweep identity.*pass --restart"):
+        merge(config(world, out, vlm=[vlm], **kw))
+
 
 def test_a_longer_grid_reuses_the_logged_points(world, tmp_path, spy):
     kw = dict(keep="none", task=[world.specs["blimp"]])
