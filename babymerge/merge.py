@@ -393,8 +393,7 @@ def _file_digest(path: Path, cached: dict | None) -> dict:
 def _checkpoint_fingerprint(directory: Path, cached: dict | None) -> dict:
     """{file name: digest} of the files the loaded model is made of (not the tokenizer: the
     prepared tasks' token ids cover it, and merge checks that the LM's vocabulary matches)."""
-    files = [directory / "config.json", *_weight_files(directory)]
-    files += [f for f in (directory / BLACK_FEATURE_FILE,) if f.is_file()]
+    files = [directory / "config.json", *_weight_files(directory), directory / BLACK_FEATURE_FILE]
     cached = cached or {}
     return {f.name: _file_digest(f, cached.get(f.name)) for f in files if f.is_file()}
 
