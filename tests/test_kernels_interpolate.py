@@ -95,6 +95,19 @@ def test_refuses_what_the_kernel_cannot_take(kernel_device):
         interpolate_triton_([a[0].double()], [a[0].double()], [b[0].double()], 0.5)
 
 
+def test_cached_plan_still_refuses_changed_tensors(kernel_device):
+    """A sweep reuses the validated plan of the same pointers, shapes and dtypes; a tensor that
+    keeps its pointer and shape but changes strides or dtype is checked again, not trusted."""
+    a, b, dst = (torch.randn(6, 6, device=kernel_device) for _ in range(3))
+    interpolate_triton_([dst], [a], [b], 0.25)
+    interpolate_triton_([dst], [a], [b], 0.75)  # cached plan
+    torch.testing.assert_close(dst, torch.lerp(b, a, 0.75))
+    with pytest.raises(ValueError, match=r"a\[0\] is not contiguous"):
+        interpolate_triton_([dst], [a.t()], [b], 0.5)
+    with pytest.raises(ValueError, match="int32"):
+        interpolate_triton_([dst], [a.view(torch.int32)], [b], 0.5)
+
+
 def test_bumps_version_counters(kernel_device):
     dst, a, b = (torch.zeros(10, device=kernel_device) for _ in range(3))
     before = dst._version
