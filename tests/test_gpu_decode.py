@@ -18,7 +18,7 @@ import babymerge.features as features
 from babymerge.featurefile import FAILED, FEATURES, IDS
 from babymerge.features import ExtractConfig, extract_features, load_encoder, save_random_dinov2
 from babymerge.images import (BadImage, GpuJpegDecoder, ImageDataset, ImageItem, JpegBytes,
-                              collate, gpu_jpeg_decoder_available)
+                              Preprocess, collate, gpu_jpeg_decoder_available)
 from test_features import smooth_image
 
 
@@ -95,6 +95,32 @@ def test_decoder_matches_workers_and_falls_back(encoder_dir):
         assert torch.equal(crop, preprocess(blob))
 
 
+def test_decoder_resizes_each_size_once_and_keeps_order(encoder_dir, monkeypatch):
+    """A chunk of mixed sizes: one resize_crop call per size, on the stacked images, and each
+    crop equals resizing that image alone, bit for bit, at its place in the input order."""
+    preprocess = load_encoder(encoder_dir, jpeg_draft=False).preprocess
+    rng = np.random.default_rng(7)
+    sizes = [(60, 80), (64, 64), (60, 80), (120, 90), (64, 64), (60, 80)]
+    blobs = [jpeg_bytes(smooth_image(rng, h, w)) for h, w in sizes]
+    alone = [preprocess.resize_crop(image) for image in pil_decode(
+        [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs], "cpu")]
+    batches = []
+    resize_crop = Preprocess.resize_crop
+
+    def spy(self, x):
+        batches.append(tuple(x.shape))
+        return resize_crop(self, x)
+
+    monkeypatch.setattr(Preprocess, "resize_crop", spy)
+    jpegs = [JpegBytes(torch.frombuffer(bytearray(b), dtype=torch.uint8),
+                       *preprocess.gpu_decodable(b)) for b in blobs]
+    crops = GpuJpegDecoder(preprocess, torch.device("cpu"), decode=pil_decode)(jpegs)
+    assert batches == [(3, 3, 60, 80), (2, 3, 64, 64), (1, 3, 120, 90)]
+    assert len(crops) == len(blobs)
+    for crop, expected in zip(crops, alone, strict=True):
+        assert crop.shape == expected.shape and torch.equal(crop, expected)
+
+
 def test_decoder_gives_the_reason_of_an_unusable_image(encoder_dir):
     preprocess = load_encoder(encoder_dir).preprocess
     good = jpeg_bytes(smooth_image(np.random.default_rng(2), 60, 80))
@@ -165,10 +191,15 @@ def test_nvjpeg_against_workers_on_cuda(tmp_path):
     encoder = load_encoder(save_random_dinov2(tmp_path / "enc"), "cuda", jpeg_draft=False)
     rng = np.random.default_rng(5)
     blobs = [jpeg_bytes(smooth_image(rng, h, w), quality=90)
-             for h, w in [(480, 640), (375, 500), (640, 427), (256, 256), (1000, 1500)]]
+             for h, w in [(480, 640), (375, 500), (640, 427), (256, 256), (1000, 1500),
+                          (480, 640), (256, 256)]]
     jpegs = [JpegBytes(torch.frombuffer(bytearray(b), dtype=torch.uint8),
                        *encoder.preprocess.gpu_decodable(b)) for b in blobs]
-    gpu = torch.stack(GpuJpegDecoder(encoder.preprocess, torch.device("cuda"))(jpegs))
+    decoder = GpuJpegDecoder(encoder.preprocess, torch.device("cuda"))
+    gpu = torch.stack(decoder(jpegs))
+    for crop, jpeg in zip(gpu, jpegs):  # resized with its size group = resized alone, exactly
+        alone = encoder.preprocess.resize_crop(decoder.decode([jpeg.data], device="cuda")[0])
+        assert torch.equal(crop, alone)
     cpu = torch.stack([encoder.preprocess(b) for b in blobs]).cuda()
     diff = (gpu.float() - cpu.float()).abs()
     assert diff.mean().item() < 1.0, diff.mean().item()
