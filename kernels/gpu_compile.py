@@ -33,11 +33,12 @@ DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 # The JIT specialises arguments divisible by 16 (tensors from torch's allocator are; the paper's
 # K = 1024, H = N = 768 are), which lets it vectorise loads; compile with the same facts. M is left
 # unspecialised (any batch size).
-SIZES = ["K", "H", "N", "M_BUCKET"]
+SIZES = ["K", "H", "N", "M_BUCKET", "N_OUT", "K_IN"]
 
 
 def _divisible(fn, names: list[str]) -> dict:
-    return {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in names}
+    return {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in names
+            if a in fn.arg_names}
 
 
 def _specs(dtype: str, all_configs: bool):
@@ -57,22 +58,27 @@ def _specs(dtype: str, all_configs: bool):
     def tile_volume(cfg):
         return sum(v for k, v in cfg.kwargs.items()) + max(cfg.kwargs.values()) ** 2
 
-    flags = {
-        "_projector_fwd_kernel": dict(HAS_B1=True, HAS_B2=True, SAVE_Z=True),
-        "_projector_bwd_dz_kernel": {},
-        "_projector_bwd_grads_kernel": dict(DO_X=True, DO_W1=True, DO_W2=True, HAS_B1=True,
-                                            HAS_B2=True),
-    }
+    grads = dict(DO_X=True, DO_W1=True, DO_W2=True, HAS_B1=True, HAS_B2=True)
+    slabs = ("dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr")  # fp32 partials when the reduction splits
+    launches = [  # (kernel, flags, pointers that are fp32 whatever the dtype)
+        ("_projector_fwd_kernel", dict(HAS_B1=True, HAS_B2=True, SAVE_Z=True), ()),
+        ("_linear_kernel", dict(GELU_A=True, HAS_BIAS=True), ()),
+        ("_projector_bwd_dz_kernel", {}, ()),
+        ("_projector_bwd_grads_kernel", dict(grads, SPLIT_R=1), ()),
+        ("_projector_bwd_grads_kernel", dict(grads, SPLIT_R=4), slabs),
+    ]
+    configs_of = {"_projector_fwd_kernel": P._FWD_CONFIGS, "_linear_kernel": P._LIN_CONFIGS,
+                  "_projector_bwd_dz_kernel": P._DZ_CONFIGS,
+                  "_projector_bwd_grads_kernel": P._GRAD_CONFIGS}
     precision = "ieee"
-    for name, configs in (("_projector_fwd_kernel", P._FWD_CONFIGS),
-                          ("_projector_bwd_dz_kernel", P._DZ_CONFIGS),
-                          ("_projector_bwd_grads_kernel", P._GRAD_CONFIGS)):
+    for name, flags, fp32_ptrs in launches:
         fn = jit(getattr(P, name))
-        configs = configs["fp32" if dtype == "fp32" else "16bit"]
+        configs = configs_of[name]["fp32" if dtype == "fp32" else "16bit"]
         chosen = configs if all_configs else [max(configs, key=tile_volume)]
         for cfg in chosen:
-            const = dict(flags[name], UPCAST=False, PRECISION=precision, **cfg.kwargs)
-            sig = {a: "constexpr" if a in const else (f"*{dtype}" if a.endswith("_ptr") else "i32")
+            const = dict(flags, UPCAST=False, PRECISION=precision, **cfg.kwargs)
+            sig = {a: "constexpr" if a in const else
+                   ("*fp32" if a in fp32_ptrs else f"*{dtype}") if a.endswith("_ptr") else "i32"
                    for a in fn.arg_names}
             yield (name, fn, sig, const, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                    _divisible(fn, [a for a in fn.arg_names if a.endswith("_ptr")] + SIZES))

@@ -5,19 +5,22 @@ Shapes: x (M, K), W1 (H, K), b1 (H,), W2 (N, H), b2 (N,), y (M, N). In the paper
 training, a few thousand in evaluation. These are small GEMMs, so launches and HBM round trips of
 the hidden activation cost as much as the FLOPs; the launch plan is built around that:
 
-- forward: ONE kernel. A program owns BLOCK_M rows and BLOCK_N output columns and walks the hidden
-  dim in BLOCK_H chunks: z = x W1[h]^T + b1 (K loop), a = gelu(z) in registers, y += a W2[:, h]^T.
-  The activation never goes to memory. When BLOCK_N < N the first GEMM is recomputed once per
-  column block: at small M that recompute runs on SMs that would otherwise idle (it buys
-  parallelism), at large M the autotuner may pick a wider BLOCK_N (less recompute).
+- forward, up to FUSED_FORWARD_MAX_ROWS rows: ONE kernel. A program owns BLOCK_M rows and BLOCK_N
+  output columns and walks the hidden dim in BLOCK_H chunks: z = x W1[h]^T + b1 (K loop),
+  a = gelu(z) in registers, y += a W2[:, h]^T. The activation never goes to memory. When
+  BLOCK_N < N the first GEMM is recomputed once per column block: at small M that recompute runs
+  on SMs that would otherwise idle (it buys parallelism). At large M it does not pay: on an H100
+  at M = 16384 the fused kernel took 0.74 ms against eager's 0.13 ms, so there the forward is two
+  GEMM launches, the second applying gelu to z as it loads it.
 - training saves the pre-activation z (M x H in the input dtype, 1.5 KB per row in bf16) instead of
   recomputing it in backward: recomputing costs a whole M x K x H GEMM, saving costs one write and
   one read of M x H, and eager PyTorch keeps the same tensor (gelu's input) anyway.
 - backward: TWO kernels. (1) dz = (dy W2) * gelu'(z), tiles over (M, H). (2) one grouped launch
   whose programs compute, by program-id range, tiles of dW2 (+ db2), dW1 (+ db1) and dx. All three
   read only dy, z, dz, x and the weights, so they run side by side (eager runs 6-8 kernels). Weight
-  gradients reduce over M inside one program (deterministic, no atomics); their tiles get the low
-  program ids because they are the long ones and should start first.
+  gradients reduce over M inside one program per tile, or for large M over slices of M in several
+  programs writing fp32 partials that the host sums (deterministic either way, no atomics); their
+  tiles get the low program ids because they are the long ones and should start first.
 
 Rounding follows eager PyTorch in the input dtype: z, a = gelu(z), da and dz are rounded to it
 between steps and every accumulation is fp32, so bf16/fp16 results match eager to about one ulp.
@@ -110,6 +113,26 @@ _GRAD_CONFIGS = {
                               (64, 64, 128, 32, 128, 64, 4, 3)]),
     "fp32": _configs(_GRAD, [(64, 64, 32, 64, 64, 32, 8, 2), (32, 32, 32, 32, 32, 32, 4, 2)]),
 }
+
+# The two-kernel forward's GEMMs (A, B = output tile, R = reduction).
+_LIN = ("BLOCK_A", "BLOCK_B", "BLOCK_R")
+_LIN_CONFIGS = {
+    "16bit": _configs(_LIN, [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
+                             (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3)]),
+    "fp32": _configs(_LIN, [(64, 64, 32, 8, 2), (64, 128, 32, 8, 2), (32, 32, 32, 4, 2)]),
+}
+
+# Forward plan by rows. Up to FUSED_FORWARD_MAX_ROWS the one fused kernel runs: a training batch
+# of images is small, the GEMMs then take microseconds and the launch count is what costs. Above
+# it the first GEMM's recompute per column block (the price of never writing the activation)
+# outgrows one write and one read of z (M x H, which training saves anyway), so the forward is two
+# GEMM launches (z = x W1^T + b1; y = gelu(z) W2^T + b2, gelu applied as z is loaded).
+FUSED_FORWARD_MAX_ROWS = 1024
+# Weight-gradient reductions over M are split into slices of at least this many rows (up to
+# MAX_WEIGHT_GRAD_SPLITS): one 128x128 tile over 4096 rows is ~134 MFLOP, long enough to amortise
+# writing its fp32 partial and the host-side sum of the partials.
+ROWS_PER_WEIGHT_GRAD_SPLIT = 4096
+MAX_WEIGHT_GRAD_SPLITS = 8
 
 # Autotuning is keyed on M rounded up to a power of two (M_BUCKET), not on M: the last batch of an
 # epoch or an evaluation batch must not trigger a fresh search.
@@ -209,14 +232,18 @@ def _projector_bwd_dz_kernel(dy_ptr, w2_ptr, z_ptr, dz_ptr, M, K, H, N, M_BUCKET
 
 
 @triton.jit
-def _grad_tile(a_ptr, stride_aa, stride_ar, b_ptr, stride_br, stride_bb, n_a, n_b, n_r, tile,
-               c_ptr, bias_ptr, GELU_B: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-               BLOCK_R: tl.constexpr):
-    """One (BLOCK_A, BLOCK_B) tile of C = A B, C contiguous (n_a, n_b), reducing over n_r.
+def _matmul_tile(a_ptr, stride_aa, stride_ar, b_ptr, stride_br, stride_bb, n_a, n_b, r_lo, r_hi,
+                 tile, c_ptr, vec_ptr, GELU_A: tl.constexpr, GELU_B: tl.constexpr,
+                 COL_BIAS: tl.constexpr, ROW_SUM: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """One (BLOCK_A, BLOCK_B) tile of C = A B (+ bias), C contiguous (n_a, n_b), reducing over
+    rows [r_lo, r_hi) of the shared dim, in the dtype of ``c_ptr`` (fp32 for split partials).
 
-    GELU_B applies gelu to B as it is loaded (B = z gives a = gelu(z) for dW2 without storing a);
-    HAS_BIAS also writes the row sums of A (the bias gradient) from the first column of tiles.
+    GELU_A / GELU_B apply gelu to A / B as they are loaded (z in memory gives a = gelu(z), rounded
+    to the input dtype as eager's gelu output is, without storing a). COL_BIAS adds ``vec`` per
+    output column (a forward bias); ROW_SUM writes the row sums of A to ``vec`` from the first
+    column of tiles (a bias gradient).
     """
     tiles_b = tl.cdiv(n_b, BLOCK_B)
     pid_a = tile // tiles_b
@@ -227,57 +254,89 @@ def _grad_tile(a_ptr, stride_aa, stride_ar, b_ptr, stride_br, stride_bb, n_a, n_
     mask_b = offs_b < n_b
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_A,), dtype=tl.float32)
-    for r0 in range(0, n_r, BLOCK_R):
+    for r0 in range(r_lo, r_hi, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < n_r
+        mask_r = offs_r < r_hi
         a = tl.load(a_ptr + offs_a[:, None] * stride_aa + offs_r[None, :] * stride_ar,
                     mask=mask_a[:, None] & mask_r[None, :], other=0.0)
         b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_b[None, :] * stride_bb,
                     mask=mask_r[:, None] & mask_b[None, :], other=0.0)
+        if GELU_A:
+            a = _gelu(a.to(tl.float32)).to(a_ptr.dtype.element_ty)
         if GELU_B:
             b = _gelu(b.to(tl.float32)).to(b_ptr.dtype.element_ty)
-        if HAS_BIAS:
+        if ROW_SUM:
             row_sum += tl.sum(a.to(tl.float32), axis=1)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if COL_BIAS:
+        acc += tl.load(vec_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + offs_a[:, None] * n_b + offs_b[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=mask_a[:, None] & mask_b[None, :])
-    if HAS_BIAS:
+    if ROW_SUM:
         if pid_b == 0:
-            tl.store(bias_ptr + offs_a, row_sum.to(bias_ptr.dtype.element_ty), mask=mask_a)
+            tl.store(vec_ptr + offs_a, row_sum.to(vec_ptr.dtype.element_ty), mask=mask_a)
 
 
-@_autotuned(_GRAD_CONFIGS, _KEY + ["DO_X", "DO_W1", "DO_W2"])
+@_autotuned(_LIN_CONFIGS, ["M_BUCKET", "N_OUT", "K_IN"])
+@triton.jit
+def _linear_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N_OUT, K_IN, M_BUCKET,
+                   GELU_A: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+    """C (M, N_OUT) = act(A) W^T + bias, A (M, K_IN), W (N_OUT, K_IN): one launch of the two-
+    kernel forward (z = x W1^T + b1, then y = gelu(z) W2^T + b2)."""
+    _matmul_tile(a_ptr, K_IN, 1, w_ptr, 1, K_IN, M, N_OUT, 0, K_IN, tl.program_id(0), c_ptr,
+                 bias_ptr, GELU_A, False, HAS_BIAS, False, UPCAST, PRECISION, BLOCK_A, BLOCK_B,
+                 BLOCK_R)
+
+
+@_autotuned(_GRAD_CONFIGS, _KEY + ["DO_X", "DO_W1", "DO_W2", "SPLIT_R"])
 @triton.jit
 def _projector_bwd_grads_kernel(x_ptr, w1_ptr, dy_ptr, z_ptr, dz_ptr, dx_ptr, dw1_ptr, db1_ptr,
                                 dw2_ptr, db2_ptr, M, K, H, N, M_BUCKET, DO_X: tl.constexpr,
                                 DO_W1: tl.constexpr, DO_W2: tl.constexpr, HAS_B1: tl.constexpr,
-                                HAS_B2: tl.constexpr, UPCAST: tl.constexpr,
+                                HAS_B2: tl.constexpr, SPLIT_R: tl.constexpr, UPCAST: tl.constexpr,
                                 PRECISION: tl.constexpr, BLOCK_A: tl.constexpr,
                                 BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
                                 BLOCK_XM: tl.constexpr, BLOCK_XK: tl.constexpr,
                                 BLOCK_XH: tl.constexpr):
-    """Grouped launch: program ids [0, T2) -> dW2 tiles, [T2, T2 + T1) -> dW1, the rest -> dx."""
+    """Grouped launch: program ids [0, T2 * S) -> dW2 tiles, then T1 * S dW1 tiles, the rest dx.
+
+    With SPLIT_R = S > 1 each weight tile is S programs, each reducing one slice of the M rows
+    into its own fp32 slab (dW pointers then point to (S, rows, cols) workspaces, bias pointers
+    to (S, rows)); the host sums the slabs. Split rather than one long program per tile: at
+    M = 16384 the paper's 84 weight tiles of 128x128 would fill 84 of an H100's 132 SMs for the
+    whole launch. Slabs, not atomics, so gradients stay deterministic.
+    """
     pid = tl.program_id(0)
     tiles_w2 = 0
     if DO_W2:
-        tiles_w2 = tl.cdiv(N, BLOCK_A) * tl.cdiv(H, BLOCK_B)
+        tiles_w2 = tl.cdiv(N, BLOCK_A) * tl.cdiv(H, BLOCK_B) * SPLIT_R
     tiles_w1 = 0
     if DO_W1:
-        tiles_w1 = tl.cdiv(H, BLOCK_A) * tl.cdiv(K, BLOCK_B)
+        tiles_w1 = tl.cdiv(H, BLOCK_A) * tl.cdiv(K, BLOCK_B) * SPLIT_R
+    chunk = tl.cdiv(tl.cdiv(M, SPLIT_R), BLOCK_R) * BLOCK_R
     if pid < tiles_w2:
         # dW2[n, h] = sum_m dy[m, n] gelu(z[m, h]);  db2[n] = sum_m dy[m, n]
-        _grad_tile(dy_ptr, 1, N, z_ptr, H, 1, N, H, M, pid, dw2_ptr, db2_ptr, True, HAS_B2,
-                   UPCAST, PRECISION, BLOCK_A, BLOCK_B, BLOCK_R)
+        split = pid % SPLIT_R
+        r_lo = split * chunk
+        _matmul_tile(dy_ptr, 1, N, z_ptr, H, 1, N, H, r_lo, tl.minimum(r_lo + chunk, M),
+                     pid // SPLIT_R, dw2_ptr + split * N * H, db2_ptr + split * N, False, True,
+                     False, HAS_B2, UPCAST, PRECISION, BLOCK_A, BLOCK_B, BLOCK_R)
     elif pid < tiles_w2 + tiles_w1:
         # dW1[h, k] = sum_m dz[m, h] x[m, k];  db1[h] = sum_m dz[m, h]
-        _grad_tile(dz_ptr, 1, H, x_ptr, K, 1, H, K, M, pid - tiles_w2, dw1_ptr, db1_ptr, False,
-                   HAS_B1, UPCAST, PRECISION, BLOCK_A, BLOCK_B, BLOCK_R)
+        split = (pid - tiles_w2) % SPLIT_R
+        r_lo = split * chunk
+        _matmul_tile(dz_ptr, 1, H, x_ptr, K, 1, H, K, r_lo, tl.minimum(r_lo + chunk, M),
+                     (pid - tiles_w2) // SPLIT_R, dw1_ptr + split * H * K, db1_ptr + split * H,
+                     False, False, False, HAS_B1, UPCAST, PRECISION, BLOCK_A, BLOCK_B, BLOCK_R)
     elif DO_X:
         # dx[m, k] = sum_h dz[m, h] W1[h, k]
-        _grad_tile(dz_ptr, H, 1, w1_ptr, K, 1, M, K, H, pid - tiles_w2 - tiles_w1, dx_ptr, dx_ptr,
-                   False, False, UPCAST, PRECISION, BLOCK_XM, BLOCK_XK, BLOCK_XH)
+        _matmul_tile(dz_ptr, H, 1, w1_ptr, K, 1, M, K, 0, H, pid - tiles_w2 - tiles_w1, dx_ptr,
+                     dx_ptr, False, False, False, False, UPCAST, PRECISION, BLOCK_XM, BLOCK_XK,
+                     BLOCK_XH)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -336,15 +395,41 @@ def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
 
-    # Absent biases and z get a dummy pointer; constexpr flags keep the kernel from touching it.
     with _on_device(x.device):
-        _projector_fwd_kernel[grid](
-            x, w1, b1 if b1 is not None else x, w2, b2 if b2 is not None else x, y,
-            z if z is not None else y, m, k, hidden, n, triton.next_power_of_2(m),
-            HAS_B1=b1 is not None, HAS_B2=b2 is not None, SAVE_Z=save_z, UPCAST=INTERPRET,
-            PRECISION=_precision(x.dtype),
-            **_fitted(BLOCK_M=(m, 64), BLOCK_N=(n, 128), BLOCK_H=(hidden, 128), BLOCK_K=(k, 256)))
+        if m <= FUSED_FORWARD_MAX_ROWS:
+            # Absent biases and z get a dummy pointer; constexpr flags keep the kernel off them.
+            _projector_fwd_kernel[grid](
+                x, w1, b1 if b1 is not None else x, w2, b2 if b2 is not None else x, y,
+                z if z is not None else y, m, k, hidden, n, triton.next_power_of_2(m),
+                HAS_B1=b1 is not None, HAS_B2=b2 is not None, SAVE_Z=save_z, UPCAST=INTERPRET,
+                PRECISION=_precision(x.dtype),
+                **_fitted(BLOCK_M=(m, 64), BLOCK_N=(n, 128), BLOCK_H=(hidden, 128),
+                          BLOCK_K=(k, 256)))
+        else:
+            pre = z if z is not None else torch.empty((m, hidden), device=x.device, dtype=x.dtype)
+            _linear(x, w1, b1, pre, gelu_in=False)
+            _linear(pre, w2, b2, y, gelu_in=True)
     return y, z
+
+
+def _linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            gelu_in: bool) -> None:
+    """out = act(a) w^T + bias, act = gelu if ``gelu_in`` (one launch of the two-kernel forward)."""
+    m, k = a.shape
+    n = w.shape[0]
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_A"]) * triton.cdiv(n, meta["BLOCK_B"]),)
+
+    _linear_kernel[grid](a, w, bias if bias is not None else a, out, m, n, k,
+                         triton.next_power_of_2(m), GELU_A=gelu_in, HAS_BIAS=bias is not None,
+                         UPCAST=INTERPRET, PRECISION=_precision(a.dtype),
+                         **_fitted(BLOCK_A=(m, 64), BLOCK_B=(n, 128), BLOCK_R=(k, 256)))
+
+
+def weight_grad_splits(m: int) -> int:
+    """Slices the weight gradients' reduction over ``m`` rows is split into (1 = no split)."""
+    return max(1, min(MAX_WEIGHT_GRAD_SPLITS, m // ROWS_PER_WEIGHT_GRAD_SPLIT))
 
 
 def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -356,11 +441,18 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
     do_w1, do_w2 = need_w1 or need_b1, need_w2 or need_b2
     m, k = x.shape
     hidden, n = w1.shape[0], w2.shape[0]
+    split = weight_grad_splits(m)
+
+    def weight_grad(*shape):  # the gradient itself, or the fp32 slabs of a split reduction
+        if split == 1:
+            return torch.empty(shape, device=x.device, dtype=x.dtype)
+        return torch.empty((split, *shape), device=x.device, dtype=torch.float32)
+
     dx = torch.empty_like(x) if need_x else None
-    dw1 = torch.empty_like(w1) if do_w1 else None
-    db1 = torch.empty(hidden, device=x.device, dtype=x.dtype) if do_w1 and has_b1 else None
-    dw2 = torch.empty_like(w2) if do_w2 else None
-    db2 = torch.empty(n, device=x.device, dtype=x.dtype) if do_w2 and has_b2 else None
+    dw1 = weight_grad(hidden, k) if do_w1 else None
+    db1 = weight_grad(hidden) if do_w1 and has_b1 else None
+    dw2 = weight_grad(n, hidden) if do_w2 else None
+    db2 = weight_grad(n) if do_w2 and has_b2 else None
     if m == 0:  # no rows: zero weight gradients, nothing to launch
         for g in (dw1, db1, dw2, db2):
             if g is not None:
@@ -374,6 +466,7 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
         def grads_grid(meta):
             tiles = triton.cdiv(n, meta["BLOCK_A"]) * triton.cdiv(hidden, meta["BLOCK_B"]) * do_w2
             tiles += triton.cdiv(hidden, meta["BLOCK_A"]) * triton.cdiv(k, meta["BLOCK_B"]) * do_w1
+            tiles *= split
             tiles += triton.cdiv(m, meta["BLOCK_XM"]) * triton.cdiv(k, meta["BLOCK_XK"]) * need_x
             return (tiles,)
 
@@ -389,11 +482,14 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
             _projector_bwd_grads_kernel[grads_grid](
                 x, w1, dy, z, *map(or_dummy, (dz, dx, dw1, db1, dw2, db2)),
                 m, k, hidden, n, triton.next_power_of_2(m), DO_X=need_x, DO_W1=do_w1, DO_W2=do_w2,
-                HAS_B1=db1 is not None, HAS_B2=db2 is not None, UPCAST=INTERPRET,
+                HAS_B1=db1 is not None, HAS_B2=db2 is not None, SPLIT_R=split, UPCAST=INTERPRET,
                 PRECISION=_precision(x.dtype),
                 **_fitted(BLOCK_A=(max(n, hidden), 128), BLOCK_B=(max(hidden, k), 256),
-                          BLOCK_R=(m, 64), BLOCK_XM=(m, 64), BLOCK_XK=(k, 256),
+                          BLOCK_R=(-(-m // split), 64), BLOCK_XM=(m, 64), BLOCK_XK=(k, 256),
                           BLOCK_XH=(hidden, 128)))
+        if split > 1:  # fixed order of the slabs' sum: deterministic
+            dw1, db1, dw2, db2 = (g.sum(0).to(x.dtype) if g is not None else None
+                                  for g in (dw1, db1, dw2, db2))
     return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
             db2 if need_b2 else None)
 

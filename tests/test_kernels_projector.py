@@ -75,14 +75,37 @@ def test_every_dtype(kernel_device, dtype):
     _check_against_reference(_inputs(67, 300, 160, 130, dtype, kernel_device), tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_two_kernel_forward_and_split_weight_grads(kernel_device, dtype, monkeypatch):
+    """The large-M plan at a small M: the forward as two GEMM launches (z, then gelu(z) W2^T),
+    and weight gradients reduced in 4 row slices (the last one empty) summed on the host."""
+    from kernels import projector
+
+    monkeypatch.setattr(projector, "FUSED_FORWARD_MAX_ROWS", 16)
+    monkeypatch.setattr(projector, "ROWS_PER_WEIGHT_GRAD_SPLIT", 16)
+    assert projector.weight_grad_splits(67) == 4
+    tol = GPU_FP32_TOL if kernel_device.type == "cuda" and dtype == torch.float32 else TOL[dtype]
+    _check_against_reference(_inputs(67, 300, 160, 130, dtype, kernel_device), tol)
+    # no biases, only dW1 asked for
+    x, w1, _, w2, _ = _inputs(67, 48, 32, 16, dtype, kernel_device, bias=False)
+    (dw1,) = torch.autograd.grad(project_triton(x.detach(), w1, None, w2.detach(), None).sum(),
+                                 [w1])
+    ref = [t.detach().float().requires_grad_() for t in (w1, w2)]
+    (dw1_ref,) = torch.autograd.grad(
+        project_reference(x.detach().float(), ref[0], None, ref[1], None).sum(), [ref[0]])
+    assert _rel_err(dw1, dw1_ref) <= tol
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1000, 4099, 16411])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_paper_shape_gpu(kernel_device, dtype):
-    """The paper's projector (1024 -> 768 -> 768) at a training-size batch, autotuned."""
+def test_paper_shape_gpu(kernel_device, dtype, rows):
+    """The paper's projector (1024 -> 768 -> 768), autotuned, at the three plans: one fused
+    forward kernel (1000 rows), two forward GEMMs (4099), and split weight gradients (16411)."""
     if kernel_device.type != "cuda":
         pytest.skip("paper-size shape only on the GPU (minutes in the interpreter)")
     tol = GPU_FP32_TOL if dtype == torch.float32 else TOL[dtype]
-    _check_against_reference(_inputs(4099, 1024, 768, 768, dtype, kernel_device), tol)
+    _check_against_reference(_inputs(rows, 1024, 768, 768, dtype, kernel_device), tol)
 
 
 def test_no_bias_leading_dims_and_partial_grads(kernel_device):
