@@ -30,7 +30,7 @@ from babymerge.config import atomic_write_text, opt, save_config
 from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
 from babymerge.merge import MergeConfig, merge, objective
 from babymerge.tokenizer import TokenizerConfig, train_tokenizer
-from babymerge.train import TrainConfig, train
+from babymerge.train import RESUME_DIR, TrainConfig, read_resume_state, train
 from babymerge.world import WorldConfig, generate_world
 
 ALPHA_GRID = "0:1:0.1"
@@ -150,6 +150,34 @@ def _train_config(cfg: DemoConfig, scale: Scale, kind: str, run: Path, world, fe
         progress=cfg.progress)
 
 
+def _per_second(work: float, seconds: float) -> float | None:
+    """Throughput of the work this run did; None when it did none (a re-run into a finished
+    folder reuses every stage's output, and the earlier run's work over this run's seconds would
+    be no throughput at all)."""
+    return round(work / seconds, 1) if work > 0 and seconds > 0 else None
+
+
+def _trained_tokens(run_dir: Path) -> int:
+    """Tokens an earlier run in ``run_dir`` already trained on (its resume state; 0 if none):
+    ``train`` resumes from there, or does nothing if that run finished."""
+    state = read_resume_state(run_dir / RESUME_DIR)
+    return int(state["tokens"]) if state else 0
+
+
+def _logged_points(merge_dir: Path) -> int:
+    """Merge points logged in ``merge_dir/metrics.jsonl`` (a re-run reuses them rather than
+    scoring them again); a last line cut short by a kill is not a point."""
+    path = merge_dir / "metrics.jsonl"
+    count = 0
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        count += "alpha" in rec and "endpoint" not in rec
+    return count
+
+
 def _train_throughput(run_dir: Path) -> dict:
     """Tokens, words and tokens/s of a finished training run, from its metrics.jsonl."""
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -251,7 +279,9 @@ def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
         summary = extract_features(ExtractConfig(
             source=str(world.images), out=features, encoder=str(encoder_dir), batch_size=128,
             device=cfg.device, dtype="float32", num_workers=0))
-        info.update(images=summary["rows"], images_per_s=summary["images_per_s"])
+        encoded = summary["new"] + summary["new_failed"]
+        info.update(images=summary["rows"], encoded=encoded, reused=encoded == 0,
+                    images_per_s=summary["images_per_s"] if encoded else None)
 
     with timer.stage("tokenizer") as info:
         tok = train_tokenizer(TokenizerConfig(corpus=[world.corpus], out=run / "tokenizer",
@@ -259,11 +289,15 @@ def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
         info.update({k: v for k, v in tok.items() if isinstance(v, (int, float, str))})
 
     for kind in ("lm", "vlm"):
+        before = _trained_tokens(run / kind)
         with timer.stage(f"train {kind}") as info:
             out = train(_train_config(cfg, scale, kind, run, world, features, run / "tokenizer"))
             info.update(_train_throughput(out))
-        info["tokens_per_s"] = round(info["tokens"] / info["seconds"], 1)
+        info["trained_tokens"] = info["tokens"] - before
+        info["tokens_per_s"] = _per_second(info["trained_tokens"], info["seconds"])
+        info["reused"] = info["trained_tokens"] == 0
 
+    points_before = _logged_points(run / "merge")
     with timer.stage("merge") as info:
         results = merge(MergeConfig(lm=run / "lm", vlm=[run / "vlm"], alpha_grid=ALPHA_GRID,
                                     task=world.task_specs(), features=features,
@@ -271,7 +305,10 @@ def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
                                     batch_size=scale.eval_batch_size))
         info.update(alphas=len(results["records"]),
                     items_per_alpha=sum(t["items"] for t in results["tasks"].values()))
-    info["items_per_s"] = round(info["alphas"] * info["items_per_alpha"] / info["seconds"], 1)
+    info["scored_alphas"] = _logged_points(run / "merge") - points_before
+    info["items_per_s"] = _per_second(info["scored_alphas"] * info["items_per_alpha"],
+                                      info["seconds"])
+    info["reused"] = info["scored_alphas"] == 0
 
     for r in results["records"]:
         r.update(objective(r["scores"], results["tasks"]))
@@ -282,7 +319,9 @@ def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
               "encoder": timer.stages["encoder"]["note"], "stages": timer.stages,
               "total_seconds": timer.total, "results": str(run / "merge" / "results.json"),
               "plot": str(plot), "chosen_alpha": results["chosen_alpha"]}
-    timing = "\n".join(f"  {name:<18} {s['seconds']:>8.1f} s" for name, s in timer.stages.items())
+    timing = "\n".join(f"  {name:<18} {s['seconds']:>8.1f} s"
+                       + ("  (done by an earlier run: reused)" if s.get("reused") else "")
+                       for name, s in timer.stages.items())
     text = (f"babymerge demo ({cfg.scale} scale) in {run}\n"
             f"encoder: {report['encoder']}\n\n"
             f"accuracy per alpha (alpha = 1 - weight of the VLM; 0 = VLM, 1 = LM)\n{table}\n\n"

@@ -110,3 +110,23 @@ def test_paper_configs_name_only_real_fields(name, cls):
     data = tomllib.loads((ROOT / "configs" / "paper" / f"{name}.toml").read_text())
     fields = {f.name for f in dataclasses.fields(cls)}
     assert set(data) <= fields, set(data) - fields
+
+
+def test_demo_rerun_into_a_finished_folder_reuses_every_stage(report):
+    """A second `babymerge demo` into the same --out completes with the same results: training,
+    extraction and the merge are reused (no rate: they did no work now), not divided by ~0 s."""
+    first, out = report
+    assert first["stages"]["train lm"]["tokens_per_s"] > 0
+    assert not any(s.get("reused") for s in first["stages"].values())
+    results = (out / "merge" / "results.json").read_text()
+    again = demo(DemoConfig(out=out, scale="tiny", progress=False))
+    for name in ("extract-features", "train lm", "train vlm", "merge"):
+        assert again["stages"][name]["reused"], name
+    assert again["stages"]["train vlm"]["tokens_per_s"] is None
+    assert again["stages"]["train vlm"]["tokens"] == first["stages"]["train vlm"]["tokens"]
+    assert again["stages"]["merge"]["items_per_s"] is None
+    assert again["stages"]["extract-features"]["images"] == first["stages"]["extract-features"][
+        "images"]
+    assert (out / "merge" / "results.json").read_text() == results
+    assert again["finding"] == first["finding"]
+    assert "reused" in (out / "report.txt").read_text()
