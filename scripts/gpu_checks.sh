@@ -3,10 +3,10 @@
 # the benchmarks at GPU sizes, and the demo on CUDA. Runs from the repository root on the Python
 # that holds a CUDA torch, with the package on PYTHONPATH (nothing is installed: the GPU machines
 # have no package index). Phases as arguments, default all:
-#     scripts/gpu_checks.sh [tests] [kernels] [merge] [extract] [demo] [train] [eval]
+#     scripts/gpu_checks.sh [tests] [kernels] [merge] [extract] [demo] [train] [eval] [profile]
 # Results land in $OUT (the device tool's folder) or ./gpu_results, at most 8 files: log.txt
 # (versions, nvidia-smi, each phase's exit status and stderr), gpu_tests.txt, bench_<phase>.json,
-# demo.txt.
+# demo.txt, profile.txt. Phase limits are about twice what each took on an H100 (2026-11-27).
 set -uo pipefail
 out=${OUT:-gpu_results}
 mkdir -p "$out"
@@ -34,8 +34,8 @@ run() {  # run NAME SECONDS COMMAND...: stdout to $out/NAME, stderr to the log
 
 for phase in $phases; do
     case $phase in
-        tests) run gpu_tests.txt 240 $py -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/ ;;
-        kernels) run bench_kernels.json 240 $py scripts/bench_kernels.py ;;
+        tests) run gpu_tests.txt 180 $py -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/ ;;
+        kernels) run bench_kernels.json 180 $py scripts/bench_kernels.py ;;
         merge) run bench_merge.json 60 $py scripts/bench_merge.py ;;
         extract) run bench_extract.json 150 $py scripts/bench_extract.py --shape large \
             --images 2048 --batch-size 256 ;;
@@ -43,6 +43,7 @@ for phase in $phases; do
             --no-progress && cat /tmp/demo_run/report.txt" ;;
         train) run bench_train.json 150 $py scripts/bench_train.py ;;
         eval) run bench_eval.json 60 $py scripts/bench_eval.py ;;
+        profile) run profile.txt 60 $py scripts/profile_projector.py ;;
         *) echo "unknown phase $phase" | tee -a "$log" ;;
     esac
 done
