@@ -279,7 +279,7 @@ def _matmul_tile(a_ptr, stride_aa, stride_ar, b_ptr, stride_br, stride_bb, n_a, 
             tl.store(vec_ptr + offs_a, row_sum.to(vec_ptr.dtype.element_ty), mask=mask_a)
 
 
-@_autotuned(_LIN_CONFIGS, ["M_BUCKET", "N_OUT", "K_IN"])
+@_autotuned(_LIN_CONFIGS, ["M_BUCKET", "N_OUT", "K_IN", "GELU_A", "HAS_BIAS"])
 @triton.jit
 def _linear_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N_OUT, K_IN, M_BUCKET,
                    GELU_A: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,

@@ -121,6 +121,7 @@ def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: 
                 row["triton_speedup_vs_compile"] = round(
                     row["torch_compile_ms"] / row["triton_ms"], 3)
         rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)  # survives a run cut short
     return rows
 
 

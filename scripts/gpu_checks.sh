@@ -34,7 +34,9 @@ run() {  # run NAME SECONDS COMMAND...: stdout to $out/NAME, stderr to the log
 
 for phase in $phases; do
     case $phase in
-        tests) run gpu_tests.txt 180 $py -m pytest -q -m gpu -p no:cacheprovider -n 8 tests/ ;;
+        # -v: one named PASSED/FAILED line per test, so a run cut short still says which failed
+        tests) run gpu_tests.txt 300 $py -m pytest -v -m gpu -p no:cacheprovider -n 8 \
+            --timeout 240 tests/ ;;
         kernels) run bench_kernels.json 180 $py scripts/bench_kernels.py ;;
         merge) run bench_merge.json 60 $py scripts/bench_merge.py ;;
         extract) run bench_extract.json 150 $py scripts/bench_extract.py --shape large \

@@ -162,7 +162,7 @@ def test_feature_file_does_not_depend_on_where_jpegs_decode(tmp_path, encoder_di
     kw = dict(source=str(folder), encoder=str(encoder_dir), num_workers=0, batch_size=4,
               jpeg_draft=False)
     extract_features(ExtractConfig(out=tmp_path / "workers.h5", **kw))
-    monkeypatch.setattr(features, "resolve_decode", lambda decode, device: "gpu")
+    monkeypatch.setattr(features, "resolve_decode", lambda decode, device, workers: "gpu")
     monkeypatch.setattr(features, "GpuJpegDecoder",
                         lambda preprocess, device: GpuJpegDecoder(preprocess, device, pil_decode))
     extract_features(ExtractConfig(out=tmp_path / "gpu.h5", **kw))
@@ -170,6 +170,16 @@ def test_feature_file_does_not_depend_on_where_jpegs_decode(tmp_path, encoder_di
         assert list(a[IDS][:]) == list(b[IDS][:]) and len(a[IDS]) == 9
         np.testing.assert_array_equal(a[FEATURES][:], b[FEATURES][:])
         assert list(a[FAILED]["ids"][:]) == list(b[FAILED]["ids"][:]) == [b"z"]
+
+
+def test_auto_decode_follows_device_and_workers(monkeypatch):
+    monkeypatch.setattr(features, "gpu_jpeg_decoder_available", lambda: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert features.resolve_decode("auto", cuda, 3) == "gpu"
+    assert features.resolve_decode("auto", cuda, features.GPU_DECODE_BELOW_WORKERS) == "workers"
+    assert features.resolve_decode("auto", cpu, 0) == "workers"
+    assert features.resolve_decode("workers", cuda, 0) == "workers"
+    assert features.resolve_decode("gpu", cuda, 15) == "gpu"
 
 
 def test_decode_gpu_without_cuda_is_a_clear_error(tmp_path, encoder_dir):
