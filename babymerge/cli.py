@@ -16,7 +16,8 @@ from babymerge.config import config_command
 # (command, module, config class, run function, help)
 COMMANDS = [
     ("extract-features", "babymerge.features", "ExtractConfig", "extract_features",
-     "Encode images (folder, jsonl, TSV or .tar shards) into one pooled DINOv2 feature each (HDF5)."),
+     "Encode images (folder, jsonl, TSV or .tar shards) into one pooled DINOv2 feature each "
+     "(HDF5)."),
     ("join-features", "babymerge.features", "JoinConfig", "join_features",
      "Join per-rank feature shards into one feature file."),
     ("tokenizer", "babymerge.tokenizer", "TokenizerConfig", "train_tokenizer",

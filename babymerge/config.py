@@ -180,8 +180,8 @@ def _click_params(cls: type) -> list[click.Parameter]:
     for f in dataclasses.fields(cls):
         scalar, is_list, optional = _resolve_type(cls, f)
         meta = f.metadata
-        click_type: Any = {Path: click.Path(path_type=Path), int: int, float: float, bool: bool}.get(
-            scalar, str)
+        click_type: Any = {Path: click.Path(path_type=Path), int: int, float: float,
+                           bool: bool}.get(scalar, str)
         if meta.get("choices"):
             click_type = click.Choice(list(meta["choices"]))
         if meta.get("positional"):
@@ -201,9 +201,11 @@ def _click_params(cls: type) -> list[click.Parameter]:
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            params.append(click.Option([*names, f.name], type=click_type, multiple=is_list, default=None,
+            params.append(click.Option([*names, f.name], type=click_type, multiple=is_list,
+                                       default=None,
                                        help=meta.get("help", "") + (f"  [default: {shown}]"
-                                                                    if shown not in (None, "") else "")))
+                                                                    if shown not in (None, "")
+                                                                    else "")))
     params.append(click.Option(["--config", "config_file"], type=click.Path(path_type=Path),
                                default=None, help="TOML/YAML file setting any of these options"))
     return params

@@ -241,7 +241,8 @@ class PackedText:
         out = np.empty((len(index), self.seq_len), dtype=np.int64)
         out[:, :len(self.prefix)] = self.prefix
         for row, i in enumerate(index):
-            out[row, len(self.prefix):] = self._stream(int(i) * self.chunk, (int(i) + 1) * self.chunk)
+            out[row, len(self.prefix):] = self._stream(int(i) * self.chunk,
+                                                       (int(i) + 1) * self.chunk)
         input_ids = torch.from_numpy(out)
         labels = input_ids.clone()
         labels[:, :len(self.prefix)] = IGNORE_INDEX  # BOS and <image> are given, never predicted

@@ -77,7 +77,8 @@ class FeatureTable:
             self.failed: dict[str, str] = {}
             if FAILED in f:
                 g = f[FAILED]
-                self.failed = dict(zip(decode_strings(g["ids"][:]), decode_strings(g["reasons"][:])))
+                self.failed = dict(zip(decode_strings(g["ids"][:]),
+                                       decode_strings(g["reasons"][:])))
             self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
         finally:
             if self._file is None:
@@ -136,7 +137,8 @@ class FeatureTable:
             self._file = None
 
 
-def feature_statistics(path: str | Path, chunk_rows: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_statistics(path: str | Path, chunk_rows: int = 65536
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std (fp32, float64 sums) of ``/features``, read in row chunks so a
     file larger than memory costs one sequential pass."""
     with h5py.File(path, "r") as f:

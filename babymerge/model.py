@@ -1,9 +1,10 @@
 """BabyLLaVA: the paper's model, one architecture for the text-only LM and the VLM.
 
-A ``LlavaForConditionalGeneration`` whose vision tower is replaced by a cached feature: the image is
-ONE token whose embedding is ``projector(feature)``, the feature being DINOv2's ``hidden_states[-2]``
-mean-pooled over patch tokens (stage 1). Attention, the decoder and generation are transformers'
-own Llama code; only the image path is ours. Text-only inputs carry the black image's feature.
+A ``LlavaForConditionalGeneration`` whose vision tower is replaced by a cached feature: the image
+is ONE token whose embedding is ``projector(feature)``, the feature being DINOv2's
+``hidden_states[-2]`` mean-pooled over patch tokens (stage 1). Attention, the decoder and
+generation are transformers' own Llama code; only the image path is ours. Text-only inputs carry
+the black image's feature.
 
 Checkpoints are HF directories (``model_type: babyllava``); ``import babymerge`` registers the
 classes with the ``Auto*`` factories so ``AutoModelForImageTextToText.from_pretrained(dir)`` works,
@@ -111,7 +112,8 @@ class BabyLlavaModel(LlavaModel):
             self.feature_std = torch.nn.Parameter(torch.ones(dim), requires_grad=False)
         self.post_init()
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs
+                           ) -> BaseModelOutputWithPooling:
         """``pixel_values`` is the pooled feature, shape (B, D): one image token per image."""
         if pixel_values.dim() != 2:
             raise ValueError("BabyLLaVA takes pooled image features of shape (batch, feature_dim); "
@@ -134,8 +136,8 @@ class BabyLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, config: BabyLlavaConfig):
         super(LlavaForConditionalGeneration, self).__init__(config)
         self.model = BabyLlavaModel(config)
-        self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size,
-                                       bias=False)
+        self.lm_head = torch.nn.Linear(config.text_config.hidden_size,
+                                       config.text_config.vocab_size, bias=False)
         self.post_init()
 
 
@@ -158,8 +160,9 @@ def build_config(model: ModelConfig, *, vocab_size: int, image_token_id: int, pa
                  feature_norm: str = "none"
                  ) -> BabyLlavaConfig:
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=model.hidden_size,
-                       intermediate_size=model.intermediate_size, num_hidden_layers=model.num_layers,
-                       num_attention_heads=model.num_heads, num_key_value_heads=model.num_heads,
+                       intermediate_size=model.intermediate_size,
+                       num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
+                       num_key_value_heads=model.num_heads,
                        max_position_embeddings=model.max_positions, pad_token_id=pad_token_id,
                        bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                        tie_word_embeddings=False)
@@ -176,7 +179,8 @@ def set_feature_statistics(model: BabyLlavaForConditionalGeneration, mean: torch
     """Store the training features' per-dimension mean and std (``feature_norm="standardize"``)."""
     inner = model.model
     if model.config.feature_norm != "standardize":
-        raise ValueError("set_feature_statistics needs a model built with feature_norm='standardize'")
+        raise ValueError("set_feature_statistics needs a model built with "
+                         "feature_norm='standardize'")
     with torch.no_grad():
         inner.feature_mean.copy_(mean)
         # a constant dimension would divide by zero; it carries no information anyway

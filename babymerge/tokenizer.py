@@ -120,7 +120,8 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
     lines = iter_lines(cfg.corpus)
     first = next(lines, None)
     if first is None:
-        raise TokenizerError(f"corpus is empty (no non-blank line): {', '.join(map(str, cfg.corpus))}")
+        raise TokenizerError("corpus is empty (no non-blank line): "
+                             f"{', '.join(map(str, cfg.corpus))}")
     tok.train_from_iterator(_chain(first, lines), trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     llama = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list)
@@ -170,7 +171,8 @@ def load_tokenizer(path: str | Path):
     tok = AutoTokenizer.from_pretrained(str(path))
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_id is None or image_id == tok.unk_token_id:
-        raise TokenizerError(f"{path}: tokenizer has no {IMAGE_TOKEN} token; not a babymerge tokenizer")
+        raise TokenizerError(f"{path}: tokenizer has no {IMAGE_TOKEN} token; "
+                             "not a babymerge tokenizer")
     if tok.bos_token_id is None or tok.eos_token_id is None or tok.pad_token_id is None:
         raise TokenizerError(f"{path}: tokenizer lacks a BOS, EOS or PAD token")
     return tok

@@ -68,7 +68,8 @@ class TrainConfig:
     captions: list[Path] = opt([], help="caption file: jsonl {image_id, caption} or TSV "
                                     "id<TAB>text; repeat the flag for several")
     features: Path | None = opt(None, help="feature file (.h5): caption images and /black")
-    tokenizer: Path | None = opt(None, help="tokenizer directory (default: the --init-from model's)")
+    tokenizer: Path | None = opt(None,
+                                 help="tokenizer directory (default: the --init-from model's)")
     out: Path | None = opt(None, help="output directory (final model, checkpoints, metrics)")
     preset: str = opt("paper", help="model size", choices=tuple(MODEL_PRESETS))
     init_from: Path | None = opt(None, help="start from this checkpoint instead of a random init")
@@ -101,8 +102,8 @@ class TrainConfig:
                                    "batch's rows from the file (same results); negative: half "
                                    "the memory available at start, shared by the node's ranks")
     feature_norm: str = opt("none", help="none: the paper's projector on raw features; "
-                            "standardize: per-dimension z-score with the feature file's statistics, "
-                            "stored in the model (a new model only)",
+                            "standardize: per-dimension z-score with the feature file's "
+                            "statistics, stored in the model (a new model only)",
                             choices=("none", "standardize"))
     resume: bool = opt(True, help="resume from OUT/resume if present")
     progress: bool = opt(True, help="show progress bars")
@@ -197,7 +198,8 @@ def read_resume_state(directory: Path) -> dict | None:
 
 
 def load_resume(directory: Path, optimizer, device: torch.device) -> None:
-    """Restore optimizer and RNG saved by :func:`save_resume` (``weights_only`` loads: no pickle)."""
+    """Restore optimizer and RNG saved by :func:`save_resume` (``weights_only`` loads: no
+    pickle)."""
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device,
                                          weights_only=True))
     rng = torch.load(directory / "rng.pt", weights_only=True)
@@ -259,13 +261,15 @@ def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int,
                                                                   use_safetensors=True)
         if cfg.feature_norm != "none" and model.config.feature_norm != cfg.feature_norm:
             raise TrainError(f"--feature-norm {cfg.feature_norm}: {cfg.init_from} was built with "
-                             f"feature_norm={model.config.feature_norm}; a started model keeps its own")
+                             f"feature_norm={model.config.feature_norm}; "
+                             "a started model keeps its own")
     else:
         preset = MODEL_PRESETS[cfg.preset]
         preset = type(preset)(**{**preset.__dict__, "feature_dim": feature_dim})
         model = build_model(preset, seed=cfg.seed, vocab_size=len(tokenizer),
                             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, feature_norm=cfg.feature_norm,
                             **({"encoder": encoder} if encoder else {}))
         if cfg.feature_norm == "standardize":

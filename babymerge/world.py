@@ -10,9 +10,9 @@ three ways, mirroring the BabyLM multimodal track:
   grammar that states the scene's facts (the paper's image-caption pairs);
 - **text**: a richer grammar over the same words (agreement across attractors and relative
   clauses, determiners, questions, negation) whose facts are random (the paper's text-only corpus);
-- **evaluation sets** in the BabyLM pipeline's formats (``../shared/DESIGN.md``): BLiMP-style minimal
-  pairs (one jsonl per UID in a folder), Winoground-style caption pairs and VQA-style questions with
-  distractors, both about held-out images.
+- **evaluation sets** in the BabyLM pipeline's formats (``../shared/DESIGN.md``): BLiMP-style
+  minimal pairs (one jsonl per UID in a folder), Winoground-style caption pairs and VQA-style
+  questions with distractors, both about held-out images.
 
 Everything is a pure function of :class:`WorldConfig` (seeded); nothing is shipped or downloaded.
 """
@@ -86,7 +86,8 @@ class WorldConfig:
         for name in ("train_images", "eval_images", "captions_per_image", "text_words",
                      "pairs_per_phenomenon"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
+                                 f"got {getattr(self, name)}")
         if self.image_size < 32:
             raise ValueError(f"--image-size must be >= 32 pixels, got {self.image_size}")
 
@@ -142,7 +143,8 @@ def sample_scene(rng: random.Random) -> Scene:
     """1 or 2 groups, 1 to 3 objects in all; two groups differ in shape AND colour so that
     "the circle" and "the red object" each name one group (questions stay unambiguous)."""
     if rng.random() < 0.4:
-        g = Group(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), rng.randint(1, 3))
+        g = Group(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES),
+                  rng.randint(1, 3))
         return Scene([g], rng.choice(list(PLACES)))
     shape_a, shape_b = rng.sample(SHAPES, 2)
     colour_a, colour_b = rng.sample(list(COLOURS), 2)
@@ -379,7 +381,8 @@ class Grammar:
             base, third = r.choice(VERBS)
             obj = self.any_np(self.number())
             return f"{third} {obj}", f"{base} {obj}"
-        adj = r.choice(AGENT_ADJECTIVES) if subject_is_agent else r.choice(list(COLOURS) + list(SIZES))
+        adj = (r.choice(AGENT_ADJECTIVES) if subject_is_agent
+               else r.choice(list(COLOURS) + list(SIZES)))
         return f"is {adj}", f"are {adj}"
 
     def subject(self, number: str) -> tuple[str, bool]:
@@ -531,7 +534,8 @@ def _swap(scene: Scene, rng: random.Random) -> tuple[str, str, str, str]:
         a, b = scene.groups
         if tag == "count" and a.count == b.count:
             tag = rng.choice(("colour", "shape"))
-        a2, b2 = Group(a.shape, a.colour, a.size, a.count), Group(b.shape, b.colour, b.size, b.count)
+        a2, b2 = (Group(a.shape, a.colour, a.size, a.count),
+                  Group(b.shape, b.colour, b.size, b.count))
         if tag == "colour":
             a2.colour, b2.colour = b.colour, a.colour
         elif tag == "shape":
@@ -567,7 +571,8 @@ def _vqa(scene: Scene, rng: random.Random) -> dict:
         return {"question": shape_question(g), "target_ans": noun_form(g.shape, g.number),
                 "question_type": kind,
                 "distractors": [noun_form(s, g.number) for s in SHAPES if s != g.shape]}
-    return {"question": count_question(g), "target_ans": NUMBER_WORDS[g.count], "question_type": kind,
+    return {"question": count_question(g), "target_ans": NUMBER_WORDS[g.count],
+            "question_type": kind,
             "distractors": [w for c, w in NUMBER_WORDS.items() if c != g.count]}
 
 
@@ -578,7 +583,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _draw_split(split: str, n: int, cfg: WorldConfig, root: Path, seed: int) -> list[tuple[str, Scene]]:
+def _draw_split(split: str, n: int, cfg: WorldConfig, root: Path, seed: int
+                ) -> list[tuple[str, Scene]]:
     rng = random.Random(seed)
     out_dir = root / split
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -602,16 +608,19 @@ def generate_world(cfg: WorldConfig, out: str | Path) -> WorldPaths:
     """
     root = Path(out)
     paths = WorldPaths(root=root, images=root / "images", captions=root / "captions.jsonl",
-                       corpus=root / "text" / "corpus.txt", minimal_pairs=root / "eval" / "minimal_pairs",
-                       winoground=root / "eval" / "winoground.jsonl", vqa=root / "eval" / "vqa.jsonl",
-                       manifest=root / "world.json")
+                       corpus=root / "text" / "corpus.txt",
+                       minimal_pairs=root / "eval" / "minimal_pairs",
+                       winoground=root / "eval" / "winoground.jsonl",
+                       vqa=root / "eval" / "vqa.jsonl", manifest=root / "world.json")
     # independent streams, so changing one size does not reshuffle the other parts
-    seeds = {k: hash_seed(cfg.seed, k) for k in ("train", "eval", "captions", "corpus", "pairs", "items")}
+    seeds = {k: hash_seed(cfg.seed, k)
+             for k in ("train", "eval", "captions", "corpus", "pairs", "items")}
 
     train = _draw_split("train", cfg.train_images, cfg, paths.images, seeds["train"])
     rng = random.Random(seeds["captions"])
     caption_rows = [{"image_id": image_id, "caption": c}
-                    for image_id, scene in train for c in captions(scene, rng, cfg.captions_per_image)]
+                    for image_id, scene in train
+                    for c in captions(scene, rng, cfg.captions_per_image)]
     _write_jsonl(paths.captions, caption_rows)
 
     grammar = Grammar(random.Random(seeds["corpus"]))
@@ -657,8 +666,9 @@ def generate_world(cfg: WorldConfig, out: str | Path) -> WorldPaths:
                            "minimal_pairs": cfg.pairs_per_phenomenon * len(PHENOMENA),
                            "winoground": len(wino), "vqa": len(vqa)},
                 "phenomena": list(PHENOMENA),
-                "vocabulary": {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES),
-                               "agents": list(AGENTS), "verbs": [v for pair in VERBS for v in pair]},
+                "vocabulary": {"shapes": list(SHAPES), "colours": list(COLOURS),
+                               "sizes": list(SIZES), "agents": list(AGENTS),
+                               "verbs": [v for pair in VERBS for v in pair]},
                 "paths": {k: str(v) for k, v in paths.__dict__.items()}}
     save_config(cfg, paths.manifest, world=manifest)
     return paths
