@@ -90,7 +90,8 @@ def _specs(dtype: str, all_configs: bool):
     const = dict(DST=dt, A=dt, B=dt, BLOCK=I.BLOCK, ALIGNED=True)
     sig = {"table_ptr": "*i64", "n_tensors": "i32", "alpha": "fp32",
            **{k: "constexpr" for k in const}}
-    yield "_interpolate_kernel", fn, sig, const, dict(num_warps=I.NUM_WARPS), _divisible(fn, ["table_ptr"])
+    yield ("_interpolate_kernel", fn, sig, const, dict(num_warps=I.NUM_WARPS),
+           _divisible(fn, ["table_ptr"]))
 
 
 def _ptxas_usage(ptx: str, arch: int) -> dict:

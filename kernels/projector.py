@@ -57,10 +57,10 @@ def _configs(names: tuple[str, ...], tuned: list[tuple]) -> list[triton.Config]:
 def _autotuned(configs: dict[str, list[triton.Config]], key: list[str]):
     """triton.autotune on CUDA over ``configs["16bit"]`` for bf16/fp16 operands and
     ``configs["fp32"]`` for fp32 (the kernel's first argument decides). fp32 dots run on FMA units
-    with every operand in registers: the tensor-core tile sizes spill kilobytes there (ptxas, sm_90),
-    so fp32 gets smaller tiles. The interpreter can run only one config and its tl.dot is a plain
-    numpy loop whose cost is the padded tile volume, so there the launchers pass block sizes fitted
-    to the shape instead (:func:`_fitted`)."""
+    with every operand in registers: the tensor-core tile sizes spill kilobytes there (ptxas,
+    sm_90), so fp32 gets smaller tiles. The interpreter can run only one config and its tl.dot is a
+    plain numpy loop whose cost is the padded tile volume, so there the launchers pass block sizes
+    fitted to the shape instead (:func:`_fitted`)."""
     def by_dtype(_configs, named_args, **_):
         first = next(iter(named_args.values()))
         return configs["fp32" if first.dtype == torch.float32 else "16bit"]
