@@ -134,12 +134,12 @@ def triton_breakdown(x, weights, dy, device, reps: int) -> dict:
     _, z = kp.projector_forward(x, w1, b1, w2, b2, save_z=True)
     needs = (False, True, True, True, True)
     out = {
-        "triton_fwd_ms": timed_back_to_back(lambda: kp.projector_forward(x, w1, b1, w2, b2, save_z=True),
-                               device, reps) * 1e3,
-        "triton_bwd_ms": timed_back_to_back(lambda: kp.projector_backward(dy, x, w1, w2, z, needs, True, True),
-                               device, reps) * 1e3,
-        "torch_eager_fwd_ms": timed_back_to_back(lambda: project_reference(x, w1, b1, w2, b2), device,
-                                    reps) * 1e3,
+        "triton_fwd_ms": timed_back_to_back(
+            lambda: kp.projector_forward(x, w1, b1, w2, b2, save_z=True), device, reps) * 1e3,
+        "triton_bwd_ms": timed_back_to_back(
+            lambda: kp.projector_backward(dy, x, w1, w2, z, needs, True, True), device, reps) * 1e3,
+        "torch_eager_fwd_ms": timed_back_to_back(
+            lambda: project_reference(x, w1, b1, w2, b2), device, reps) * 1e3,
     }
     out = {k: round(v, 4) for k, v in out.items()}
     out["triton_configs"] = {

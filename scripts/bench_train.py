@@ -68,7 +68,8 @@ def make_data(root: Path, n_images: int, dim: int, rng: np.random.Generator):
     lines = [" ".join(rng.choice(words, rng.integers(5, 30))) + "." for _ in range(4000)]
     (root / "text.txt").write_text("\n".join(lines) + "\n")
     ids = [f"img{i}" for i in range(n_images)]
-    (root / "caps.tsv").write_text("".join(f"{i}\t{' '.join(rng.choice(words, 40))}\n" for i in ids))
+    (root / "caps.tsv").write_text("".join(f"{i}\t{' '.join(rng.choice(words, 40))}\n"
+                                           for i in ids))
     with h5py.File(root / "f.h5", "w") as f:
         f[FEATURES] = rng.normal(size=(n_images, dim)).astype(np.float16)
         f.create_dataset(IDS, data=np.array(ids, dtype=object), dtype=STR_DTYPE)
@@ -223,7 +224,8 @@ def main() -> None:
                if peak else None)
         out = {
             "bench": "train_step", **environment(device), "preset": preset, "batch_size": batch,
-            "seq_len": seq_len, "steps": steps, "vocab_size": vocab, "precision": "bf16" if use_bf16 else "fp32",
+            "seq_len": seq_len, "steps": steps, "vocab_size": vocab,
+            "precision": "bf16" if use_bf16 else "fp32",
             "encoder": {**enc_kw, "image_size": encoder.image_size},
             **results,
             "speedup_cached_vs_pixels": round(results["encoder_on_pixels"]["step_ms"]

@@ -1,8 +1,8 @@
 """Where the host time of one projector training step goes (forward + backward, weights needing
 grad), fused Triton path vs torch eager: torch.profiler tables sorted by CPU time, plus the host
 time of the smallest Triton call we make (a one-tensor merge: plan lookup, one launch, version
-bump), about the floor of one launch. For the launch-bound regime (M <= a few thousand rows), where both
-paths wait on the CPU, not the GPU.
+bump), about the floor of one launch. For the launch-bound regime (M <= a few thousand rows), where
+both paths wait on the CPU, not the GPU.
 
     python scripts/profile_projector.py --rows 1024 --dtype bf16     # on a GPU
 """
