@@ -23,7 +23,8 @@ def kernel_device(request):
         pytest.skip("CPU runs of the Triton kernels need TRITON_INTERPRET=1")
     if request.param == "cuda":
         if interpreting:
-            pytest.skip("GPU kernel tests need the interpreter off: TRITON_INTERPRET=0 pytest -m gpu")
+            pytest.skip("GPU kernel tests need the interpreter off: "
+                        "TRITON_INTERPRET=0 pytest -m gpu")
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device")
     return torch.device(request.param)

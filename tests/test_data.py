@@ -25,7 +25,8 @@ def test_corpus_cached_once_and_packed_behind_the_image_prefix(world, tok, tmp_p
     assert [p.stat().st_mtime_ns for p in sorted(tmp_path.iterdir())] == stamps  # reused
     assert isinstance(again.tokens, np.memmap)
     lines = list(iter_lines([world["text"]]))
-    stream = sum((tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in lines), [])
+    stream = sum((tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id]
+                  for t in lines), [])
     assert first.tokens.tolist() == stream and first.meta["documents"] == len(lines)
 
     seq_len = 24
@@ -112,9 +113,11 @@ def test_epoch_plan_orders_and_rank_slices(world, tok, tmp_path):
     assert all(a[0] == b[0] and np.array_equal(a[1], b[1]) for a, b in zip(mixed.batches(0), again))
     assert not np.array_equal(mixed.batches(0)[0][1], mixed.batches(1)[0][1])
     mm_first = EpochPlan(sources, 8, 2, "multimodal-first", per_step=2, seed=1)
-    assert [{s for s, _ in mm_first.batches(e)} for e in range(4)] == [{CAPTIONS}] * 2 + [{TEXT}] * 2
+    assert ([{s for s, _ in mm_first.batches(e)} for e in range(4)]
+            == [{CAPTIONS}] * 2 + [{TEXT}] * 2)
     text_first = EpochPlan(sources, 8, 2, "text-first", per_step=2, seed=1)
-    assert [{s for s, _ in text_first.batches(e)} for e in range(4)] == [{TEXT}] * 2 + [{CAPTIONS}] * 2
+    assert ([{s for s, _ in text_first.batches(e)} for e in range(4)]
+            == [{TEXT}] * 2 + [{CAPTIONS}] * 2)
     # every caption appears exactly once per epoch it is in (minus the dropped tail)
     seen = np.concatenate([i for s, i in mm_first.batches(0)])
     assert len(np.unique(seen)) == len(seen) and len(seen) >= len(caps) - 8 * 2

@@ -76,7 +76,8 @@ def test_lm_learns_writes_word_checkpoints_that_load(world, uninterrupted):
     got = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert got == sorted(want) and len(want) >= 2
     tok = load_tokenizer(out / "checkpoints" / want[0])
-    ids = torch.tensor([image_prefix_ids(tok) + tok("the red cat.", add_special_tokens=False).input_ids])
+    ids = torch.tensor([image_prefix_ids(tok)
+                        + tok("the red cat.", add_special_tokens=False).input_ids])
     black = FeatureTable(world["features"], dtype=torch.float32).black[None]
     for d in [out / "checkpoints" / want[0], out]:
         model = AutoModelForImageTextToText.from_pretrained(d)

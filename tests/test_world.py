@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from babymerge.world import (COLOURS, PHENOMENA, PREPOSITIONS, VERBS, Grammar, WorldConfig, generate_world, layout,
-                             render, sample_scene)
+from babymerge.world import (COLOURS, PHENOMENA, PREPOSITIONS, VERBS, Grammar, WorldConfig,
+                             generate_world, layout, render, sample_scene)
 
 SMALL = dict(train_images=30, eval_images=20, text_words=3000, pairs_per_phenomenon=15,
              image_size=64)
@@ -48,7 +48,8 @@ def test_layout_and_formats(world):
 
     caps = _jsonl(world.captions)
     assert len(caps) == SMALL["train_images"] * 3
-    assert {c["image_id"] for c in caps} <= ids and all(c["image_id"].startswith("train/") for c in caps)
+    assert ({c["image_id"] for c in caps} <= ids
+            and all(c["image_id"].startswith("train/") for c in caps))
 
     lines = world.corpus.read_text().splitlines()
     assert sum(len(s.split()) for s in lines) >= SMALL["text_words"]
@@ -75,7 +76,8 @@ def test_layout_and_formats(world):
     assert all(r["caption_0"] != r["caption_1"] for r in wino)
     # a swap reuses the caption's words (up to number agreement): only the image tells them apart
     def lemmas(caption):
-        return Counter("be" if w in ("is", "are") else w.rstrip("s") for w in caption.rstrip(".").split())
+        return Counter("be" if w in ("is", "are") else w.rstrip("s")
+                       for w in caption.rstrip(".").split())
 
     for r in wino:
         if r["secondary_tag"] == "swap":
@@ -134,7 +136,8 @@ def test_scene_layout_respects_relation():
             b = [o for o in scene.objects if o[0] == scene.groups[1].shape]
             ax, ay = np.mean([o[2] for o in a]), np.mean([o[3] for o in a])
             bx, by = np.mean([o[2] for o in b]), np.mean([o[3] for o in b])
-            assert {"above": ay < by, "below": ay > by, "left": ax < bx, "right": ax > bx}[scene.where]
+            assert {"above": ay < by, "below": ay > by, "left": ax < bx,
+                    "right": ax > bx}[scene.where]
         assert render(scene, 96, rng).size == (96, 96)
 
 
