@@ -27,7 +27,8 @@ checkpoints, of the prepared tasks, the method and dtype). Running the same comm
 interruption reuses the points logged for the same (VLM, alpha) under the same identity and scores
 only the rest, with the same results; the grid, ``--keep`` and the ``--vlm`` list may change
 (extending the grid scores only the new points). A different identity is refused, naming what
-differs; ``--restart`` discards the logged points instead.
+differs; ``--restart`` discards the logged points instead, once: the same ``--restart`` command run
+again after an interruption resumes the sweep it began (see :func:`_restart`).
 
 The chosen alpha follows :data:`RULE`: the grid point maximising the mean of the grammar score (mean
 over minimal-pairs tasks) and the multimodal score (mean over image tasks).
@@ -40,7 +41,7 @@ import io
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -94,7 +95,8 @@ class MergeConfig:
                      choices=tuple(DTYPES))
     restart: bool = opt(False, "discard the points already logged in OUT/metrics.jsonl and sweep "
                         "afresh (by default a rerun reuses those made with the same checkpoints, "
-                        "tasks, method and dtype)")
+                        "tasks, method and dtype); the same --restart command run again after an "
+                        "interruption resumes the sweep it began")
 
     def __post_init__(self) -> None:
         if self.lm is None:
@@ -360,7 +362,7 @@ def _kept_path(cfg: MergeConfig, vlm_name: str, alpha: float) -> Path:
 
 def _log(path: Path, rec: dict) -> None:
     # one write of one whole line per record, appended as soon as it is scored: a kill leaves at
-    # most the last line cut short, which _read_metrics drops (that point is scored again)
+    # most the last line cut short, which read_metrics drops (that point is scored again)
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
     shown = " ".join(f"{n}={s:.4f}" for n, s in rec["scores"].items())
@@ -374,19 +376,32 @@ def _log(path: Path, rec: dict) -> None:
 # so task files, --features and the tokenizer are all covered), the method with the settings it
 # uses, and the dtype. Free to change on resume: the alpha grid and --keep (points are keyed by
 # (VLM name, alpha)), the --vlm list (each VLM has its own identity), --device and --batch-size
-# (as train's resume, they change only the rounding of the scoring), --allow-extrapolation.
+# (as train's resume, they change only the rounding of the scoring: DARE's masks are drawn on the
+# CPU whatever the device), --allow-extrapolation.
+
+_HASH_CHUNK = 1 << 20
+
 
 def _file_digest(path: Path, cached: dict | None) -> dict:
     """sha256 of a file, reusing ``cached`` (this function's earlier answer, stored in
-    merge_config.json) when path, size and mtime are unchanged, so a resume reads no weights
-    to recognise them; a rewritten file (a retrained checkpoint) is hashed again, and an identical
-    rewrite (train re-publishing the same weights) still matches."""
+    merge_config.json) when path, size, inode, mtime and ctime are unchanged, so a resume reads no
+    weights to recognise them; a rewritten file (a retrained checkpoint) is hashed again, and an
+    identical rewrite (train re-publishing the same weights) still matches.
+
+    mtime alone can be set back (``os.utime``, ``cp -p``, ``rsync -t``) over other contents of the
+    same size; ctime cannot be set from user space and changes on every write, rename onto the
+    file and utime, and a file replaced by a rename (as save_checkpoint publishes) has a new inode.
+    """
     st = path.stat()
-    entry = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    entry = {"path": str(path.resolve()), "size": st.st_size, "inode": st.st_ino,
+             "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     if cached and all(cached.get(k) == v for k, v in entry.items()) and "sha256" in cached:
         return cached
+    h = hashlib.sha256()  # chunked: hashlib.file_digest needs Python 3.11, babymerge runs on 3.10
     with path.open("rb") as f:
-        entry["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    entry["sha256"] = h.hexdigest()
     return entry
 
 
@@ -413,11 +428,10 @@ def _identity(cfg: MergeConfig, tasks: list[PreparedTask], vlm_names: list[str],
     method_cls = MERGE_METHODS[cfg.method]
     old = old or {}
     return {
-        # the settings the method reads (as results.json's method block, plus dare's seed; ties
-        # ignores --seed, so a ties resume with another seed is refused needlessly, harmlessly)
+        # the settings the method reads
         "method": {"name": cfg.method,
-                   **({"density": cfg.density, "seed": cfg.seed} if method_cls.uses_density
-                      else {}),
+                   **({"density": cfg.density} if method_cls.uses_density else {}),
+                   **({"seed": cfg.seed} if method_cls.uses_seed else {}),
                    **({"scale": cfg.scale} if method_cls.needs_base else {})},
         "dtype": cfg.dtype,
         "lm": _checkpoint_fingerprint(cfg.lm, old.get("lm")),
@@ -434,8 +448,9 @@ def _contents(fingerprint: dict | None) -> dict | None:
     return None if fingerprint is None else {n: d["sha256"] for n, d in fingerprint.items()}
 
 
-SHARED = (("method", "--method/--density/--scale/--seed"), ("dtype", "--dtype"),
-          ("lm", "--lm"), ("base", "--base"), ("tasks", "--task/--features"))
+# the identity's parts common to every --vlm, and the flags that set each
+_SHARED_IDENTITY_FLAGS = (("method", "--method/--density/--scale/--seed"), ("dtype", "--dtype"),
+                          ("lm", "--lm"), ("base", "--base"), ("tasks", "--task/--features"))
 
 
 def _kept_identity(identity: dict, vlm_name: str) -> str:
@@ -458,9 +473,10 @@ def _is_kept(cfg: MergeConfig, identity: dict, vlm_name: str, alpha: float) -> b
             and saved.get("alpha") == alpha)
 
 
-def _read_metrics(path: Path) -> list[tuple[str, dict]]:
-    """(line, record) of every complete record of ``metrics.jsonl``; a last line cut short by a
-    kill is dropped (its point is scored again); any other bad line is an error."""
+def read_metrics(path: Path) -> list[dict]:
+    """Every complete record of a merge's ``metrics.jsonl`` (a scored point, or an unmerged
+    endpoint's score with ``"endpoint"``); a last line cut short by a kill is dropped (its point
+    is scored again); any other bad line is an error. [] when there is no such file."""
     if not path.is_file():
         return []
     lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
@@ -479,7 +495,7 @@ def _read_metrics(path: Path) -> list[tuple[str, dict]]:
                 and (rec.get("endpoint") in ("vlm", "lm") or isinstance(rec.get("alpha"), float))):
             raise MergeError(f"{path}:{number}: not a merge record; fix or remove the line, or "
                              "pass --restart to discard every logged point")
-        out.append((line, rec))
+        out.append(rec)
     return out
 
 
@@ -487,7 +503,7 @@ def _differences(old: dict, new: dict, have: set[str], cfg: MergeConfig,
                  vlm_names: list[str]) -> list[str]:
     """What differs between the logged sweep's identity and this run's, as flags."""
     diffs = []
-    for key, flag in SHARED:
+    for key, flag in _SHARED_IDENTITY_FLAGS:
         before, now = old.get(key), new[key]
         if key in ("lm", "base"):
             before, now = _contents(before), _contents(now)
@@ -519,35 +535,84 @@ def _differences(old: dict, new: dict, have: set[str], cfg: MergeConfig,
 
 def _open_run(cfg: MergeConfig, tasks: list[PreparedTask], vlm_names: list[str]
               ) -> tuple[dict, list[dict]]:
-    """Check the out folder's logged points against this run's identity; rewrite
-    metrics.jsonl without a cut-short last line and merge_config.json with the identity. Returns
-    (identity, the logged records to reuse)."""
+    """Check the out folder's logged points against this run's identity (or discard them for
+    --restart); rewrite metrics.jsonl without a cut-short last line and merge_config.json with the
+    identity. Returns (identity, the logged records to reuse)."""
     config_path, metrics_path = cfg.out / "merge_config.json", cfg.out / "metrics.jsonl"
-    old = None
-    if not cfg.restart and config_path.is_file():
-        try:
-            old = json.loads(config_path.read_text(encoding="utf-8")).get("identity")
-        except ValueError:
-            old = None
-    logged = [] if cfg.restart else _read_metrics(metrics_path)
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    old = saved.get("identity") if isinstance(saved, dict) else None
+    old = old if isinstance(old, dict) else None
+    # old serves as a cache of file hashes (keyed by path and stat), even for --restart
     identity = _identity(cfg, tasks, vlm_names, old)
-    if logged:
-        if not isinstance(old, dict):
+    if cfg.restart:
+        logged = _restart(cfg, saved, old, identity, vlm_names)
+    else:
+        logged = read_metrics(metrics_path)
+        if logged and old is None:
             raise MergeError(f"{metrics_path} holds {len(logged)} record(s) but {config_path} no "
                              "sweep identity to check them against (written by an older babymerge, "
                              "or removed); pass --restart to discard them, or use another --out")
-        diffs = _differences(old, identity, {r["vlm"] for _, r in logged}, cfg, vlm_names)
+        diffs = _differences(old, identity, {r["vlm"] for r in logged}, cfg, vlm_names) \
+            if logged else []
         if diffs:
             raise MergeError(f"{cfg.out} holds points of a sweep with other inputs ("
                              + "; ".join(diffs) + "); rerun with the same ones, pass --restart to "
                              "discard those points, or use another --out")
+    if logged:
         # VLMs of earlier runs keep their identity: their logged points stay reusable
         identity["vlms"] = {**old.get("vlms", {}), **identity["vlms"]}
     # metrics.jsonl first: a kill between the two writes must not leave old points under a new
     # identity (the reverse, old identity and no points, only starts afresh)
-    atomic_write_text(metrics_path, "".join(line + "\n" for line, _ in logged))
-    save_config(cfg, config_path, identity=identity)
-    return identity, [r for _, r in logged]
+    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in logged))
+    # the log stays one that a --restart began while the runs resuming it have not finished it
+    _save_run_config(cfg, identity, restarted=cfg.restart
+                     or (bool(logged) and saved.get(RESTARTED_KEY) is True))
+    return identity, logged
+
+
+RESTARTED_KEY = "restarted_unfinished"
+
+
+def _save_run_config(cfg: MergeConfig, identity: dict, restarted: bool) -> None:
+    """merge_config.json: the command, the sweep identity, and whether the logged points are of a
+    sweep a --restart run began that no run has finished yet (:func:`_restart`)."""
+    save_config(cfg, cfg.out / "merge_config.json", identity=identity,
+                **{RESTARTED_KEY: restarted})
+
+
+def _restart(cfg: MergeConfig, saved: dict, old: dict | None, identity: dict,
+             vlm_names: list[str]) -> list[dict]:
+    """The logged records a --restart run keeps: none, unless they are the points of a sweep that
+    an earlier --restart run with the same inputs began and no run has finished since.
+
+    --restart means "throw the old points away and sweep afresh", once. Long sweeps get killed,
+    and the researcher's next move is the same command again: discarding the points the first
+    --restart run made would throw away the very work it was asked to start (hours of it, as
+    often as the sweep is interrupted). So the same --restart command resumes its own unfinished
+    sweep, and discards the log whenever that could be what is meant: points logged under other
+    inputs, points of a sweep that finished (a --restart then asks to score it all again), and
+    points of a sweep begun without --restart (which may predate the fix the user restarts for).
+    To throw away an unfinished restarted sweep too, remove OUT/metrics.jsonl."""
+    metrics_path = cfg.out / "metrics.jsonl"
+    try:
+        logged = read_metrics(metrics_path)
+    except MergeError:  # a damaged log is discarded as asked
+        logged = None
+    if (logged and old is not None and saved.get(RESTARTED_KEY) is True
+            and not _differences(old, identity, {r["vlm"] for r in logged}, cfg, vlm_names)):
+        click.echo(f"--restart: resuming the unfinished sweep an earlier --restart of the same "
+                   f"inputs began ({len(logged)} record(s) in {metrics_path}; remove that file to "
+                   f"discard them)")
+        return logged
+    count = len(logged) if logged is not None else sum(
+        1 for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if line.strip())
+    if count:
+        click.echo(f"--restart: discarding {count} record(s) logged in {metrics_path}")
+    return []
 
 
 def _reuse_line(points: dict, ends: dict, vlm_names: list[str], grid: list[float]) -> str | None:
@@ -567,6 +632,106 @@ def _reuse_line(points: dict, ends: dict, vlm_names: list[str], grid: list[float
     count = sum((n, a) in points for n in vlm_names for a in grid)
     return (f"resuming: reused {count} of {len(grid) * len(vlm_names)} point(s) logged in "
             f"metrics.jsonl ({'; '.join(parts)})")
+
+
+@dataclass
+class _Run:
+    """What every VLM's sweep shares: its inputs, the endpoints' resident tensors, and the resume
+    state (the points and unmerged endpoint scores logged so far, keyed by VLM name)."""
+
+    cfg: MergeConfig
+    grid: list[float]
+    keep: list[float]
+    keep_chosen: bool
+    method_cls: type[MergeMethod]
+    names: list[str]
+    tasks: list[PreparedTask]
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    vlm_names: list[str]
+    identity: dict
+    points: dict[tuple[str, float], dict]
+    end_scores: dict[tuple[str, str], dict]
+    resident: dict[str, list[torch.Tensor] | None] = field(default_factory=dict)
+
+    def endpoint(self, which: str) -> list[torch.Tensor] | None:
+        """The LM's (or base's) tensors, read once, on the first VLM that needs loading."""
+        if which not in self.resident:
+            directory = self.cfg.lm if which == "lm" else self.cfg.base
+            self.resident[which] = (
+                read_tensors(directory, self.names, self.device, self.dtype)
+                if which == "lm" or self.method_cls.needs_base else None)
+        return self.resident[which]
+
+    def log(self, rec: dict) -> dict:
+        _log(self.cfg.out / "metrics.jsonl", rec)
+        if "endpoint" in rec:
+            self.end_scores[(rec["vlm"], rec["endpoint"])] = rec["scores"]
+        return rec
+
+    def start(self, index: int, score_vlm: bool) -> tuple[_Sweep, MergeMethod]:
+        """Load VLM ``index`` and build the method on it (scoring the unmerged VLM first)."""
+        name = self.vlm_names[index]
+        sweep = _Sweep(self.cfg, index, name, self.names, self.tasks, self.tokenizer,
+                       self.device, self.dtype, _kept_identity(self.identity, name))
+        if score_vlm:  # before the method is built, which may turn vlm_copy into a task vector
+            self.log(sweep.score_unmerged(sweep.vlm_copy, "vlm"))
+        method = self.method_cls(self.endpoint("lm"), sweep.vlm_copy, self.endpoint("base"),
+                                 density=self.cfg.density, scale=self.cfg.scale,
+                                 seed=self.cfg.seed)
+        return sweep, method
+
+    def unsaved(self, name: str, alpha: float) -> bool:
+        return not _is_kept(self.cfg, self.identity, name, alpha)
+
+    def to_keep(self, name: str) -> list[float]:
+        """--keep's alphas for VLM ``name``, plus a single VLM's chosen one (needs its whole grid
+        scored; a checkpoint sweep keeps only the winner over all VLMs, after the loop)."""
+        if not (self.keep_chosen and len(self.vlm_names) == 1):
+            return self.keep
+        chosen = choose([self.points[(name, a)] for a in self.grid], self.vlm_names)["alpha"]
+        return self.keep + ([chosen] if chosen not in self.keep else [])
+
+
+def _sweep_vlm(run: _Run, index: int) -> tuple[list[dict], dict, list[str]]:
+    """VLM ``index``'s grid (logged points reused, the rest merged, scored and logged), its
+    unmerged endpoints and its kept checkpoints: (records, endpoints, kept paths). Its live model
+    and copies are freed on return: one VLM's resident at a time."""
+    cfg, grid, name = run.cfg, run.grid, run.vlm_names[index]
+    linear = cfg.method == "linear"
+    # with linear merging the grid's 0 and 1 ARE the endpoints; other methods score the two
+    # unmerged models, so the plot shows what the method gains or loses. Unmerged scores are
+    # logged like the points, so a resumed run need not load a finished VLM just for them.
+    needed_ends = [w for w, a in (("vlm", 0.0), ("lm", 1.0)) if not (linear and a in grid)]
+    todo = [a for a in grid if (name, a) not in run.points]
+    missing_ends = [w for w in needed_ends if (name, w) not in run.end_scores]
+    sweep = method = None
+    # a VLM whose points are all logged and whose kept checkpoints are all there is not even
+    # read (to_keep needs the whole grid: evaluated only when todo is empty)
+    if todo or missing_ends or any(run.unsaved(name, a) for a in run.to_keep(name)):
+        sweep, method = run.start(index, score_vlm="vlm" in missing_ends)
+    records = []
+    for alpha in grid:
+        if (name, alpha) in run.points:
+            rec = run.points[(name, alpha)]
+        else:
+            rec = run.points[(name, alpha)] = run.log(sweep.merge_and_score(method, alpha))
+            if alpha in run.keep and run.unsaved(name, alpha):
+                sweep.save(method, alpha, current=alpha)  # live already: no merge to redo
+        records.append(rec)
+    if "lm" in missing_ends:
+        run.log(sweep.score_unmerged(run.endpoint("lm"), "lm"))
+    ends = {w: run.end_scores[(name, w)] for w in needed_ends}
+    if linear:
+        ends.update({w: run.points[(name, a)]["scores"] for w, a in (("vlm", 0.0), ("lm", 1.0))
+                     if a in grid})
+    kept = []
+    for alpha in run.to_keep(name):
+        if run.unsaved(name, alpha):
+            sweep.save(method, alpha)
+        kept.append(str(_kept_path(cfg, name, alpha)))
+    return records, {"vlm": ends["vlm"], "lm": ends["lm"]}, kept
 
 
 def merge(cfg: MergeConfig) -> dict:
@@ -597,91 +762,28 @@ def merge(cfg: MergeConfig) -> dict:
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     identity, logged = _open_run(cfg, tasks, vlm_names)
-    metrics_path = cfg.out / "metrics.jsonl"
-    points = {(r["vlm"], r["alpha"]): r for r in logged if "endpoint" not in r}
-    end_scores = {(r["vlm"], r["endpoint"]): r["scores"] for r in logged if "endpoint" in r}
-    line = _reuse_line(points, end_scores, vlm_names, grid)
+    run = _Run(cfg, grid, keep, keep_chosen, method_cls, names, tasks, tokenizer, device, dtype,
+               vlm_names, identity,
+               points={(r["vlm"], r["alpha"]): r for r in logged if "endpoint" not in r},
+               end_scores={(r["vlm"], r["endpoint"]): r["scores"]
+                           for r in logged if "endpoint" in r})
+    line = _reuse_line(run.points, run.end_scores, vlm_names, grid)
     if line:
         click.echo(line)
-
-    resident: dict[str, list[torch.Tensor] | None] = {}
-
-    def endpoint(which: str) -> list[torch.Tensor] | None:
-        """The LM's (or base's) tensors, read once, on the first VLM that needs loading."""
-        if which not in resident:
-            directory = cfg.lm if which == "lm" else cfg.base
-            resident[which] = (read_tensors(directory, names, device, dtype)
-                               if which == "lm" or method_cls.needs_base else None)
-        return resident[which]
-
-    def log(rec: dict) -> dict:
-        _log(metrics_path, rec)
-        if "endpoint" in rec:
-            end_scores[(rec["vlm"], rec["endpoint"])] = rec["scores"]
-        return rec
-
-    def start(index: int, score_vlm: bool) -> tuple[_Sweep, MergeMethod]:
-        sweep = _Sweep(cfg, index, vlm_names[index], names, tasks, tokenizer, device, dtype,
-                       _kept_identity(identity, vlm_names[index]))
-        if score_vlm:  # before the method is built, which may turn vlm_copy into a task vector
-            log(sweep.score_unmerged(sweep.vlm_copy, "vlm"))
-        method = method_cls(endpoint("lm"), sweep.vlm_copy, endpoint("base"),
-                            density=cfg.density, scale=cfg.scale, seed=cfg.seed)
-        return sweep, method
-
-    def unsaved(name: str, alpha: float) -> bool:
-        return not _is_kept(cfg, identity, name, alpha)
-
-    def to_keep(name: str) -> list[float]:
-        """--keep's alphas for VLM ``name``, plus a single VLM's chosen one (needs its whole grid
-        scored; a checkpoint sweep keeps only the winner over all VLMs, after the loop)."""
-        if not (keep_chosen and len(vlm_names) == 1):
-            return keep
-        chosen = choose([points[(name, a)] for a in grid], vlm_names)["alpha"]
-        return keep + ([chosen] if chosen not in keep else [])
 
     records: list[dict] = []
     endpoints: dict[str, dict] = {}
     kept: list[str] = []
-    linear = cfg.method == "linear"
-    # with linear merging the grid's 0 and 1 ARE the endpoints; other methods score the two
-    # unmerged models, so the plot shows what the method gains or loses. Unmerged scores are
-    # logged like the points, so a resumed run need not load a finished VLM just for them.
-    needed_ends = [w for w, a in (("vlm", 0.0), ("lm", 1.0)) if not (linear and a in grid)]
     for index, vlm_name in enumerate(vlm_names):
-        todo = [a for a in grid if (vlm_name, a) not in points]
-        missing_ends = [w for w in needed_ends if (vlm_name, w) not in end_scores]
-        sweep = method = None
-        # a VLM whose points are all logged and whose kept checkpoints are all there is not even
-        # read (to_keep needs the whole grid: evaluated only when todo is empty)
-        if todo or missing_ends or any(unsaved(vlm_name, a) for a in to_keep(vlm_name)):
-            sweep, method = start(index, score_vlm="vlm" in missing_ends)
-        for alpha in grid:
-            if (vlm_name, alpha) in points:
-                rec = points[(vlm_name, alpha)]
-            else:
-                rec = points[(vlm_name, alpha)] = log(sweep.merge_and_score(method, alpha))
-                if alpha in keep and unsaved(vlm_name, alpha):
-                    sweep.save(method, alpha, current=alpha)  # live already: no merge to redo
-            records.append(rec)
-        if "lm" in missing_ends:
-            log(sweep.score_unmerged(endpoint("lm"), "lm"))
-        ends = {w: end_scores[(vlm_name, w)] for w in needed_ends}
-        if linear:
-            ends.update({w: points[(vlm_name, a)]["scores"] for w, a in (("vlm", 0.0), ("lm", 1.0))
-                         if a in grid})
-        endpoints[vlm_name] = {"vlm": ends["vlm"], "lm": ends["lm"]}
-        for alpha in to_keep(vlm_name):
-            if unsaved(vlm_name, alpha):
-                sweep.save(method, alpha)
-            kept.append(str(_kept_path(cfg, vlm_name, alpha)))
-        del sweep, method  # one VLM's live model and copies resident at a time
+        recs, endpoints[vlm_name], kept_paths = _sweep_vlm(run, index)
+        records += recs
+        kept += kept_paths
 
     best = choose(records, vlm_names)
     if keep_chosen and len(vlm_names) > 1 and best["alpha"] not in keep:
         # a checkpoint sweep knows its winner only at the end: load that VLM once more
-        if unsaved(best["vlm"], best["alpha"]):
-            sweep, method = start(vlm_names.index(best["vlm"]), score_vlm=False)
+        if run.unsaved(best["vlm"], best["alpha"]):
+            sweep, method = run.start(vlm_names.index(best["vlm"]), score_vlm=False)
             sweep.save(method, best["alpha"])
         kept.append(str(_kept_path(cfg, best["vlm"], best["alpha"])))
 
@@ -693,6 +795,7 @@ def merge(cfg: MergeConfig) -> dict:
                "rule": RULE,
                "method": {"name": cfg.method, "reference": method_cls.reference,
                           **({"density": cfg.density} if method_cls.uses_density else {}),
+                          **({"seed": cfg.seed} if method_cls.uses_seed else {}),
                           **({"scale": cfg.scale} if method_cls.needs_base else {})},
                "lm": str(cfg.lm), "vlms": dict(zip(vlm_names, map(str, cfg.vlm))),
                "endpoints": endpoints, "kept": sorted(kept), "device": str(device),
@@ -702,6 +805,7 @@ def merge(cfg: MergeConfig) -> dict:
     atomic_write_bytes(cfg.out / "alpha_curve.png", plot_alpha_curve(results))
     if len(vlm_names) > 1:
         atomic_write_bytes(cfg.out / "checkpoint_curve.png", plot_checkpoint_curve(results))
+    _save_run_config(cfg, identity, restarted=False)  # finished: a --restart now starts afresh
     click.echo(f"chosen alpha {best['alpha']} ({best['vlm']}), objective {best['objective']:.4f}; "
                f"results in {cfg.out}")
     return results

@@ -248,6 +248,28 @@ def test_methods_against_their_definitions():
     torch.testing.assert_close(dare.tau_lm[0][nz], ((lm[0] - base[0]) / 0.5)[nz])
 
 
+def test_dare_masks_come_from_a_cpu_generator_whatever_the_device_or_dtype():
+    """DARE's masks are uniform draws of a CPU generator seeded per (seed, tensor, model), moved
+    to the tensors' device: a sweep resumed on another device (CUDA's generator is another
+    stream) or in another dtype keeps its masks."""
+    lm, vlm, base = tensors(0, *SHAPES), tensors(1, *SHAPES), tensors(2, *SHAPES)
+    seed, density = 3, 0.5
+    dare = MERGE_METHODS["dare"]([t.clone() for t in lm], [t.clone() for t in vlm],
+                                 [t.clone() for t in base], density=density, seed=seed)
+    for i, shape in enumerate(SHAPES):
+        for stream, tau in ((2 * i, dare.tau_lm[i]), (2 * i + 1, dare.tau_vlm[i])):
+            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + stream)
+            assert torch.equal(tau != 0, torch.rand(shape, generator=gen) < density)
+    # the first tensor's mask, fixed: a change of recipe (or of torch's CPU stream) shows here
+    assert "".join("1" if k else "0" for k in (dare.tau_lm[0] != 0).flatten().tolist()) == \
+        "10110011001001111010101100000100000"
+    half = MERGE_METHODS["dare"]([t.bfloat16() for t in lm], [t.bfloat16() for t in vlm],
+                                 [t.bfloat16() for t in base], density=density, seed=seed)
+    assert all(torch.equal(a != 0, b != 0) for a, b in zip(half.tau_lm, dare.tau_lm))
+    assert all(torch.equal(a != 0, b != 0) for a, b in zip(half.tau_vlm, dare.tau_vlm))
+    assert MERGE_METHODS["dare"].uses_seed and not MERGE_METHODS["ties"].uses_seed
+
+
 def test_ties_trims_elects_and_averages():
     base = [torch.zeros(6)]
     lm = [torch.tensor([4.0, -1.0, 2.0, 0.1, -3.0, 0.0])]

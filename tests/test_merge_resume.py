@@ -2,6 +2,7 @@
 points and ends with the results of an uninterrupted run; another identity is refused (or
 discarded with --restart); a longer grid reuses the logged points; a finished VLM is not loaded."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -210,3 +211,73 @@ def test_checkpoint_sweep_skips_finished_vlms(world, tmp_path, spy):
     assert spy.scored == 2 and spy.loads == 2
     assert comparable(results, out) == comparable(reference, tmp_path / "ref")
     assert Path(results["kept"][0]).parent.name == results["chosen_vlm"]
+
+
+def test_restart_discards_once_and_the_same_command_rerun_resumes(world, tmp_path, spy, capsys):
+    """--restart throws the log away once: run again after an interruption, the same --restart
+    command resumes the sweep it began; a finished sweep, or other inputs, are discarded again."""
+    kw = dict(alpha_grid="0,0.5,1", keep="none", task=[world.specs["blimp"]])
+    reference = merge(config(world, tmp_path / "ref", **kw))
+    out = tmp_path / "out"
+    spy.reset()
+    spy.fail_at = 2  # a sweep begun without --restart, one point logged
+    with pytest.raises(Interrupted):
+        merge(config(world, out, **kw))
+    capsys.readouterr()
+    spy.reset()
+    spy.fail_at = 3  # --restart discards that point, logs 0 and 0.5, is killed scoring 1
+    with pytest.raises(Interrupted):
+        merge(config(world, out, restart=True, **kw))
+    assert "--restart: discarding 1 record(s)" in capsys.readouterr().out
+    spy.reset()
+    results = merge(config(world, out, restart=True, **kw))  # the same command again
+    assert spy.scored == 1
+    assert "--restart: resuming the unfinished sweep" in capsys.readouterr().out
+    assert comparable(results, out) == comparable(reference, tmp_path / "ref")
+
+    spy.reset()  # finished: a --restart scores everything again
+    merge(config(world, out, restart=True, **kw))
+    assert spy.scored == 3 and "discarding 3 record(s)" in capsys.readouterr().out
+    spy.reset()
+    spy.fail_at = 2  # a restarted sweep killed after one point, rerun with another --dtype
+    with pytest.raises(Interrupted):
+        merge(config(world, out, restart=True, **kw))
+    capsys.readouterr()
+    spy.reset()
+    merge(config(world, out, restart=True, dtype="bfloat16", **kw))
+    assert spy.scored == 3 and "discarding 1 record(s)" in capsys.readouterr().out
+
+
+def test_a_swapped_checkpoint_with_its_old_size_and_mtime_is_hashed_again(world, tmp_path, spy):
+    """The hash cache's key holds the inode and ctime: another checkpoint of the same size put in
+    place and given the old mtime (os.utime, cp -p, rsync -t) is not taken for the logged one."""
+    vlm = shutil.copytree(world.vlm, tmp_path / "vlm")
+    other = make_checkpoint(tmp_path / "other", world.tokenizer, seed=7) / "model.safetensors"
+    out = tmp_path / "out"
+    kw = dict(vlm=[vlm], alpha_grid="0,1", keep="none", task=[world.specs["blimp"]])
+    merge(config(world, out, **kw))
+    weights = vlm / "model.safetensors"
+    original, st = weights.read_bytes(), weights.stat()
+    assert other.stat().st_size == st.st_size and other.read_bytes() != original
+    swaps = {"written in place": lambda: shutil.copyfile(other, weights),
+             "renamed onto it": lambda: os.replace(shutil.copy(other, vlm / "new"), weights)}
+    for how, swap in swaps.items():
+        swap()
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size,
+                                                                          st.st_mtime_ns)
+        with pytest.raises(MergeError, match=r"--vlm .*vlm: model.safetensors changed"):
+            merge(config(world, out, **kw))
+        weights.write_bytes(original)
+    spy.reset()  # the logged weights back: hashed again, recognised, nothing scored
+    merge(config(world, out, **kw))
+    assert spy.scored == 0
+
+
+def test_file_hash_needs_no_python_3_11(tmp_path, monkeypatch):
+    """pyproject allows Python 3.10, which has no hashlib.file_digest."""
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)
+    data = os.urandom(3 * merge_module._HASH_CHUNK // 2)  # more than one chunk, not a multiple
+    (tmp_path / "w").write_bytes(data)
+    assert merge_module._file_digest(tmp_path / "w", None)["sha256"] == \
+        hashlib.sha256(data).hexdigest()
