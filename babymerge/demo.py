@@ -28,7 +28,7 @@ import click
 
 from babymerge.config import atomic_write_text, opt, save_config
 from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
-from babymerge.merge import MergeConfig, merge, objective
+from babymerge.merge import MergeConfig, merge, objective, read_metrics
 from babymerge.tokenizer import TokenizerConfig, train_tokenizer
 from babymerge.train import RESUME_DIR, TrainConfig, read_resume_state, train
 from babymerge.world import WorldConfig, generate_world
@@ -84,9 +84,9 @@ SCALES: dict[str, Scale] = {
                   encoder=EncoderSize(), preset="tiny", vocab_size=600, seq_len=64,
                   batch_size=32, lm_epochs=6, vlm_epochs=6, lr=3e-3, warmup_steps=20),
     # the README's command: under 5 minutes on 2 CPU cores
-    "small": Scale(world=WorldConfig(text_words=100_000, captions_per_image=4), encoder=EncoderSize(), preset="tiny", vocab_size=600,
-                   seq_len=64, batch_size=32, lm_epochs=4, vlm_epochs=4, lr=3e-3,
-                   warmup_steps=50),
+    "small": Scale(world=WorldConfig(text_words=100_000, captions_per_image=4),
+                   encoder=EncoderSize(), preset="tiny", vocab_size=600, seq_len=64,
+                   batch_size=32, lm_epochs=4, vlm_epochs=4, lr=3e-3, warmup_steps=50),
     # a clearer curve for those with ~20 minutes
     "base": Scale(world=WorldConfig(train_images=6000, eval_images=600, text_words=600_000,
                                     pairs_per_phenomenon=300),
@@ -166,16 +166,8 @@ def _trained_tokens(run_dir: Path) -> int:
 
 def _logged_points(merge_dir: Path) -> int:
     """Merge points logged in ``merge_dir/metrics.jsonl`` (a re-run reuses them rather than
-    scoring them again); a last line cut short by a kill is not a point."""
-    path = merge_dir / "metrics.jsonl"
-    count = 0
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        count += "alpha" in rec and "endpoint" not in rec
-    return count
+    scoring them again), as merge reads them; unmerged endpoint scores are not points."""
+    return sum("endpoint" not in r for r in read_metrics(merge_dir / "metrics.jsonl"))
 
 
 def _train_throughput(run_dir: Path) -> dict:
@@ -199,7 +191,8 @@ def finding(results: dict) -> tuple[bool, str]:
     recs = {r["alpha"]: r for r in results["records"]}
     vlm, lm = recs[0.0], recs[1.0]
     if "grammar" not in vlm or "multimodal" not in vlm:
-        return False, "The paper's finding cannot be checked: grammar and multimodal tasks are both needed."
+        return False, ("The paper's finding cannot be checked: grammar and multimodal tasks are "
+                       "both needed.")
     mm_items = sum(t["items"] for t in tasks.values() if t["kind"] != "minimal_pairs")
     p = vlm["multimodal"]
     se = math.sqrt(max(p * (1 - p), 1e-6) / max(mm_items, 1))

@@ -76,8 +76,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller-than-tiny world (~1 min)")
     parser.add_argument("--scale", default="tiny", choices=tuple(SCALES))
-    parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: temp)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="keep the run here, a new or empty folder (default: temp)")
     args = parser.parse_args()
+    if args.out is not None and args.out.exists() and (not args.out.is_dir()
+                                                      or any(args.out.iterdir())):
+        # the demo reuses every stage a finished or interrupted run left there: its rates would
+        # be of the work left over (none, or a fraction), not of the pipeline
+        parser.error(f"--out {args.out} is not an empty folder: the demo would reuse the "
+                     "stages done there and measure nothing; give a new or empty folder")
     scale = QUICK if args.quick else SCALES[args.scale]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "run"
