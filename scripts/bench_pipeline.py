@@ -72,13 +72,13 @@ def encoder_baseline(encoder_dir: Path, image_size: int, batch: int = 128, reps:
     return reps * batch / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller-than-tiny world (~1 min)")
     parser.add_argument("--scale", default="tiny", choices=tuple(SCALES))
     parser.add_argument("--out", type=Path, default=None,
                         help="keep the run here, a new or empty folder (default: temp)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.out is not None and args.out.exists() and (not args.out.is_dir()
                                                       or any(args.out.iterdir())):
         # the demo reuses every stage a finished or interrupted run left there: its rates would

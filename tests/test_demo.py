@@ -1,8 +1,8 @@
 """`babymerge demo` end to end at tiny scale, and the pieces of its report."""
 
 import dataclasses
+import importlib.util
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -107,6 +107,7 @@ def test_cli_and_bad_scale():
                                       ("train_lm", TrainConfig), ("train_vlm", TrainConfig),
                                       ("merge", MergeConfig)])
 def test_paper_configs_name_only_real_fields(name, cls):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; pyproject allows 3.10
     data = tomllib.loads((ROOT / "configs" / "paper" / f"{name}.toml").read_text())
     fields = {f.name for f in dataclasses.fields(cls)}
     assert set(data) <= fields, set(data) - fields
@@ -130,3 +131,16 @@ def test_demo_rerun_into_a_finished_folder_reuses_every_stage(report):
     assert (out / "merge" / "results.json").read_text() == results
     assert again["finding"] == first["finding"]
     assert "reused" in (out / "report.txt").read_text()
+
+
+def test_bench_pipeline_refuses_a_used_out(report, capsys):
+    """The demo reuses what a run left in --out: a benchmark there would time nothing."""
+    _, out = report
+    spec = importlib.util.spec_from_file_location("bench_pipeline",
+                                                  ROOT / "scripts" / "bench_pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"--out {out} is not an empty folder" in capsys.readouterr().err
