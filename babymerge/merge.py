@@ -543,8 +543,8 @@ def _open_run(cfg: MergeConfig, tasks: list[PreparedTask], vlm_names: list[str]
         saved = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         saved = {}
-    old = saved.get("identity") if isinstance(saved, dict) else None
-    old = old if isinstance(old, dict) else None
+    saved = saved if isinstance(saved, dict) else {}
+    old = saved.get("identity") if isinstance(saved.get("identity"), dict) else None
     # old serves as a cache of file hashes (keyed by path and stat), even for --restart
     identity = _identity(cfg, tasks, vlm_names, old)
     if cfg.restart:
@@ -569,18 +569,18 @@ def _open_run(cfg: MergeConfig, tasks: list[PreparedTask], vlm_names: list[str]
     atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in logged))
     # the log stays one that a --restart began while the runs resuming it have not finished it
     _save_run_config(cfg, identity, restarted=cfg.restart
-                     or (bool(logged) and saved.get(RESTARTED_KEY) is True))
+                     or (bool(logged) and saved.get(_RESTARTED_KEY) is True))
     return identity, logged
 
 
-RESTARTED_KEY = "restarted_unfinished"
+_RESTARTED_KEY = "restarted_unfinished"
 
 
 def _save_run_config(cfg: MergeConfig, identity: dict, restarted: bool) -> None:
     """merge_config.json: the command, the sweep identity, and whether the logged points are of a
     sweep a --restart run began that no run has finished yet (:func:`_restart`)."""
     save_config(cfg, cfg.out / "merge_config.json", identity=identity,
-                **{RESTARTED_KEY: restarted})
+                **{_RESTARTED_KEY: restarted})
 
 
 def _restart(cfg: MergeConfig, saved: dict, old: dict | None, identity: dict,
@@ -601,7 +601,7 @@ def _restart(cfg: MergeConfig, saved: dict, old: dict | None, identity: dict,
         logged = read_metrics(metrics_path)
     except MergeError:  # a damaged log is discarded as asked
         logged = None
-    if (logged and old is not None and saved.get(RESTARTED_KEY) is True
+    if (logged and old is not None and saved.get(_RESTARTED_KEY) is True
             and not _differences(old, identity, {r["vlm"] for r in logged}, cfg, vlm_names)):
         click.echo(f"--restart: resuming the unfinished sweep an earlier --restart of the same "
                    f"inputs began ({len(logged)} record(s) in {metrics_path}; remove that file to "

@@ -15,7 +15,8 @@ keeps it to score the unmerged LM), the base, and the two task vectors (the VLM'
 into its task vector in place). Transient memory is a few copies of the largest single tensor at
 most: linear none (one fused pass), slerp two float64 copies while measuring an angle (once, when
 built) and one temporary for a near-parallel tensor, TIES under ten temporaries of one tensor
-during its sign election.
+during its sign election, DARE a float32 and a bool copy of one tensor in host memory (and the
+bool mask on the device) while drawing that tensor's mask, when built.
 """
 
 from __future__ import annotations
