@@ -100,7 +100,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10: the same parser as the tomli backport
+            import tomli as tomllib
 
         data = tomllib.loads(text)
     elif path.suffix in (".yaml", ".yml"):
