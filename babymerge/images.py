@@ -18,6 +18,7 @@ memory-mapped and read in place, each worker mapping it once.
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
@@ -370,16 +371,18 @@ class Preprocess:
             raise BadImage(f"truncated or corrupt ({type(e).__name__}: {e})") from e
 
     def gpu_decodable(self, data: bytes) -> tuple[int, int] | None:
-        """(width, height) if ``data`` is a JPEG that nvJPEG decodes as libjpeg does (up to IDCT
-        and chroma-upsampling rounding), else None; :class:`BadImage` for what fails the header
-        checks. Deferred: sequential (not progressive) YCbCr or grey JPEGs that end in the EOI
-        marker. Everything else stays on PIL in the worker: CMYK and Adobe-RGB JPEGs need PIL's
-        colour handling, and a file cut short must meet PIL's truncation check (nvJPEG may fill
-        the missing rows with grey instead of failing)."""
+        """(width, height) if ``data`` is a JPEG that nvJPEG decodes to the same picture as libjpeg,
+        else None; :class:`BadImage` for what fails the header checks. Deferred: sequential (not
+        progressive) YCbCr or grey JPEGs that end in the EOI marker. Everything else stays on PIL
+        in the worker: CMYK and Adobe-RGB JPEGs need PIL's colour handling, and a file cut short
+        must meet PIL's truncation check (nvJPEG may fill the missing rows with grey instead of
+        failing). "The same picture" is not "the same bytes": nvJPEG's IDCT rounds differently
+        and it upsamples 4:2:0 chroma by repetition where libjpeg interpolates ("fancy
+        upsampling"), a mean of about one grey level, more at sharp colour edges."""
         image = self._header(data)
         if (image.format == "JPEG" and image.mode in ("RGB", "L")
                 and not image.info.get("progressive") and image.info.get("adobe_transform") != 0
-                and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"):
+                and data[-64:].rstrip(b"\x00")[-2:] == b"\xff\xd9"):
             return image.size
         return None
 
@@ -435,8 +438,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if self.preprocess.defer_jpeg:
                 size = self.preprocess.gpu_decodable(data)
                 if size is not None:
-                    return index, JpegBytes(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                            *size), ""
+                    return index, JpegBytes(data, *size), ""
             return index, self.preprocess(data), ""
         except BadImage as e:
             return index, None, str(e)
@@ -446,11 +448,17 @@ class ImageDataset(torch.utils.data.Dataset):
 
 @dataclass(frozen=True)
 class JpegBytes:
-    """An undecoded JPEG (its bytes as a uint8 tensor) and its size from the header."""
+    """An undecoded JPEG and its size from the header. Plain bytes, not a tensor: a worker's batch
+    travels pickled through its pipe, where every tensor would be a shared-memory file descriptor
+    of its own (15 workers x 2 batches x 256 images in flight)."""
 
-    data: torch.Tensor
+    data: bytes
     width: int
     height: int
+
+    def tensor(self) -> torch.Tensor:
+        """The bytes as the uint8 tensor ``decode_jpeg`` takes."""
+        return torch.frombuffer(bytearray(self.data), dtype=torch.uint8)
 
 
 @dataclass
@@ -482,14 +490,27 @@ def collate(batch: list[tuple[int, torch.Tensor | JpegBytes | None, str]]) -> Ba
                  bad=[i for i, _ in bad], reasons=[r for _, r in bad])
 
 
+@functools.cache
 def gpu_jpeg_decoder_available() -> bool:
     """torchvision with nvJPEG and a CUDA device (torchvision is optional: its wheels are tied to
-    one torch build, and the CPU machines here cannot install one beside torch 2.13)."""
+    one torch build, and the CPU machines here cannot install one beside torch 2.13). Checked by
+    decoding a tiny JPEG on the device once: a torchvision built without nvJPEG, or whose image
+    extension fails to load, imports fine and then fails every decode, which would send every
+    image through the slow one-by-one fallback."""
     try:
-        from torchvision.io import decode_jpeg  # noqa: F401
+        from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return False
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 60)).save(buf, "JPEG")
+    try:
+        decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)],
+                    mode=ImageReadMode.RGB, device="cuda")
+    except (RuntimeError, OSError):
+        return False
+    return True
 
 
 class GpuJpegDecoder:
@@ -500,8 +521,11 @@ class GpuJpegDecoder:
     under ``max_batch_pixels`` (64 M pixels = 192 MB); the images of one size are then stacked
     and, on CUDA, resized in float32, so the peak is about 6x that (1.2 GB) for a chunk of one
     size. A batch that nvJPEG refuses is retried one image at a time, and an image it refuses
-    goes through PIL on the CPU, which decodes it or gives the reason for ``/failed``: the
-    outcome for a file does not depend on where it ran.
+    goes through PIL on the CPU, which decodes it or gives the reason for ``/failed``. A JPEG whose
+    data is corrupt but whole may still decode to garbage here where PIL would refuse it (the
+    workers' check for truncation is kept: cut files are never deferred). Pixels differ from the
+    workers' by the decoders' rounding (:meth:`Preprocess.gpu_decodable`); a feature file records
+    which decoder made it (``decode_resolved`` in its ``config`` attribute).
     ``decode`` is injectable (signature of torchvision's) so the batching logic is testable
     without torchvision.
     """
@@ -535,7 +559,7 @@ class GpuJpegDecoder:
 
     def _decode_chunk(self, chunk: list[JpegBytes]) -> list[torch.Tensor | str]:
         try:
-            images = self.decode([j.data for j in chunk], device=self.device)
+            images = self.decode([j.tensor() for j in chunk], device=self.device)
         except RuntimeError:
             return [self._decode_one(j) for j in chunk]
         out: list[torch.Tensor | str | None] = [None] * len(chunk)
@@ -559,7 +583,7 @@ class GpuJpegDecoder:
 
     def _decode_one(self, jpeg: JpegBytes) -> torch.Tensor | str:
         try:
-            image = self.decode([jpeg.data], device=self.device)[0]
+            image = self.decode([jpeg.tensor()], device=self.device)[0]
             self._check_shape(image, jpeg)
         except (RuntimeError, BadImage):
             return self._on_cpu(jpeg)
@@ -567,9 +591,11 @@ class GpuJpegDecoder:
 
     def _on_cpu(self, jpeg: JpegBytes) -> torch.Tensor | str:
         try:
-            return self.preprocess(jpeg.data.numpy().tobytes()).to(self.device)
+            return self.preprocess(jpeg.data).to(self.device)
         except BadImage as e:
             return str(e)
+        except Exception as e:  # as in the workers: one file never stops the run
+            return f"decode error ({type(e).__name__}: {e})"
 
     @staticmethod
     def _check_shape(image: torch.Tensor, jpeg: JpegBytes) -> None:

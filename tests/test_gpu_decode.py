@@ -84,8 +84,7 @@ def test_decoder_matches_workers_and_falls_back(encoder_dir):
             raise RuntimeError("nvjpeg refused it")
         return pil_decode(data, device)
 
-    jpegs = [JpegBytes(torch.frombuffer(bytearray(b), dtype=torch.uint8),
-                       *preprocess.gpu_decodable(b)) for b in blobs]
+    jpegs = [JpegBytes(b, *preprocess.gpu_decodable(b)) for b in blobs]
     decoder = GpuJpegDecoder(preprocess, torch.device("cpu"), decode=decode,
                              max_batch_pixels=80 * 60 + 120 * 90)
     crops = decoder(jpegs)
@@ -112,8 +111,7 @@ def test_decoder_resizes_each_size_once_and_keeps_order(encoder_dir, monkeypatch
         return resize_crop(self, x)
 
     monkeypatch.setattr(Preprocess, "resize_crop", spy)
-    jpegs = [JpegBytes(torch.frombuffer(bytearray(b), dtype=torch.uint8),
-                       *preprocess.gpu_decodable(b)) for b in blobs]
+    jpegs = [JpegBytes(b, *preprocess.gpu_decodable(b)) for b in blobs]
     crops = GpuJpegDecoder(preprocess, torch.device("cpu"), decode=pil_decode)(jpegs)
     assert batches == [(3, 3, 60, 80), (2, 3, 64, 64), (1, 3, 120, 90)]
     assert len(crops) == len(blobs)
@@ -126,7 +124,7 @@ def test_decoder_gives_the_reason_of_an_unusable_image(encoder_dir):
     good = jpeg_bytes(smooth_image(np.random.default_rng(2), 60, 80))
     # a header that claims a size the data does not hold: the decoder refuses, PIL names it
     broken = good[:200] + b"\x00" * 50 + b"\xff\xd9"
-    jpegs = [JpegBytes(torch.frombuffer(bytearray(b), dtype=torch.uint8), 80, 60)
+    jpegs = [JpegBytes(b, 80, 60)
              for b in (good, broken)]
     out = GpuJpegDecoder(preprocess, torch.device("cpu"), decode=pil_decode)(jpegs)
     assert isinstance(out[0], torch.Tensor) and out[0].dtype == torch.uint8
@@ -192,26 +190,30 @@ def test_decode_gpu_without_cuda_is_a_clear_error(tmp_path, encoder_dir):
 
 
 @pytest.mark.gpu
-def test_nvjpeg_against_workers_on_cuda(tmp_path):
-    """Real nvJPEG vs PIL at DINOv2's geometry: IDCT and chroma upsampling differ by a few grey
-    levels at most on photo-like images, so crops agree to a mean of < 1 level and features
-    (random encoder, bf16 autocast) to cosine > 0.999."""
+@pytest.mark.parametrize("subsampling, mean_levels, min_cosine", [(0, 1.0, 0.999),
+                                                                  (2, 2.5, 0.998)],
+                         ids=["444", "420"])
+def test_nvjpeg_against_workers_on_cuda(tmp_path, subsampling, mean_levels, min_cosine):
+    """Real nvJPEG vs PIL at DINOv2's geometry on photo-like images. With full-resolution chroma
+    (4:4:4) only the IDCT's rounding differs: crops agree to a mean under one grey level. With
+    4:2:0 chroma (most photos) nvJPEG repeats chroma samples where libjpeg interpolates: about a
+    grey level on average, more at colour edges (an emulation with libjpeg-turbo's
+    non-interpolating upsampling gave a mean of 0.8 to 1.3 and a feature cosine >= 0.9988)."""
     if not (torch.cuda.is_available() and gpu_jpeg_decoder_available()):
         pytest.skip("needs CUDA and torchvision")
     encoder = load_encoder(save_random_dinov2(tmp_path / "enc"), "cuda", jpeg_draft=False)
     rng = np.random.default_rng(5)
-    blobs = [jpeg_bytes(smooth_image(rng, h, w), quality=90)
+    blobs = [jpeg_bytes(smooth_image(rng, h, w), quality=90, subsampling=subsampling)
              for h, w in [(480, 640), (375, 500), (640, 427), (256, 256), (1000, 1500),
                           (480, 640), (256, 256)]]
-    jpegs = [JpegBytes(torch.frombuffer(bytearray(b), dtype=torch.uint8),
-                       *encoder.preprocess.gpu_decodable(b)) for b in blobs]
+    jpegs = [JpegBytes(b, *encoder.preprocess.gpu_decodable(b)) for b in blobs]
     decoder = GpuJpegDecoder(encoder.preprocess, torch.device("cuda"))
     gpu = torch.stack(decoder(jpegs))
     for crop, jpeg in zip(gpu, jpegs):  # resized with its size group = resized alone, exactly
-        alone = encoder.preprocess.resize_crop(decoder.decode([jpeg.data], device="cuda")[0])
+        alone = encoder.preprocess.resize_crop(decoder.decode([jpeg.tensor()], device="cuda")[0])
         assert torch.equal(crop, alone)
     cpu = torch.stack([encoder.preprocess(b) for b in blobs]).cuda()
     diff = (gpu.float() - cpu.float()).abs()
-    assert diff.mean().item() < 1.0, diff.mean().item()
+    assert diff.mean().item() < mean_levels, diff.mean().item()
     a, b = encoder.encode_pixels(gpu), encoder.encode_pixels(cpu)
-    assert torch.nn.functional.cosine_similarity(a, b).min().item() > 0.999
+    assert torch.nn.functional.cosine_similarity(a, b).min().item() > min_cosine
