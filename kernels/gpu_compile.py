@@ -62,7 +62,8 @@ def _specs(dtype: str, all_configs: bool):
     slabs = ("dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr")  # fp32 partials when the reduction splits
     launches = [  # (kernel, flags, pointers that are fp32 whatever the dtype)
         ("_projector_fwd_kernel", dict(HAS_B1=True, HAS_B2=True, SAVE_Z=True), ()),
-        ("_linear_kernel", dict(GELU_A=True, HAS_BIAS=True), ()),
+        ("_linear_kernel", dict(GELU_A=False, HAS_BIAS=True), ()),  # z = x W1^T + b1
+        ("_linear_kernel", dict(GELU_A=True, HAS_BIAS=False), ()),  # y = gelu(z) W2^T
         ("_projector_bwd_dz_kernel", {}, ()),
         ("_projector_bwd_grads_kernel", dict(grads, SPLIT_R=1), ()),
         ("_projector_bwd_grads_kernel", dict(grads, SPLIT_R=4), slabs),

@@ -118,8 +118,9 @@ _DTYPE = operator.attrgetter("dtype")
 
 
 def _signature(tensors: tuple[torch.Tensor, ...], block: int) -> tuple:
-    """What a launch plan depends on: every tensor's pointer, shape and dtype. Built with C-level
-    ``map`` calls: at 180 tensors this is ~70 us, against ~500 us for re-validating and
+    """What a launch plan depends on: every tensor's pointer, shape and dtype (the device is
+    implied: with CUDA's unified addressing no pointer value is on two devices). Built with
+    C-level ``map`` calls: at 180 tensors this is ~70 us, against ~500 us for re-validating and
     re-planning, and the merge's host time is paid before its kernel starts."""
     return (block, tuple(map(_PTR, tensors)), tuple(map(_SHAPE, tensors)),
             tuple(map(_DTYPE, tensors)))

@@ -321,14 +321,14 @@ def _projector_bwd_grads_kernel(x_ptr, w1_ptr, dy_ptr, z_ptr, dz_ptr, dx_ptr, dw
     if pid < tiles_w2:
         # dW2[n, h] = sum_m dy[m, n] gelu(z[m, h]);  db2[n] = sum_m dy[m, n]
         split = pid % SPLIT_R
-        r_lo = split * chunk
+        r_lo = tl.minimum(split * chunk, M)  # trailing slices may be empty: [M, M)
         _matmul_tile(dy_ptr, 1, N, z_ptr, H, 1, N, H, r_lo, tl.minimum(r_lo + chunk, M),
                      pid // SPLIT_R, dw2_ptr + split * N * H, db2_ptr + split * N, False, True,
                      False, HAS_B2, UPCAST, PRECISION, BLOCK_A, BLOCK_B, BLOCK_R)
     elif pid < tiles_w2 + tiles_w1:
         # dW1[h, k] = sum_m dz[m, h] x[m, k];  db1[h] = sum_m dz[m, h]
         split = (pid - tiles_w2) % SPLIT_R
-        r_lo = split * chunk
+        r_lo = tl.minimum(split * chunk, M)
         _matmul_tile(dz_ptr, 1, H, x_ptr, K, 1, H, K, r_lo, tl.minimum(r_lo + chunk, M),
                      (pid - tiles_w2) // SPLIT_R, dw1_ptr + split * H * K, db1_ptr + split * H,
                      False, False, False, HAS_B1, UPCAST, PRECISION, BLOCK_A, BLOCK_B, BLOCK_R)
@@ -421,10 +421,11 @@ def _linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: to
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_A"]) * triton.cdiv(n, meta["BLOCK_B"]),)
 
-    _linear_kernel[grid](a, w, bias if bias is not None else a, out, m, n, k,
-                         triton.next_power_of_2(m), GELU_A=gelu_in, HAS_BIAS=bias is not None,
-                         UPCAST=INTERPRET, PRECISION=_precision(a.dtype),
-                         **_fitted(BLOCK_A=(m, 64), BLOCK_B=(n, 128), BLOCK_R=(k, 256)))
+    with _on_device(a.device):
+        _linear_kernel[grid](a, w, bias if bias is not None else a, out, m, n, k,
+                             triton.next_power_of_2(m), GELU_A=gelu_in, HAS_BIAS=bias is not None,
+                             UPCAST=INTERPRET, PRECISION=_precision(a.dtype),
+                             **_fitted(BLOCK_A=(m, 64), BLOCK_B=(n, 128), BLOCK_R=(k, 256)))
 
 
 def weight_grad_splits(m: int) -> int:
