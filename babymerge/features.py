@@ -564,7 +564,10 @@ def _encode_into_parts(todo, encoder: ImageEncoder, cfg: ExtractConfig, parts_di
     if not todo:
         return 0, 0
     workers = num_decode_workers(cfg.num_workers)
-    preprocess = replace(encoder.preprocess, defer_jpeg=gpu_decode)
+    # nvJPEG decodes at full resolution; JPEGs left to the workers (progressive, CMYK) and the
+    # decoder's PIL fallback then do too, so no image of a GPU-decoded file was drafted.
+    preprocess = (replace(encoder.preprocess, defer_jpeg=True, jpeg_draft=False) if gpu_decode
+                  else encoder.preprocess)
     gpu_decoder = GpuJpegDecoder(preprocess, encoder.device) if gpu_decode else None
     loader = torch.utils.data.DataLoader(
         ImageDataset(todo, preprocess), batch_size=cfg.batch_size, shuffle=False,
