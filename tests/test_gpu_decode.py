@@ -131,6 +131,20 @@ def test_decoder_gives_the_reason_of_an_unusable_image(encoder_dir):
     assert isinstance(out[1], str) and "truncated or corrupt" in out[1]
 
 
+def test_cpu_fallback_records_any_decoder_exception(encoder_dir):
+    """As in the workers, an unexpected exception of the PIL fallback is one /failed reason."""
+    preprocess = load_encoder(encoder_dir).preprocess
+
+    def refuse(data, device):
+        raise RuntimeError("nvjpeg refused it")
+
+    decoder = GpuJpegDecoder(preprocess, torch.device("cpu"), decode=refuse)
+    decoder.preprocess = lambda data: 1 / 0  # only the fallback calls it like this
+    good = jpeg_bytes(smooth_image(np.random.default_rng(7), 60, 80))
+    assert decoder([JpegBytes(good, 80, 60)]) == ["decode error (ZeroDivisionError: division by "
+                                                  "zero)"]
+
+
 def test_collate_keeps_deferred_jpegs_apart(tmp_path, encoder_dir):
     preprocess = replace(load_encoder(encoder_dir).preprocess, defer_jpeg=True)
     rng = np.random.default_rng(3)
@@ -147,27 +161,60 @@ def test_collate_keeps_deferred_jpegs_apart(tmp_path, encoder_dir):
 
 
 def test_feature_file_does_not_depend_on_where_jpegs_decode(tmp_path, encoder_dir, monkeypatch):
-    """The whole extraction with deferral on (decode stand-in on CPU) equals the worker run: same
-    ids in the same order, same features, same /failed."""
+    """The whole extraction with deferral on (decode stand-in on CPU) equals the worker run
+    without drafting: same ids in the same order, same features, same /failed. Deferral turns
+    drafting off for the whole file, so the large progressive JPEG left to the workers is not
+    drafted either (the default --jpeg-draft would change its feature)."""
     rng = np.random.default_rng(4)
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(7):
         smooth_image(rng, 60 + 4 * i, 80).save(folder / f"a{i}.jpg")
     smooth_image(rng, 50, 70).save(folder / "p.jpg", progressive=True)
+    smooth_image(rng, 300, 400).save(folder / "big.jpg", progressive=True)  # drafted by default
     smooth_image(rng, 50, 70).save(folder / "c.png")
     (folder / "z.jpg").write_bytes(b"")
-    kw = dict(source=str(folder), encoder=str(encoder_dir), num_workers=0, batch_size=4,
-              jpeg_draft=False)
-    extract_features(ExtractConfig(out=tmp_path / "workers.h5", **kw))
+    kw = dict(source=str(folder), encoder=str(encoder_dir), num_workers=0, batch_size=4)
+    extract_features(ExtractConfig(out=tmp_path / "workers.h5", jpeg_draft=False, **kw))
+    extract_features(ExtractConfig(out=tmp_path / "drafted.h5", **kw))
     monkeypatch.setattr(features, "resolve_decode", lambda decode, device, workers: "gpu")
     monkeypatch.setattr(features, "GpuJpegDecoder",
                         lambda preprocess, device: GpuJpegDecoder(preprocess, device, pil_decode))
     extract_features(ExtractConfig(out=tmp_path / "gpu.h5", **kw))
-    with h5py.File(tmp_path / "workers.h5") as a, h5py.File(tmp_path / "gpu.h5") as b:
-        assert list(a[IDS][:]) == list(b[IDS][:]) and len(a[IDS]) == 9
+    with (h5py.File(tmp_path / "workers.h5") as a, h5py.File(tmp_path / "gpu.h5") as b,
+          h5py.File(tmp_path / "drafted.h5") as d):
+        assert list(a[IDS][:]) == list(b[IDS][:]) and len(a[IDS]) == 10
         np.testing.assert_array_equal(a[FEATURES][:], b[FEATURES][:])
         assert list(a[FAILED]["ids"][:]) == list(b[FAILED]["ids"][:]) == [b"z"]
+        big = list(a[IDS][:]).index(b"big")
+        assert not np.array_equal(a[FEATURES][big], d[FEATURES][big])
+
+
+def test_nvjpeg_probe_needs_a_decode_that_works(monkeypatch):
+    """torchvision that imports but cannot decode (built without nvJPEG) counts as absent."""
+    import sys
+    import types
+
+    from babymerge import images
+
+    def probe(decode_jpeg):
+        fake = types.ModuleType("torchvision.io")
+        fake.ImageReadMode = types.SimpleNamespace(RGB="RGB")
+        fake.decode_jpeg = decode_jpeg
+        monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+        monkeypatch.setitem(sys.modules, "torchvision.io", fake)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        images.gpu_jpeg_decoder_available.cache_clear()
+        try:
+            return images.gpu_jpeg_decoder_available()
+        finally:
+            images.gpu_jpeg_decoder_available.cache_clear()
+
+    def broken(data, mode, device):
+        raise RuntimeError("torchvision was not compiled with nvjpeg support")
+
+    assert probe(broken) is False
+    assert probe(lambda data, mode, device: pil_decode(data, "cpu")) is True
 
 
 def test_auto_decode_follows_device_and_workers(monkeypatch):

@@ -1,7 +1,8 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlamaForCausalLM
 
-from babymerge.model import MODEL_PRESETS, build_model, export_language_model, save_checkpoint
+from babymerge.model import (MODEL_PRESETS, BabyLlavaConfig, build_model, export_language_model,
+                             save_checkpoint)
 
 IDS = dict(vocab_size=50, image_token_id=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -51,3 +52,12 @@ def test_standardized_features_are_stored_frozen_and_applied(tmp_path):
     loaded.train()
     loaded(input_ids=ids, pixel_values=feat, labels=ids).loss.backward()
     assert loaded.model.feature_mean.grad is None and loaded.model.feature_std.grad is None
+
+
+def test_config_defaults_to_dinov2_large_not_llavas_clip():
+    """The vision sub-config (whose hidden size is the projector's input) defaults to
+    DINOv2-large; a dict without model_type is read as DINOv2 too."""
+    vision = BabyLlavaConfig().vision_config
+    assert (vision.model_type, vision.hidden_size, vision.num_hidden_layers) == ("dinov2", 1024, 24)
+    assert BabyLlavaConfig(vision_config={"hidden_size": 64}).vision_config.model_type == "dinov2"
+    assert BabyLlavaConfig().text_config.model_type == "llama"
