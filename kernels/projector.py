@@ -5,13 +5,13 @@ Shapes: x (M, K), W1 (H, K), b1 (H,), W2 (N, H), b2 (N,), y (M, N). In the paper
 training, a few thousand in evaluation. These are small GEMMs, so launches and HBM round trips of
 the hidden activation cost as much as the FLOPs; the launch plan is built around that:
 
-- forward, up to FUSED_FORWARD_MAX_ROWS rows: ONE kernel. A program owns BLOCK_M rows and BLOCK_N
-  output columns and walks the hidden dim in BLOCK_H chunks: z = x W1[h]^T + b1 (K loop),
-  a = gelu(z) in registers, y += a W2[:, h]^T. The activation never goes to memory. When
-  BLOCK_N < N the first GEMM is recomputed once per column block: at small M that recompute runs
-  on SMs that would otherwise idle (it buys parallelism). At large M it does not pay: on an H100
-  at M = 16384 the fused kernel took 0.74 ms against eager's 0.13 ms, so there the forward is two
-  GEMM launches, the second applying gelu to z as it loads it.
+- forward, plan "fused": ONE kernel. A program owns BLOCK_M rows and BLOCK_N output columns and
+  walks the hidden dim in BLOCK_H chunks: z = x W1[h]^T + b1 (K loop), a = gelu(z) in registers,
+  y += a W2[:, h]^T. The activation never goes to memory. When BLOCK_N < N the first GEMM is
+  recomputed once per column block: at small M that recompute runs on SMs that would otherwise
+  idle (it buys parallelism). At large M it does not pay: on an H100 at M = 16384 the fused kernel
+  took 0.74 ms against eager's 0.13 ms. Plan "two_gemm" is two GEMM launches instead, the second
+  applying gelu to z as it loads it. On CUDA the faster plan is measured per shape bucket.
 - training saves the pre-activation z (M x H in the input dtype, 1.5 KB per row in bf16) instead of
   recomputing it in backward: recomputing costs a whole M x K x H GEMM, saving costs one write and
   one read of M x H, and eager PyTorch keeps the same tensor (gelu's input) anyway.
@@ -19,7 +19,7 @@ the hidden activation cost as much as the FLOPs; the launch plan is built around
   whose programs compute, by program-id range, tiles of dW2 (+ db2), dW1 (+ db1) and dx. All three
   read only dy, z, dz, x and the weights, so they run side by side (eager runs 6-8 kernels). Weight
   gradients reduce over M inside one program per tile, or for large M over slices of M in several
-  programs writing fp32 partials that the host sums (deterministic either way, no atomics); their
+  programs writing fp32 partials summed afterwards (deterministic either way, no atomics); their
   tiles get the low program ids because they are the long ones and should start first.
 
 Rounding follows eager PyTorch in the input dtype: z, a = gelu(z), da and dz are rounded to it
@@ -29,6 +29,7 @@ between steps and every accumulation is fp32, so bf16/fp16 results match eager t
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -122,17 +123,31 @@ _LIN_CONFIGS = {
     "fp32": _configs(_LIN, [(64, 64, 32, 8, 2), (64, 128, 32, 8, 2), (32, 32, 32, 4, 2)]),
 }
 
-# Forward plan by rows. Up to FUSED_FORWARD_MAX_ROWS the one fused kernel runs: a training batch
-# of images is small, the GEMMs then take microseconds and the launch count is what costs. Above
-# it the first GEMM's recompute per column block (the price of never writing the activation)
-# outgrows one write and one read of z (M x H, which training saves anyway), so the forward is two
-# GEMM launches (z = x W1^T + b1; y = gelu(z) W2^T + b2, gelu applied as z is loaded).
+# Launch plans. Which forward (one fused kernel or two GEMM launches) and how many slices the
+# weight-gradient reduction takes depend on the GPU, the dtype and M in ways one H100 profile does
+# not settle (fused forward at M = 1024: 74 us on an H100; the two-GEMM forward there unmeasured),
+# so on CUDA each is MEASURED once per shape bucket, as the autotuner measures block sizes
+# (:func:`_choose`). The rules below are what the interpreter, and BABYMERGE_PROJECTOR_PLAN=rule,
+# use instead: fused up to FUSED_FORWARD_MAX_ROWS rows (a training batch of images is small, its
+# GEMMs take microseconds and the launch count is what costs; above it the first GEMM's recompute
+# per column block, the price of never writing the activation, outgrows one write and one read of
+# z, which training saves anyway).
+FORWARD_PLANS = ("fused", "two_gemm")
 FUSED_FORWARD_MAX_ROWS = 1024
-# Weight-gradient reductions over M are split into slices of at least this many rows (up to
-# MAX_WEIGHT_GRAD_SPLITS): one 128x128 tile over 4096 rows is ~134 MFLOP, long enough to amortise
-# writing its fp32 partial and the host-side sum of the partials.
+# Weight-gradient reductions over M by rule are split into slices of at least this many rows (up
+# to MAX_WEIGHT_GRAD_SPLITS): one 128x128 tile over 4096 rows is ~134 MFLOP, long enough to
+# amortise writing its fp32 partial and the sum of the partials. Measured choices try every split
+# in WEIGHT_GRAD_SPLITS that leaves a slice at least MIN_ROWS_PER_WEIGHT_GRAD_SPLIT rows: already
+# at M = 1024 the paper's 84 weight tiles of 128x128 leave 48 of an H100's 132 SMs idle, and the
+# grads kernel took 42 us there against ~30 us for eager's weight-gradient GEMMs.
 ROWS_PER_WEIGHT_GRAD_SPLIT = 4096
 MAX_WEIGHT_GRAD_SPLITS = 8
+WEIGHT_GRAD_SPLITS = (1, 2, 4, 8)
+MIN_ROWS_PER_WEIGHT_GRAD_SPLIT = 256
+
+PLAN_ENV_VAR = "BABYMERGE_PROJECTOR_PLAN"
+PLAN_MODES = ("measured", "rule")
+_MEASURED_PLANS: dict[tuple, object] = {}
 
 # Autotuning is keyed on M rounded up to a power of two (M_BUCKET), not on M: the last batch of an
 # epoch or an evaluation batch must not trigger a fresh search.
@@ -295,7 +310,7 @@ def _linear_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N_OUT, K_IN, M_BUCKET,
 @_autotuned(_GRAD_CONFIGS, _KEY + ["DO_X", "DO_W1", "DO_W2", "SPLIT_R"])
 @triton.jit
 def _projector_bwd_grads_kernel(x_ptr, w1_ptr, dy_ptr, z_ptr, dz_ptr, dx_ptr, dw1_ptr, db1_ptr,
-                                dw2_ptr, db2_ptr, M, K, H, N, M_BUCKET, DO_X: tl.constexpr,
+                                dw2_ptr, db2_ptr, M, K, H, N, M_BUCKET, SLAB, DO_X: tl.constexpr,
                                 DO_W1: tl.constexpr, DO_W2: tl.constexpr, HAS_B1: tl.constexpr,
                                 HAS_B2: tl.constexpr, SPLIT_R: tl.constexpr, UPCAST: tl.constexpr,
                                 PRECISION: tl.constexpr, BLOCK_A: tl.constexpr,
@@ -305,10 +320,11 @@ def _projector_bwd_grads_kernel(x_ptr, w1_ptr, dy_ptr, z_ptr, dz_ptr, dx_ptr, dw
     """Grouped launch: program ids [0, T2 * S) -> dW2 tiles, then T1 * S dW1 tiles, the rest dx.
 
     With SPLIT_R = S > 1 each weight tile is S programs, each reducing one slice of the M rows
-    into its own fp32 slab (dW pointers then point to (S, rows, cols) workspaces, bias pointers
-    to (S, rows)); the host sums the slabs. Split rather than one long program per tile: at
-    M = 16384 the paper's 84 weight tiles of 128x128 would fill 84 of an H100's 132 SMs for the
-    whole launch. Slabs, not atomics, so gradients stay deterministic.
+    into its own fp32 slab: the gradient pointers then point into slab 0 of one (S, SLAB)
+    workspace and slice s writes s * SLAB elements further on; the slabs are summed afterwards.
+    Split rather than one long program per tile: at M = 16384 the paper's 84 weight tiles of
+    128x128 would fill 84 of an H100's 132 SMs for the whole launch. Slabs,
+    not atomics, so gradients stay deterministic.
     """
     pid = tl.program_id(0)
     tiles_w2 = 0
@@ -323,14 +339,14 @@ def _projector_bwd_grads_kernel(x_ptr, w1_ptr, dy_ptr, z_ptr, dz_ptr, dx_ptr, dw
         split = pid % SPLIT_R
         r_lo = tl.minimum(split * chunk, M)  # trailing slices may be empty: [M, M)
         _matmul_tile(dy_ptr, 1, N, z_ptr, H, 1, N, H, r_lo, tl.minimum(r_lo + chunk, M),
-                     pid // SPLIT_R, dw2_ptr + split * N * H, db2_ptr + split * N, False, True,
+                     pid // SPLIT_R, dw2_ptr + split * SLAB, db2_ptr + split * SLAB, False, True,
                      False, HAS_B2, UPCAST, PRECISION, BLOCK_A, BLOCK_B, BLOCK_R)
     elif pid < tiles_w2 + tiles_w1:
         # dW1[h, k] = sum_m dz[m, h] x[m, k];  db1[h] = sum_m dz[m, h]
         split = (pid - tiles_w2) % SPLIT_R
         r_lo = tl.minimum(split * chunk, M)
         _matmul_tile(dz_ptr, 1, H, x_ptr, K, 1, H, K, r_lo, tl.minimum(r_lo + chunk, M),
-                     (pid - tiles_w2) // SPLIT_R, dw1_ptr + split * H * K, db1_ptr + split * H,
+                     (pid - tiles_w2) // SPLIT_R, dw1_ptr + split * SLAB, db1_ptr + split * SLAB,
                      False, False, False, HAS_B1, UPCAST, PRECISION, BLOCK_A, BLOCK_B, BLOCK_R)
     elif DO_X:
         # dx[m, k] = sum_h dz[m, h] W1[h, k]
@@ -345,6 +361,38 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def _plans_are_measured(device: torch.device) -> bool:
+    """Whether launch plans are timed on ``device`` (CUDA, compiled kernels, and
+    BABYMERGE_PROJECTOR_PLAN unset or ``measured``) or follow the fixed rules. ``rule`` pins them,
+    for runs that must repeat bit for bit: a measured choice can differ from one run to the next
+    when two plans time alike, and plans differ in summation order."""
+    mode = os.environ.get(PLAN_ENV_VAR, "measured").strip().lower() or "measured"
+    if mode not in PLAN_MODES:
+        raise ValueError(f"{PLAN_ENV_VAR}={os.environ[PLAN_ENV_VAR]!r}: expected one of "
+                         f"{', '.join(PLAN_MODES)}")
+    return mode == "measured" and device.type == "cuda" and not INTERPRET
+
+
+def _measure(fn) -> float:
+    """Milliseconds per call of ``fn``, calls queued back to back (triton.testing.do_bench, which
+    also clears L2 between calls): host-bound plans show their host time, as in a training loop."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25)
+
+
+def _choose(key: tuple, device: torch.device, rule_choice, candidates: tuple, run):
+    """The fastest of ``candidates`` for ``key``, timed once per process with ``run(candidate)``
+    on the real inputs; ``rule_choice`` where plans are not measured. The first call of a
+    candidate also runs its kernels' autotuning, outside the timed calls."""
+    if len(candidates) < 2 or not _plans_are_measured(device):
+        return rule_choice
+    choice = _MEASURED_PLANS.get(key)
+    if choice is None:
+        times = {c: _measure(lambda c=c: run(c)) for c in candidates}
+        choice = min(times, key=times.get)
+        _MEASURED_PLANS[key] = choice
+    return choice
 
 
 def _check_inputs(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -382,11 +430,20 @@ def _check_inputs(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2
 
 
 def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                      b2: torch.Tensor | None, save_z: bool
+                      b2: torch.Tensor | None, save_z: bool, plan: str | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """y (M, N) for x (M, K), and the pre-activation z (M, H) when ``save_z`` (for backward)."""
+    """y (M, N) for x (M, K), and the pre-activation z (M, H) when ``save_z`` (for backward).
+    ``plan`` is one of FORWARD_PLANS; None measures them on CUDA (:func:`_choose`)."""
     m, k = x.shape
     hidden, n = w1.shape[0], w2.shape[0]
+    if plan is None:
+        key = ("forward", x.device, x.dtype, _precision(x.dtype), triton.next_power_of_2(m), k,
+               hidden, n, b1 is None, b2 is None, save_z)
+        plan = _choose(key, x.device, "fused" if m <= FUSED_FORWARD_MAX_ROWS else "two_gemm",
+                       FORWARD_PLANS,
+                       lambda p: projector_forward(x, w1, b1, w2, b2, save_z, plan=p))
+    if plan not in FORWARD_PLANS:
+        raise ValueError(f"projector_forward: plan {plan!r} is not one of {FORWARD_PLANS}")
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     z = torch.empty((m, hidden), device=x.device, dtype=x.dtype) if save_z else None
     if m == 0:
@@ -396,7 +453,7 @@ def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
 
     with _on_device(x.device):
-        if m <= FUSED_FORWARD_MAX_ROWS:
+        if plan == "fused":
             # Absent biases and z get a dummy pointer; constexpr flags keep the kernel off them.
             _projector_fwd_kernel[grid](
                 x, w1, b1 if b1 is not None else x, w2, b2 if b2 is not None else x, y,
@@ -429,33 +486,50 @@ def _linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: to
 
 
 def weight_grad_splits(m: int) -> int:
-    """Slices the weight gradients' reduction over ``m`` rows is split into (1 = no split)."""
+    """Slices of the weight gradients' reduction over ``m`` rows by rule (1 = no split)."""
     return max(1, min(MAX_WEIGHT_GRAD_SPLITS, m // ROWS_PER_WEIGHT_GRAD_SPLIT))
 
 
+def weight_grad_split_candidates(m: int) -> tuple[int, ...]:
+    """The splits a measured plan tries at ``m`` rows."""
+    return tuple(s for s in WEIGHT_GRAD_SPLITS
+                 if s == 1 or m // s >= MIN_ROWS_PER_WEIGHT_GRAD_SPLIT)
+
+
 def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                       z: torch.Tensor, needs: tuple[bool, ...], has_b1: bool, has_b2: bool
-                       ) -> tuple[torch.Tensor | None, ...]:
+                       z: torch.Tensor, needs: tuple[bool, ...], has_b1: bool, has_b2: bool,
+                       split: int | None = None) -> tuple[torch.Tensor | None, ...]:
     """(dx, dW1, db1, dW2, db2) for the flags in ``needs`` (autograd's needs_input_grad); None for
-    the gradients not asked for."""
+    the gradients not asked for. ``split``: slices of the weight gradients' reduction over M;
+    None measures the candidates on CUDA (:func:`_choose`)."""
     need_x, need_w1, need_b1, need_w2, need_b2 = needs
     do_w1, do_w2 = need_w1 or need_b1, need_w2 or need_b2
     m, k = x.shape
     hidden, n = w1.shape[0], w2.shape[0]
-    split = weight_grad_splits(m)
-
-    def weight_grad(*shape):  # the gradient itself, or the fp32 slabs of a split reduction
-        if split == 1:
-            return torch.empty(shape, device=x.device, dtype=x.dtype)
-        return torch.empty((split, *shape), device=x.device, dtype=torch.float32)
-
+    if split is None:
+        key = ("backward", x.device, x.dtype, _precision(x.dtype), triton.next_power_of_2(m), k,
+               hidden, n, tuple(needs), has_b1, has_b2)
+        split = _choose(key, x.device, weight_grad_splits(m),
+                        weight_grad_split_candidates(m) if do_w1 or do_w2 else (1,),
+                        lambda s: projector_backward(dy, x, w1, w2, z, needs, has_b1, has_b2, s))
+    # The weight gradients' shapes in the kernel's order (dW2, db2, dW1, db1); absent ones None.
+    shapes = ((n, hidden) if do_w2 else None, (n,) if do_w2 and has_b2 else None,
+              (hidden, k) if do_w1 else None, (hidden,) if do_w1 and has_b1 else None)
+    if split == 1:
+        dw2, db2, dw1, db1 = (torch.empty(s, device=x.device, dtype=x.dtype) if s else None
+                              for s in shapes)
+        slab = 0
+    else:
+        # One fp32 workspace of `split` slabs, each holding every partial gradient: one sum and
+        # one cast over all of them afterwards instead of four of each.
+        sizes = [math.prod(s) for s in shapes if s]
+        slab = sum(sizes)
+        workspace = torch.empty((split, slab), device=x.device, dtype=torch.float32)
+        parts = iter(workspace[0].split(sizes))
+        dw2, db2, dw1, db1 = (next(parts) if s else None for s in shapes)
     dx = torch.empty_like(x) if need_x else None
-    dw1 = weight_grad(hidden, k) if do_w1 else None
-    db1 = weight_grad(hidden) if do_w1 and has_b1 else None
-    dw2 = weight_grad(n, hidden) if do_w2 else None
-    db2 = weight_grad(n) if do_w2 and has_b2 else None
     if m == 0:  # no rows: zero weight gradients, nothing to launch
-        for g in (dw1, db1, dw2, db2):
+        for g in (dw2, db2, dw1, db1):
             if g is not None:
                 g.zero_()
     else:
@@ -482,15 +556,15 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
                     **_fitted(BLOCK_M=(m, 64), BLOCK_H=(hidden, 128), BLOCK_N=(n, 256)))
             _projector_bwd_grads_kernel[grads_grid](
                 x, w1, dy, z, *map(or_dummy, (dz, dx, dw1, db1, dw2, db2)),
-                m, k, hidden, n, triton.next_power_of_2(m), DO_X=need_x, DO_W1=do_w1, DO_W2=do_w2,
-                HAS_B1=db1 is not None, HAS_B2=db2 is not None, SPLIT_R=split, UPCAST=INTERPRET,
-                PRECISION=_precision(x.dtype),
+                m, k, hidden, n, triton.next_power_of_2(m), slab, DO_X=need_x, DO_W1=do_w1,
+                DO_W2=do_w2, HAS_B1=db1 is not None, HAS_B2=db2 is not None, SPLIT_R=split,
+                UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
                 **_fitted(BLOCK_A=(max(n, hidden), 128), BLOCK_B=(max(hidden, k), 256),
                           BLOCK_R=(-(-m // split), 64), BLOCK_XM=(m, 64), BLOCK_XK=(k, 256),
                           BLOCK_XH=(hidden, 128)))
-        if split > 1:  # fixed order of the slabs' sum: deterministic
-            dw1, db1, dw2, db2 = (g.sum(0).to(x.dtype) if g is not None else None
-                                  for g in (dw1, db1, dw2, db2))
+    if split > 1:  # the slabs summed in a fixed order: deterministic
+        parts = iter(workspace.sum(0).to(x.dtype).split(sizes))
+        dw2, db2, dw1, db1 = (next(parts).view(s) if s else None for s in shapes)
     return (dx, dw1 if need_w1 else None, db1 if need_b1 else None, dw2 if need_w2 else None,
             db2 if need_b2 else None)
 

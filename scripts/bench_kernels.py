@@ -126,25 +126,32 @@ def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: 
 
 
 def triton_breakdown(x, weights, dy, device, reps: int) -> dict:
-    """Where the fused step's time goes: the forward kernel alone (saving z, as in training), the
-    two backward kernels alone, eager's forward alone; and the block sizes the autotuner chose."""
+    """Where the fused step's time goes: the forward alone (saving z, as in training) under each
+    plan, the backward under each weight-gradient split, eager's forward alone; the plans the
+    projector measured as fastest, and the block sizes the autotuner chose."""
+    import triton
+
     from kernels import projector as kp
 
     w1, b1, w2, b2 = (w.detach() for w in weights)
     _, z = kp.projector_forward(x, w1, b1, w2, b2, save_z=True)
     needs = (False, True, True, True, True)
-    out = {
-        "triton_fwd_ms": timed_back_to_back(
-            lambda: kp.projector_forward(x, w1, b1, w2, b2, save_z=True), device, reps) * 1e3,
-        "triton_bwd_ms": timed_back_to_back(
-            lambda: kp.projector_backward(dy, x, w1, w2, z, needs, True, True), device, reps) * 1e3,
-        "torch_eager_fwd_ms": timed_back_to_back(
-            lambda: project_reference(x, w1, b1, w2, b2), device, reps) * 1e3,
-    }
-    out = {k: round(v, 4) for k, v in out.items()}
+    m = x.shape[0]
+    out = {f"triton_fwd_{plan}_ms": timed_back_to_back(
+        lambda plan=plan: kp.projector_forward(x, w1, b1, w2, b2, save_z=True, plan=plan),
+        device, reps) for plan in kp.FORWARD_PLANS}
+    out |= {f"triton_bwd_split{split}_ms": timed_back_to_back(
+        lambda split=split: kp.projector_backward(dy, x, w1, w2, z, needs, True, True, split),
+        device, reps) for split in kp.weight_grad_split_candidates(m)}
+    out["torch_eager_fwd_ms"] = timed_back_to_back(
+        lambda: project_reference(x, w1, b1, w2, b2), device, reps)
+    out = {k: round(v * 1e3, 4) for k, v in out.items()}
+    out["triton_measured_plans"] = {  # keys: (kind, device, dtype, precision, M bucket, ...)
+        key[0]: plan for key, plan in kp._MEASURED_PLANS.items()
+        if key[2] == x.dtype and key[4] == triton.next_power_of_2(m)}
     out["triton_configs"] = {
         name: getattr(getattr(kp, name), "best_config", None).__str__()
-        for name in ("_projector_fwd_kernel", "_projector_bwd_dz_kernel",
+        for name in ("_projector_fwd_kernel", "_linear_kernel", "_projector_bwd_dz_kernel",
                      "_projector_bwd_grads_kernel")}
     return out
 

@@ -37,7 +37,7 @@ for phase in $phases; do
         # -v: one named PASSED/FAILED line per test, so a run cut short still says which failed
         tests) run gpu_tests.txt 300 $py -m pytest -v -m gpu -p no:cacheprovider -n 8 \
             --timeout 240 tests/ ;;
-        kernels) run bench_kernels.json 180 $py scripts/bench_kernels.py ;;
+        kernels) run bench_kernels.json 300 $py scripts/bench_kernels.py ;;
         merge) run bench_merge.json 60 $py scripts/bench_merge.py ;;
         extract) run bench_extract.json 150 $py scripts/bench_extract.py --shape large \
             --images 2048 --batch-size 256 ;;

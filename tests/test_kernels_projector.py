@@ -96,6 +96,53 @@ def test_two_kernel_forward_and_split_weight_grads(kernel_device, dtype, monkeyp
     assert _rel_err(dw1, dw1_ref) <= tol
 
 
+def test_measured_plans_pick_the_fastest_once(kernel_device, monkeypatch):
+    """Where plans are measured (CUDA), every candidate runs on the real inputs, the fastest is
+    kept per shape bucket and reused without timing again; the gradients stay right whichever
+    plan wins. Timings are scripted: the first call times each forward plan, the backward each
+    split (1, 2, 4 at 67 rows with 16-row slices allowed)."""
+    from kernels import projector
+
+    monkeypatch.setattr(projector, "_MEASURED_PLANS", {})
+    monkeypatch.setattr(projector, "MIN_ROWS_PER_WEIGHT_GRAD_SPLIT", 16)
+    monkeypatch.setattr(projector, "_plans_are_measured", lambda device: True)
+    scripted = iter([3.0, 1.0,  # forward: fused, two_gemm
+                     5.0, 1.0, 3.0])  # backward: split 1, 2, 4
+    timed = []
+
+    def fake_measure(fn):
+        fn()  # the candidate really runs
+        timed.append(1)
+        return next(scripted)
+
+    monkeypatch.setattr(projector, "_measure", fake_measure)
+    assert projector.weight_grad_split_candidates(67) == (1, 2, 4)
+    inputs = _inputs(67, 300, 160, 130, torch.float32, kernel_device)
+    tol = GPU_FP32_TOL if kernel_device.type == "cuda" else TOL[torch.float32]
+    _check_against_reference(inputs, tol)
+    assert len(timed) == 5
+    assert sorted(map(str, projector._MEASURED_PLANS.values())) == ["2", "two_gemm"]
+    _check_against_reference(_inputs(70, 300, 160, 130, torch.float32, kernel_device, seed=3), tol)
+    assert len(timed) == 5  # 70 rows share 67's bucket: nothing timed again
+
+
+def test_plan_switch(kernel_device, monkeypatch):
+    """BABYMERGE_PROJECTOR_PLAN=rule pins the rules (no timing, even on CUDA); a typo is an
+    error naming the variable; plans are never timed in the interpreter."""
+    from kernels import projector
+
+    monkeypatch.setenv(projector.PLAN_ENV_VAR, "rule")
+    assert not projector._plans_are_measured(torch.device("cuda"))
+    monkeypatch.setenv(projector.PLAN_ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="BABYMERGE_PROJECTOR_PLAN='fastest'"):
+        projector._plans_are_measured(kernel_device)
+    monkeypatch.delenv(projector.PLAN_ENV_VAR)
+    assert projector._plans_are_measured(kernel_device) == (kernel_device.type == "cuda")
+    with pytest.raises(ValueError, match="plan 'fast'"):
+        projector.projector_forward(*_inputs(4, 16, 16, 16, torch.float32, kernel_device)[:5],
+                                    save_z=False, plan="fast")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1000, 4099, 16411])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
