@@ -372,7 +372,11 @@ def _plans_are_measured(device: torch.device) -> bool:
     if mode not in PLAN_MODES:
         raise ValueError(f"{PLAN_ENV_VAR}={os.environ[PLAN_ENV_VAR]!r}: expected one of "
                          f"{', '.join(PLAN_MODES)}")
-    return mode == "measured" and device.type == "cuda" and not INTERPRET
+    if mode != "measured" or device.type != "cuda" or INTERPRET:
+        return False
+    # Nothing can be timed while torch.compile traces (fake tensors) or a CUDA graph is being
+    # captured (a synchronising benchmark would break the capture): the rules decide there.
+    return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
 
 
 def _measure(fn) -> float:

@@ -128,7 +128,8 @@ def test_measured_plans_pick_the_fastest_once(kernel_device, monkeypatch):
 
 def test_plan_switch(kernel_device, monkeypatch):
     """BABYMERGE_PROJECTOR_PLAN=rule pins the rules (no timing, even on CUDA); a typo is an
-    error naming the variable; plans are never timed in the interpreter."""
+    error naming the variable; plans are never timed in the interpreter, under torch.compile's
+    tracing or during CUDA graph capture."""
     from kernels import projector
 
     monkeypatch.setenv(projector.PLAN_ENV_VAR, "rule")
@@ -138,6 +139,14 @@ def test_plan_switch(kernel_device, monkeypatch):
         projector._plans_are_measured(kernel_device)
     monkeypatch.delenv(projector.PLAN_ENV_VAR)
     assert projector._plans_are_measured(kernel_device) == (kernel_device.type == "cuda")
+    # compiled kernels on CUDA: measured, except while torch.compile traces or a graph is captured
+    monkeypatch.setattr(projector, "INTERPRET", False)
+    for compiling, capturing in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        measured = projector._plans_are_measured(torch.device("cuda"))
+        assert measured == (not compiling and not capturing)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="plan 'fast'"):
         projector.projector_forward(*_inputs(4, 16, 16, 16, torch.float32, kernel_device)[:5],
                                     save_z=False, plan="fast")
