@@ -510,11 +510,12 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
     do_w1, do_w2 = need_w1 or need_b1, need_w2 or need_b2
     m, k = x.shape
     hidden, n = w1.shape[0], w2.shape[0]
-    if split is None:
+    if not (do_w1 or do_w2) or m == 0:
+        split = 1  # no weight gradient to reduce over M, or no rows to split
+    elif split is None:
         key = ("backward", x.device, x.dtype, _precision(x.dtype), triton.next_power_of_2(m), k,
                hidden, n, tuple(needs), has_b1, has_b2)
-        split = _choose(key, x.device, weight_grad_splits(m),
-                        weight_grad_split_candidates(m) if do_w1 or do_w2 else (1,),
+        split = _choose(key, x.device, weight_grad_splits(m), weight_grad_split_candidates(m),
                         lambda s: projector_backward(dy, x, w1, w2, z, needs, has_b1, has_b2, s))
     # The weight gradients' shapes in the kernel's order (dW2, db2, dW1, db1); absent ones None.
     shapes = ((n, hidden) if do_w2 else None, (n,) if do_w2 and has_b2 else None,

@@ -94,6 +94,12 @@ def test_two_kernel_forward_and_split_weight_grads(kernel_device, dtype, monkeyp
     (dw1_ref,) = torch.autograd.grad(
         project_reference(x.detach().float(), ref[0], None, ref[1], None).sum(), [ref[0]])
     assert _rel_err(dw1, dw1_ref) <= tol
+    # frozen weights (only dx): nothing to split, whatever the rule says at this M
+    (dx,) = torch.autograd.grad(project_triton(x, w1.detach(), None, w2.detach(), None).sum(), [x])
+    x_ref = x.detach().float().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(
+        project_reference(x_ref, ref[0].detach(), None, ref[1].detach(), None).sum(), [x_ref])
+    assert _rel_err(dx, dx_ref) <= tol
 
 
 def test_measured_plans_pick_the_fastest_once(kernel_device, monkeypatch):
