@@ -3,8 +3,9 @@
 The CPU interpreter is more permissive than the GPU compiler (e.g. it runs tl.dot on 8x8 tiles,
 which the GPU rejects), so interpreted tests alone do not prove the kernels build. This lowers each
 kernel through Triton's real pipeline to a cubin for the target (H100 = sm_90 by default) and
-reports the shared memory each config needs, against the device's limit, and the registers and
-spills per thread (``ptxas -v``).
+reports the shared memory each config needs, against the device's limit, the registers and
+spills per thread (``ptxas -v``), and counts of the PTX instructions the kernels' speed rests on
+(tensor-core MMAs, 128-bit loads and stores).
 
     TRITON_INTERPRET=0 python -m kernels.gpu_compile [--arch 90] [--all-configs] \
         [--dtypes bf16,fp32]
@@ -33,7 +34,7 @@ DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 # The JIT specialises arguments divisible by 16 (tensors from torch's allocator are; the paper's
 # K = 1024, H = N = 768 are), which lets it vectorise loads; compile with the same facts. M is left
 # unspecialised (any batch size).
-SIZES = ["K", "H", "N", "M_BUCKET", "N_OUT", "K_IN"]
+SIZES = ["K", "H", "N", "M_BUCKET", "N_OUT", "K_IN", "SLAB"]
 
 
 def _divisible(fn, names: list[str]) -> dict:
@@ -119,6 +120,18 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
     return {}
 
 
+# Instructions whose presence says a kernel compiled the way its speed depends on: tensor-core
+# MMAs (Hopper's asynchronous warpgroup MMA, or the older synchronous one for tiles under 64 rows)
+# and 128-bit global accesses (the merge kernel streams its tensors with them).
+PTX_COUNTS = {"wgmma": r"\bwgmma\.mma_async", "mma_sync": r"\bmma\.sync",
+              "ld_v4": r"\bld\.global\S*\.v4\b", "st_v4": r"\bst\.global\S*\.v4\b",
+              "cp_async": r"\bcp\.async\.c[ag]\b"}
+
+
+def _ptx_counts(ptx: str) -> dict:
+    return {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_COUNTS.items()}
+
+
 def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16",), all_configs: bool = False
                 ) -> dict:
     """Compile the kernels for ``cuda:sm_<arch>``; one record per (kernel, dtype, config)."""
@@ -143,6 +156,7 @@ def compile_all(arch: int = 90, dtypes: tuple[str, ...] = ("bf16",), all_configs
                                           target=GPUTarget("cuda", arch, 32), options=options)
                 rec["shared_bytes"] = compiled.metadata.shared
                 rec.update(_ptxas_usage(compiled.asm["ptx"], arch))
+                rec["ptx"] = _ptx_counts(compiled.asm["ptx"])
                 rec["ok"] = limit is None or compiled.metadata.shared <= limit
                 if not rec["ok"]:
                     rec["error"] = f"needs {compiled.metadata.shared} B of shared memory > {limit}"
