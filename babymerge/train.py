@@ -263,6 +263,7 @@ def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int,
             raise TrainError(f"--feature-norm {cfg.feature_norm}: {cfg.init_from} was built with "
                              f"feature_norm={model.config.feature_norm}; "
                              "a started model keeps its own")
+        freeze_feature_statistics_(model)
     else:
         preset = MODEL_PRESETS[cfg.preset]
         preset = type(preset)(**{**preset.__dict__, "feature_dim": feature_dim})
@@ -275,6 +276,18 @@ def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int,
         if cfg.feature_norm == "standardize":
             set_feature_statistics(model, *feature_statistics(cfg.features))
     return model
+
+
+def freeze_feature_statistics_(model: BabyLlavaForConditionalGeneration) -> None:
+    """Mark the stored feature statistics (``feature_norm="standardize"``) frozen again.
+
+    ``from_pretrained`` makes every parameter trainable. Left so, a resumed run's optimizer would
+    hold two more parameters than the state it saved (which then does not load), and DDP would
+    wait for gradients these never get."""
+    for name in ("feature_mean", "feature_std"):
+        stat = getattr(model.model, name, None)
+        if stat is not None:
+            stat.requires_grad_(False)
 
 
 def _check_model(model, cfg: TrainConfig, tokenizer, table: FeatureTable, source: str) -> None:
@@ -369,6 +382,7 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
     if state is not None:
         raw = BabyLlavaForConditionalGeneration.from_pretrained(str(resume_dir),
                                                                 use_safetensors=True)
+        freeze_feature_statistics_(raw)
         source = str(resume_dir)
     else:
         raw = build_initial_model(cfg, tokenizer, table.dim, table.attrs.get("encoder"))

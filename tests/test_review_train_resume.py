@@ -1,0 +1,52 @@
+"""Review findings on resuming and starting runs (stage 2): each test failed before its fix."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from babymerge.train import TrainConfig, build_initial_model, make_optimizer, train
+from babymerge.tokenizer import load_tokenizer
+from test_data_fixtures import DIM, world  # noqa: F401  (world: fixture)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config(world, out, **kw) -> TrainConfig:
+    base = dict(kind="lm", text=[world["text"]], features=world["features"],
+                tokenizer=world["tokenizer"], out=out, preset="tiny", seq_len=32, batch_size=8,
+                epochs=1, lr=3e-3, warmup_steps=3, log_every=2, save_every=0,
+                cache_dir=world["root"] / "cache", progress=False, feature_norm="standardize")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_standardize_run_resumes_to_identical_weights(world, tmp_path):
+    # from_pretrained made the frozen feature statistics trainable again, so the resumed
+    # optimizer had two more parameters than the saved state: load_state_dict raised
+    full = train(config(world, tmp_path / "full"))
+    out = tmp_path / "stopped"
+    train(config(world, out, max_steps=3))
+    train(config(world, out))
+    ref, got = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_init_from_keeps_feature_statistics_out_of_the_optimizer(world, tmp_path):
+    # a trainable parameter that never gets a gradient also stops DDP at its first step
+    init = train(config(world, tmp_path / "init", max_steps=1, save_every=1))
+    tok = load_tokenizer(world["tokenizer"])
+    fresh = build_initial_model(config(world, tmp_path / "a"), tok, DIM)
+    started = build_initial_model(config(world, tmp_path / "b", init_from=init / "resume"),
+                                  tok, DIM)
+    for model in (fresh, started):
+        assert not model.model.feature_std.requires_grad
+        assert not model.model.feature_mean.requires_grad
+    sizes = [[len(g["params"]) for g in make_optimizer(m, config(world, tmp_path / "c"),
+                                                        torch.device("cpu")).param_groups]
+             for m in (fresh, started)]
+    assert sizes[0] == sizes[1]
