@@ -255,7 +255,8 @@ class CaptionSet:
     ``skipped`` counts, by reason, the captions left out (image not in the file, image in
     ``/failed``, empty caption); a warning reports them, and no usable caption is an error.
     Sample ``i`` is ``[BOS, <image>] + caption + [EOS]`` (cut to ``seq_len``) with feature row
-    ``rows[i]``.
+    ``rows[i]``; ``truncated`` counts the captions cut and their tokens dropped (warned too), and
+    ``words`` counts only the words kept.
     """
 
     def __init__(self, files: list[TokenizedFile], tokenizer, seq_len: int, table: FeatureTable):
@@ -303,6 +304,21 @@ class CaptionSet:
             self.sizes[sel] = (tf.offsets[1:] - tf.offsets[:-1])[docs]
         # prefix + caption + EOS, cut to seq_len
         self.lengths = np.minimum(self.sizes + len(self.prefix) + 1, seq_len)
+        # A cut caption's dropped words are never trained on: they must not count towards the
+        # word budget and checkpoint schedule. Cut captions are few, so a loop over them is cheap.
+        room = seq_len - len(self.prefix)
+        cut = np.flatnonzero(self.sizes > room)
+        for i in cut:
+            tf = self.files[int(self.file[i])]
+            start = int(tf.offsets[self.doc[i]])
+            self.words[i] = int(is_word[tf.tokens[start:start + room]].sum())
+        self.truncated = {"captions": int(cut.size),
+                          "tokens": int((self.sizes[cut] - room).sum())}
+        if cut.size:
+            warnings.warn(f"{cut.size} caption{'s' if cut.size != 1 else ''} longer than "
+                          f"--seq-len {seq_len} cut ({names}): {self.truncated['tokens']} tokens "
+                          f"dropped, the longest has {int(self.sizes.max())} tokens",
+                          stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.rows)

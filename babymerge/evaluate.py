@@ -17,9 +17,12 @@ pipeline scores.
 Accuracy is the mean over items within each group (the record's ``UID``; for minimal pairs without
 one, the file stem; otherwise the task) and the task's score is the macro-average over groups.
 
-Image ids are read from the record's ``image_id``, else ``image_key``, else ``image_idx`` (the
-pipeline's Winoground files carry ``image_idx``/``image_key``; ours carry ``image_id``) and looked
-up in the feature file, so no image is encoded here.
+Image ids are looked up in the feature file, so no image is encoded here. A record's id is its
+``image_id`` (ours; the pipeline's VQA files carry the COCO ``image_id`` of the question's image).
+The pipeline's Winoground files carry none: their ``image_idx`` is the row of ``facebook/winoground``
+and ``image_key`` its column (``image_0`` or ``image_1``), so the id is ``ex_<image_idx>_img_<k>``,
+the stem of that image in Winoground's own ``images.zip`` (``extract-features`` on the unzipped
+folder stores exactly these ids). Either field alone names no single image and is an error.
 
 The scoring loop (:func:`score_candidates`) is what :mod:`babymerge.merge` runs on its live model
 at every alpha: tasks are read and tokenised once (:func:`load_tasks`), then scored many times.
@@ -28,6 +31,7 @@ at every alpha: tasks are read and tokenised once (:func:`load_tasks`), then sco
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +53,8 @@ from babymerge.tokenizer import TokenizerError, load_tokenizer
 TASK_KINDS = ("minimal_pairs", "winoground", "vqa")
 GRAMMAR_KINDS = ("minimal_pairs",)
 MULTIMODAL_KINDS = ("winoground", "vqa")
-IMAGE_ID_FIELDS = ("image_id", "image_key", "image_idx")  # first present wins
+# Winoground's image_key values (facebook/winoground's image columns) -> k of ex_<idx>_img_<k>
+WINOGROUND_IMAGE_KEY = re.compile(r"image_(\d+)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Scored positions go through the LM head this many at a time: bounds the transient logits to
 # chunk x vocab floats (1024 x 30k x 4 B = 123 MB) however long or wide the batch is.
@@ -149,10 +154,19 @@ def _text(record: dict, key: str, where: str) -> str:
 
 
 def _image_id(record: dict, where: str) -> str:
-    for key in IMAGE_ID_FIELDS:
-        if record.get(key) is not None:
-            return str(record[key])
-    raise TaskError(f"{where}: no image id (one of the fields {', '.join(IMAGE_ID_FIELDS)})")
+    """The feature-file id of a record's image (module docstring). image_key alone used to be
+    taken as the id: every pipeline Winoground item then shared image_0's or image_1's feature."""
+    if record.get("image_id") is not None:
+        return str(record["image_id"])
+    idx, key = record.get("image_idx"), record.get("image_key")
+    if idx is not None and key is not None:
+        match = WINOGROUND_IMAGE_KEY.fullmatch(str(key))
+        if match is None:
+            raise TaskError(f"{where}: image_key {key!r} is not a Winoground image column "
+                            "(image_0 or image_1)")
+        return f"ex_{idx}_img_{match.group(1)}"
+    raise TaskError(f"{where}: no image id: give 'image_id', or 'image_idx' with 'image_key' "
+                    "(the pipeline's Winoground files)")
 
 
 def read_items(spec: TaskSpec) -> list[Item]:

@@ -421,7 +421,9 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
                              "captions": len(sources.get(CAPTIONS, ())),
                              # by reason; the warning says it once, this keeps it with the run
                              "captions_skipped": (dict(sources[CAPTIONS].skipped)
-                                                  if CAPTIONS in sources else {})})
+                                                  if CAPTIONS in sources else {}),
+                             "captions_truncated": (sources[CAPTIONS].truncated
+                                                    if CAPTIONS in sources else {})})
     metrics = open(metrics_path, "a", encoding="utf-8") if world.is_main else None
 
     def position(epoch: int, k: int, finished: bool = False) -> dict:

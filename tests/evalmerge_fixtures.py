@@ -77,10 +77,9 @@ def write_tasks(root: Path) -> dict[str, str]:
              "caption_1": f"a {COLORS[(i + 1) % 4]} {NOUNS[i % 6]}", "image_id": f"img{i}"}
             for i in range(8)]
     write_jsonl(root / "wg.jsonl", wino)
-    # the pipeline's VQA files carry other id fields: exercise the fallbacks too
     vqa = [{"question": "what color is the ball ?", "target_ans": COLORS[i % 4],
-            "distractors": [c for c in COLORS if c != COLORS[i % 4]],
-            **({"image_id": f"img{i}"} if i < 4 else {"image_key": f"img{i}"})} for i in range(8)]
+            "distractors": [c for c in COLORS if c != COLORS[i % 4]], "image_id": f"img{i}"}
+           for i in range(8)]
     write_jsonl(root / "vqa.jsonl", vqa)
     return {"blimp": f"minimal_pairs:{root / 'blimp'}", "wg": f"winoground:{root / 'wg.jsonl'}",
             "vqa": f"vqa:{root / 'vqa.jsonl'}"}

@@ -41,8 +41,7 @@ def direct_scores(model, tok, features_path, kind, records):
         else:
             cands, ctx, feat = [rec["target_ans"], *rec["distractors"]], rec["question"], None
         if feat is None:
-            key = rec.get("image_id", rec.get("image_key"))
-            feat = feats[ids.index(key)]
+            feat = feats[ids.index(rec["image_id"])]
         ctx_ids = tok(ctx, add_special_tokens=False)["input_ids"] if ctx else []
         for cand in cands:
             whole = tok(f"{ctx} {cand}" if ctx else cand, add_special_tokens=False)["input_ids"]
@@ -99,11 +98,10 @@ def test_task_spec_names_and_image_id_fields(world, tmp_path):
     spec = parse_task_spec("wino=winoground:eval/wg.jsonl")
     assert (spec.name, spec.kind, str(spec.path)) == ("wino", "winoground", "eval/wg.jsonl")
     path = write_jsonl(tmp_path / "w.jsonl", [
-        {"caption_0": "a cat", "caption_1": "a dog", "image_idx": 3},
-        {"caption_0": "a cat", "caption_1": "a dog", "image_key": "k", "image_idx": 3},
-        {"caption_0": "a cat", "caption_1": "a dog", "image_id": "i", "image_key": "k"}])
+        {"caption_0": "a cat", "caption_1": "a dog", "image_key": "image_1", "image_idx": 3},
+        {"caption_0": "a cat", "caption_1": "a dog", "image_id": 7, "image_key": "image_0"}])
     items = read_items(parse_task_spec(f"winoground:{path}"))
-    assert [it.image_id for it in items] == ["3", "k", "i"]
+    assert [it.image_id for it in items] == ["ex_3_img_1", "7"]
 
 
 def _error(world, tmp_path, records, kind="vqa", features="default", raw=None):
@@ -132,7 +130,13 @@ def test_malformed_lines_name_file_and_line(world, tmp_path):
     msg = _error(world, tmp_path, [{**VQA, "distractors": "blue"}])
     assert "task.jsonl:1" in msg and "'distractors'" in msg
     msg = _error(world, tmp_path, [{k: v for k, v in VQA.items() if k != "image_id"}])
-    assert "task.jsonl:1" in msg and "image_id, image_key, image_idx" in msg
+    assert "task.jsonl:1" in msg and "no image id" in msg
+    for lone in ({"image_idx": 3}, {"image_key": "image_0"}):  # half of Winoground's pair
+        msg = _error(world, tmp_path, [{**{k: v for k, v in VQA.items() if k != "image_id"},
+                                        **lone}])
+        assert "task.jsonl:1" in msg and "'image_idx' with 'image_key'" in msg
+    msg = _error(world, tmp_path, [{**VQA, "image_id": None, "image_idx": 3, "image_key": "k"}])
+    assert "task.jsonl:1" in msg and "image_key 'k'" in msg
     msg = _error(world, tmp_path, [{"sentence_good": "the cat sees"}], kind="minimal_pairs")
     assert "task.jsonl:1" in msg and "'sentence_bad'" in msg
 

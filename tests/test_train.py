@@ -137,6 +137,7 @@ def test_vlm_scores_captions_higher_with_their_own_images(world, tmp_path):
     samples = json.loads((out / "train_config.json").read_text())["samples"]
     assert samples["captions_skipped"] == {"image id not in feature file": 1,
                                            "image failed in feature extraction": 1}
+    assert samples["captions_truncated"] == {"captions": 0, "tokens": 0}
     model, tok = load_model(out), load_tokenizer(out)
     feats = torch.tensor(world["feats"], dtype=torch.float32)
     n = len(feats)
