@@ -94,6 +94,10 @@ def _caption_documents(path: Path, skipped: Counter):
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise DataError(f"{path}:{lineno}: expected a JSON object with image_id and "
                                     f"caption ({e!r})") from e
+                # str() would turn a null or a list into text ("None") and train on it
+                if not isinstance(caption, str):
+                    raise DataError(f"{path}:{lineno}: caption must be a string, got "
+                                    f"{json.dumps(caption)[:80]}")
             else:
                 if "\t" not in line:
                     raise DataError(f"{path}:{lineno}: expected 'id<TAB>caption'")

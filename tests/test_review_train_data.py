@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from babymerge.data import load_captions
+from babymerge.data import DataError, load_captions
 from babymerge.featurefile import FeatureTable
 from babymerge.tokenizer import load_tokenizer, word_start_mask
 from test_data_fixtures import world  # noqa: F401  (world: fixture)
@@ -34,3 +34,12 @@ def test_captions_cut_to_seq_len_are_reported_and_count_only_kept_words(world, t
     assert caps.words[1] == word_start_mask(tok)[np.array(kept)].sum() < len(long.split())
     assert caps.words[0] == 5
 
+
+def test_caption_that_is_not_a_string_is_an_error(world, tok, tmp_path):
+    # json null became the caption "None"
+    captions = tmp_path / "null.jsonl"
+    captions.write_text(json.dumps({"image_id": "img000", "caption": "a red cat."}) + "\n"
+                        + json.dumps({"image_id": "img001", "caption": None}) + "\n")
+    with pytest.raises(DataError, match=r"null.jsonl:2: .*caption"):
+        load_captions([captions], tok, tmp_path / "cache", 32, FeatureTable(world["features"]),
+                      progress=False)
