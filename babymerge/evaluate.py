@@ -19,10 +19,11 @@ one, the file stem; otherwise the task) and the task's score is the macro-averag
 
 Image ids are looked up in the feature file, so no image is encoded here. A record's id is its
 ``image_id`` (ours; the pipeline's VQA files carry the COCO ``image_id`` of the question's image).
-The pipeline's Winoground files carry none: their ``image_idx`` is the row of ``facebook/winoground``
-and ``image_key`` its column (``image_0`` or ``image_1``), so the id is ``ex_<image_idx>_img_<k>``,
-the stem of that image in Winoground's own ``images.zip`` (``extract-features`` on the unzipped
-folder stores exactly these ids). Either field alone names no single image and is an error.
+The pipeline's Winoground files carry none: their ``image_idx`` is the row of
+``facebook/winoground`` and ``image_key`` its column (``image_0`` or ``image_1``), so the id is
+``ex_<image_idx>_img_<k>``, the stem of that image in Winoground's own ``images.zip``
+(``extract-features`` on the unzipped folder stores exactly these ids). Either field alone names
+no single image and is an error.
 
 The scoring loop (:func:`score_candidates`) is what :mod:`babymerge.merge` runs on its live model
 at every alpha: tasks are read and tokenised once (:func:`load_tasks`), then scored many times.
