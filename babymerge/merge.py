@@ -48,6 +48,7 @@ from pathlib import Path
 import click
 import torch
 from safetensors import safe_open
+from transformers import AutoConfig
 
 from babymerge.config import (InputError, atomic_write_bytes, atomic_write_text, opt,
                               save_config)
@@ -243,6 +244,30 @@ def check_mergeable(lm: dict[str, tuple], vlm: dict[str, tuple], lm_dir: Path,
         raise MergeError("cannot merge: " + "; ".join(problems) + " (both must be BabyLLaVA "
                          "checkpoints of one architecture preset)")
     return sorted(lm)
+
+
+# Config fields that change what a model computes without changing any tensor's name or shape.
+# The merged model runs with the VLM's config: an LM trained under other values would have its
+# weights scored (alpha = 1 included) in a computation they were never trained for, silently.
+COMPUTE_FIELDS = ("feature_norm", "image_token_index", "projector_hidden_act")
+TEXT_COMPUTE_FIELDS = ("hidden_act", "num_attention_heads", "num_key_value_heads", "head_dim",
+                       "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling",
+                       "tie_word_embeddings")
+
+
+def check_same_computation(lm_dir: Path, vlm_dir: Path, lm_flag: str = "--lm") -> None:
+    """Configs that agree on :data:`COMPUTE_FIELDS` and :data:`TEXT_COMPUTE_FIELDS` (read through
+    AutoConfig, so two transformers versions' spellings of one config compare equal)."""
+    a, b = (AutoConfig.from_pretrained(str(d)) for d in (lm_dir, vlm_dir))
+    diffs = [f"{name} {getattr(a, name, None)!r} vs {getattr(b, name, None)!r}"
+             for name in COMPUTE_FIELDS if getattr(a, name, None) != getattr(b, name, None)]
+    diffs += [f"text_config.{name} {getattr(a.text_config, name, None)!r} vs "
+              f"{getattr(b.text_config, name, None)!r}" for name in TEXT_COMPUTE_FIELDS
+              if getattr(a.text_config, name, None) != getattr(b.text_config, name, None)]
+    if diffs:
+        raise MergeError(f"cannot merge: {lm_flag} {lm_dir} and --vlm {vlm_dir} compute "
+                         f"differently ({'; '.join(diffs)}); the merged model runs with the VLM's "
+                         "config, so train both with the same preset and --feature-norm")
 
 
 # --- scores and the chosen alpha ----------------------------------------------------------------
@@ -749,9 +774,11 @@ def merge(cfg: MergeConfig) -> dict:
     for vlm_dir in cfg.vlm:
         vlm_shapes = read_shapes(vlm_dir)
         names = check_mergeable(lm_shapes, vlm_shapes, cfg.lm, vlm_dir)
+        check_same_computation(cfg.lm, vlm_dir)
         if base_shapes is not None:
             check_mergeable(base_shapes, vlm_shapes, cfg.base, vlm_dir, "--base")
             check_mergeable(lm_shapes, base_shapes, cfg.lm, cfg.base, "--lm")
+            check_same_computation(cfg.base, vlm_dir, "--base")
     vlm_names = _vlm_names(cfg.vlm)
     tokenizer = checkpoint_tokenizer(cfg.vlm[0], "--vlm")
     for vlm_dir in cfg.vlm:
