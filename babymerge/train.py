@@ -527,9 +527,18 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the resume state by a run that was killed)."""
+    """Drop records past ``step`` (written after the resume state by a run that was killed), and
+    a torn record (a process or node that died mid-write leaves a partial line or NUL bytes)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if line.strip():
+                log.warning("%s: dropped a torn record: %.80r", path, line)
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))

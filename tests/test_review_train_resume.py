@@ -1,5 +1,7 @@
 """Review findings on resuming and starting runs (stage 2): each test failed before its fix."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -50,3 +52,16 @@ def test_init_from_keeps_feature_statistics_out_of_the_optimizer(world, tmp_path
                                                         torch.device("cpu")).param_groups]
              for m in (fresh, started)]
     assert sizes[0] == sizes[1]
+
+
+def test_resume_after_a_torn_metrics_line(world, tmp_path):
+    # a node that dies mid-write leaves a partial last line (or NUL bytes after a power loss);
+    # resuming read every line as JSON and stopped with a JSONDecodeError
+    out = tmp_path / "torn"
+    train(config(world, out, feature_norm="none", max_steps=4))
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 6, "epoch": 0, "lo\x00\x00')
+    train(config(world, out, feature_norm="none"))
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == sorted(set(steps)) and steps[-1] > 4
