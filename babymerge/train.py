@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from babymerge import distributed
 from babymerge.config import InputError, atomic_write_text, config_to_dict, opt, save_config
-from babymerge.data import CAPTIONS, ORDERS, TEXT, EpochPlan, load_captions, load_text
+from babymerge.data import (CAPTIONS, ORDERS, TEXT, EpochPlan, load_captions, load_text,
+                            tokenizer_fingerprint)
 from babymerge.featurefile import FeatureFileError, FeatureTable, feature_statistics
 from babymerge.model import (MODEL_PRESETS, BabyLlavaForConditionalGeneration, build_model,
                              save_black_feature, save_checkpoint, set_feature_statistics)
@@ -374,6 +375,22 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
         distributed.barrier(world)
     accum, ws, rank = cfg.grad_accum, world.world_size, world.rank
     plan = EpochPlan(sources, cfg.batch_size, cfg.epochs, cfg.order, accum * ws, cfg.seed)
+    # The saved position indexes this plan. An edited corpus, a feature file holding more (or
+    # fewer) of the captions' images, or another tokenizer makes another plan, and a resumed run
+    # would go on at the same step of other batches: refused (a state without it is not checked).
+    data = {"tokenizer": tokenizer_fingerprint(tokenizer)}
+    if TEXT in sources:
+        data.update(text_sequences=len(sources[TEXT]), text_tokens=int(sources[TEXT].starts[-1]))
+    if CAPTIONS in sources:
+        data.update(captions=len(sources[CAPTIONS]),
+                    caption_tokens=int(sources[CAPTIONS].sizes.sum()))
+    if state is not None and state.get("data", data) != data:
+        changed = "; ".join(f"{k}: {state['data'].get(k)} -> {data.get(k)}"
+                            for k in sorted(set(data) | set(state["data"]))
+                            if state["data"].get(k) != data.get(k))
+        raise TrainError(f"{resume_dir}: the training data changed since the run was saved "
+                         f"({changed}); the saved position would point into other batches. "
+                         "Restore the data, or start afresh with a new --out")
     if cfg.epochs > BABYLM_MAX_EPOCHS:
         warnings.warn(f"--epochs {cfg.epochs}: the BabyLM rules allow at most "
                       f"{BABYLM_MAX_EPOCHS} epochs over the data", stacklevel=2)
@@ -428,7 +445,7 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
 
     def position(epoch: int, k: int, finished: bool = False) -> dict:
         return {"step": step, "epoch": epoch, "step_in_epoch": k, "words": words,
-                "tokens": tokens, "finished": finished, "world_size": ws,
+                "tokens": tokens, "finished": finished, "world_size": ws, "data": data,
                 "config": config_to_dict(cfg)}
 
     bar = tqdm(total=plan.total_steps, initial=step, unit="step", dynamic_ncols=True,

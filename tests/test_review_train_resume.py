@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from babymerge.train import TrainConfig, build_initial_model, make_optimizer, train
+from babymerge.train import TrainConfig, TrainError, build_initial_model, make_optimizer, train
 from babymerge.tokenizer import load_tokenizer
 from test_data_fixtures import DIM, world  # noqa: F401  (world: fixture)
 
@@ -65,3 +65,16 @@ def test_resume_after_a_torn_metrics_line(world, tmp_path):
     lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == sorted(set(steps)) and steps[-1] > 4
+
+
+def test_resume_refuses_data_that_changed(world, tmp_path):
+    # the saved step indexes the epoch plan of the data it was saved with; an appended corpus
+    # made another plan and the run went on silently at the same step of other batches
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(world["text"].read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "changed"
+    train(config(world, out, text=[corpus], feature_norm="none", max_steps=2))
+    with open(corpus, "a", encoding="utf-8") as f:
+        f.write("the red cat sees the blue dog.\n" * 40)
+    with pytest.raises(TrainError, match=r"training data changed.*text_sequences: \d+ -> \d+"):
+        train(config(world, out, text=[corpus], feature_norm="none"))
