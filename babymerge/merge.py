@@ -41,7 +41,7 @@ import io
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -62,7 +62,7 @@ from babymerge.model import BLACK_FEATURE_FILE, load_model, save_checkpoint
 RULE = ("chosen_alpha maximises the mean of the grammar score (mean accuracy over minimal_pairs "
         "tasks) and the multimodal score (mean over winoground and vqa tasks), a kind absent from "
         "the tasks left out; over every grid point of every --vlm; ties go to the smaller alpha, "
-        "then to the earlier --vlm")
+        "then to the VLM earlier in training")
 MAX_GRID_POINTS = 1001  # more is a typo in the step, not a sweep anyone means to run
 
 
@@ -72,7 +72,8 @@ class MergeConfig:
 
     lm: Path | None = opt(None, "text-only LM checkpoint directory (alpha = 1)")
     vlm: list[Path] = opt([], "VLM checkpoint directory (alpha = 0); repeat it for a checkpoint "
-                          "sweep, each merged with the same LM")
+                          "sweep, each merged with the same LM (swept in training order: "
+                          "word-count checkpoints by their words, then the others as given)")
     alpha_grid: str = opt("0:1:0.1", "START:STOP:STEP (STOP included when on the grid) or a list "
                           "0,0.3,0.5,0.8")
     task: list[str] = opt([], "task as KIND:PATH or NAME=KIND:PATH (repeatable), as in eval",
@@ -289,6 +290,27 @@ def choose(records: list[dict], vlm_names: list[str]) -> dict:
 
 
 # --- the sweep ----------------------------------------------------------------------------------
+
+def training_words(directory: Path) -> int | None:
+    """Words a word-count checkpoint had seen (its ``train_state.json``, written by train); None
+    for a directory without one (a run's final model, another tool's checkpoint)."""
+    try:
+        state = json.loads((directory / "train_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    words = state.get("words") if isinstance(state, dict) else None
+    return words if isinstance(words, int) and not isinstance(words, bool) else None
+
+
+def order_by_training(vlms: list[Path]) -> list[Path]:
+    """``--vlm`` in training order: word-count checkpoints by their words, then the others (the
+    final model) in the order given. The README's ``--vlm run/vlm/checkpoints/*`` expands in the
+    shell's lexicographic order (words_100M, words_10M, words_1B, words_1M, ...), which would
+    scramble the curve over training and the rule's tie-break."""
+    words = [training_words(v) for v in vlms]
+    order = sorted(range(len(vlms)), key=lambda i: (words[i] is None, words[i] or 0, i))
+    return [vlms[i] for i in order]
+
 
 def _vlm_names(vlms: list[Path]) -> list[str]:
     """Short names of the --vlm checkpoints (record labels and kept sub-folders): the folder name,
@@ -762,6 +784,7 @@ def _sweep_vlm(run: _Run, index: int) -> tuple[list[dict], dict, list[str]]:
 def merge(cfg: MergeConfig) -> dict:
     """Run the sweep(s); write results.json/.md, alpha_curve.png (and checkpoint_curve.png for a
     checkpoint sweep), metrics.jsonl and the kept checkpoints; return the results.json content."""
+    cfg = replace(cfg, vlm=order_by_training(cfg.vlm))
     grid = parse_alpha_grid(cfg.alpha_grid, cfg.allow_extrapolation)
     keep, keep_chosen = parse_keep(cfg.keep, cfg.allow_extrapolation)
     method_cls = MERGE_METHODS[cfg.method]
@@ -944,8 +967,8 @@ def plot_alpha_curve(results: dict) -> bytes:
 
 def plot_checkpoint_curve(results: dict) -> bytes:
     """PNG for a checkpoint sweep, the paper's curves over training: score against the --vlm
-    checkpoints (in the order given), one line per alpha beside the unmerged VLM and LM, the
-    chosen (checkpoint, alpha) circled."""
+    checkpoints (in training order, :func:`order_by_training`), one line per alpha beside the
+    unmerged VLM and LM, the chosen (checkpoint, alpha) circled."""
     fig, panels, value = _panels(results)
     vlms = list(results["vlms"])
     alphas = sorted({r["alpha"] for r in results["records"]})
@@ -968,7 +991,7 @@ def plot_checkpoint_curve(results: dict) -> bytes:
                 ms=10, mfc="none", mew=2, label="chosen")
         _title(ax, results, panel)
         ax.set_xticks(x, vlms, rotation=30, ha="right", fontsize=7)
-        ax.set_xlabel("VLM checkpoint (--vlm order)")
+        ax.set_xlabel("VLM checkpoint (training order)")
     # one line per grid point: the legend goes beside the panels, not over the curves
     fig.legend(*panels[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     fig.suptitle(f"{results['method']['name']} merge: score over the VLM checkpoints")

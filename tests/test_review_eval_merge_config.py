@@ -1,8 +1,10 @@
-"""merge: two checkpoints whose tensors have the same names and shapes but whose configs compute
-differently (feature_norm, attention heads) cannot be merged: the merged model runs with the
-VLM's config, so the LM's weights would be scored in a computation they were not trained for."""
+"""merge: configs that compute differently cannot be merged (the merged model runs with the VLM's
+config, so the LM's weights would be scored in a computation they were not trained for); a
+checkpoint sweep runs in training order."""
 
 import dataclasses
+import json
+import shutil
 
 import pytest
 import torch
@@ -42,3 +44,24 @@ def test_config_mismatch_with_equal_shapes_is_an_error(world, tmp_path, changes,
         merge(MergeConfig(lm=world.lm, vlm=[vlm], task=[world.specs["blimp"]],
                           features=world.features, out=out, alpha_grid="0,1", keep="none"))
     assert not out.exists()  # refused before any work
+
+
+def test_checkpoint_sweep_runs_in_training_order(world, tmp_path):
+    """train names word-count checkpoints words_1M ... words_100M; a shell glob passes them in
+    lexicographic order. The sweep (records, plot axis, tie-break) follows the words they had
+    seen (train_state.json); the final model, which has none, comes last."""
+    given = []
+    for name, words in (("words_100M", 100_000_000), ("words_10M", 10_000_000),
+                        ("words_1M", 1_000_000)):
+        d = shutil.copytree(world.vlm, tmp_path / "checkpoints" / name)
+        (d / "train_state.json").write_text(json.dumps({"step": 1, "words": words}) + "\n")
+        given.append(d)
+    final = shutil.copytree(world.vlm, tmp_path / "final")
+    results = merge(MergeConfig(lm=world.lm, vlm=[final, *given], task=[world.specs["blimp"]],
+                                features=world.features, out=tmp_path / "out", alpha_grid="0.5",
+                                keep="none"))
+    order = ["words_1M", "words_10M", "words_100M", "final"]
+    assert list(results["vlms"]) == order
+    assert [r["vlm"] for r in results["records"]] == order
+    # identical weights everywhere: the tie goes to the checkpoint earliest in training
+    assert results["chosen_vlm"] == "words_1M"
