@@ -325,12 +325,19 @@ def _vlm_names(vlms: list[Path]) -> list[str]:
                      "distinct folder names")
 
 
-def _check_tokenizers(lm: Path, vlm: Path, tokenizer) -> None:
-    """Same vocabulary, or the merge mixes rows of different tokens."""
+def _check_tokenizers(lm: Path, vlms: list[Path], tokenizer) -> None:
+    """One vocabulary (``tokenizer`` is the first VLM's), or the merge mixes rows of different
+    tokens. Every VLM is compared too: the tasks are tokenised once, with the first VLM's
+    tokenizer, so another VLM's other vocabulary would be scored on wrong token ids."""
+    vocab = tokenizer.get_vocab()
+    for vlm in vlms[1:]:
+        if checkpoint_tokenizer(vlm, "--vlm").get_vocab() != vocab:
+            raise MergeError(f"--vlm {vlms[0]} and --vlm {vlm} have different tokenizer "
+                             "vocabularies; the tasks are tokenised once for every VLM")
     if not (lm / "tokenizer.json").is_file():
         return  # an LM without tokenizer files: nothing to compare
-    if checkpoint_tokenizer(lm, "--lm").get_vocab() != tokenizer.get_vocab():
-        raise MergeError(f"--lm {lm} and --vlm {vlm} have different tokenizer vocabularies; "
+    if checkpoint_tokenizer(lm, "--lm").get_vocab() != vocab:
+        raise MergeError(f"--lm {lm} and --vlm {vlms[0]} have different tokenizer vocabularies; "
                          "merging them would mix the embeddings of different tokens")
 
 
@@ -804,8 +811,7 @@ def merge(cfg: MergeConfig) -> dict:
             check_same_computation(cfg.base, vlm_dir, "--base")
     vlm_names = _vlm_names(cfg.vlm)
     tokenizer = checkpoint_tokenizer(cfg.vlm[0], "--vlm")
-    for vlm_dir in cfg.vlm:
-        _check_tokenizers(cfg.lm, vlm_dir, tokenizer)
+    _check_tokenizers(cfg.lm, cfg.vlm, tokenizer)
     # without --features, text-only tasks use the /black feature the (first) VLM was trained with
     tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]),
                        checkpoint=cfg.vlm[0])

@@ -65,3 +65,18 @@ def test_checkpoint_sweep_runs_in_training_order(world, tmp_path):
     assert [r["vlm"] for r in results["records"]] == order
     # identical weights everywhere: the tie goes to the checkpoint earliest in training
     assert results["chosen_vlm"] == "words_1M"
+
+
+def test_vlms_with_another_vocabulary_are_refused(world, tmp_path):
+    """The tasks are tokenised once, with the first VLM's tokenizer: a second VLM whose
+    vocabulary maps the same size of ids to other tokens would be scored on wrong ids."""
+    other = shutil.copytree(world.vlm, tmp_path / "other")
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["▁red"], vocab["▁blue"] = vocab["▁blue"], vocab["▁red"]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match="--vlm .*vlm and --vlm .*other have different tokenizer"):
+        merge(MergeConfig(lm=world.lm, vlm=[world.vlm, other], task=[world.specs["blimp"]],
+                          features=world.features, out=out, alpha_grid="0.5", keep="none"))
+    assert not out.exists()
