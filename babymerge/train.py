@@ -260,6 +260,13 @@ def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int,
     if cfg.init_from is not None:
         model = BabyLlavaForConditionalGeneration.from_pretrained(str(cfg.init_from),
                                                                   use_safetensors=True)
+        # A retrained tokenizer keeps --vocab-size, so the size check alone would let the model
+        # go on with every embedding row meaning another token.
+        if cfg.tokenizer is not None and (Path(cfg.init_from) / "tokenizer.json").is_file():
+            if load_tokenizer(cfg.init_from).get_vocab() != tokenizer.get_vocab():
+                raise TrainError(f"--tokenizer {cfg.tokenizer} is another tokenizer than the one "
+                                 f"{cfg.init_from} was trained with (their vocabularies differ); "
+                                 "drop --tokenizer to use the model's own")
         if cfg.feature_norm != "none" and model.config.feature_norm != cfg.feature_norm:
             raise TrainError(f"--feature-norm {cfg.feature_norm}: {cfg.init_from} was built with "
                              f"feature_norm={model.config.feature_norm}; "

@@ -1,6 +1,7 @@
 """Review findings on resuming and starting runs (stage 2): each test failed before its fix."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -78,3 +79,21 @@ def test_resume_refuses_data_that_changed(world, tmp_path):
         f.write("the red cat sees the blue dog.\n" * 40)
     with pytest.raises(TrainError, match=r"training data changed.*text_sequences: \d+ -> \d+"):
         train(config(world, out, text=[corpus], feature_norm="none"))
+
+
+def test_init_from_refuses_another_tokenizer_of_the_same_size(world, tmp_path):
+    # a retrained tokenizer keeps --vocab-size, so only the sizes were compared: the model went
+    # on with every embedding row meaning another token
+    init = train(config(world, tmp_path / "init", feature_norm="none", max_steps=1,
+                        save_every=1)) / "resume"
+    other = tmp_path / "other_tok"
+    shutil.copytree(world["tokenizer"], other)
+    spec = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]  # two learned tokens trade ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(TrainError, match="another tokenizer"):
+        train(config(world, tmp_path / "z", feature_norm="none", init_from=init,
+                     tokenizer=other, max_steps=1))
+    train(config(world, tmp_path / "same", feature_norm="none", init_from=init, max_steps=1))
