@@ -168,7 +168,8 @@ def parse_alpha_grid(text: str, allow_extrapolation: bool = False) -> list[float
         values = [start + i * step for i in range(count)]
     else:
         values = [_alpha(p, flag) for p in text.split(",")]
-    alphas = sorted(float(v) for v in values)
+    # + 0.0: a typed -0 is 0.0, not -0.0 (an alpha_-0.0/ folder and "-0.0" in the results)
+    alphas = sorted(float(v) + 0.0 for v in values)
     if len(set(alphas)) != len(alphas):
         raise MergeError(f"{flag}: repeated alpha")
     _check_range(alphas, allow_extrapolation, "--alpha-grid")
@@ -181,7 +182,7 @@ def parse_keep(text: str, allow_extrapolation: bool = False) -> tuple[list[float
         return [], False
     parts = [p.strip() for p in text.split(",")]
     chosen = "chosen" in parts
-    alphas = sorted({float(_alpha(p, f"--keep {text!r}")) for p in parts if p != "chosen"})
+    alphas = sorted({float(_alpha(p, f"--keep {text!r}")) + 0.0 for p in parts if p != "chosen"})
     _check_range(alphas, allow_extrapolation, "--keep")
     return alphas, chosen
 
