@@ -123,7 +123,8 @@ class Item:
 
 def _task_files(spec: TaskSpec) -> list[Path]:
     if spec.path.is_dir():
-        files = sorted(spec.path.glob("*.jsonl"))
+        # hidden files are never task files: macOS leaves binary ._NAME.jsonl twins in copies
+        files = sorted(p for p in spec.path.glob("*.jsonl") if not p.name.startswith("."))
         if not files:
             raise TaskError(f"task {spec.name}: no .jsonl files in folder {spec.path}")
         return files
@@ -133,8 +134,13 @@ def _task_files(spec: TaskSpec) -> list[Path]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:  # utf-8-sig: a byte-order mark (Windows editors) is no JSON error
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte "
+                                f"{e.start})") from e
             if not line.strip():
                 continue
             try:
