@@ -272,13 +272,16 @@ class CaptionSet:
         self.table = table
         is_word = word_start_mask(tokenizer)
         self.skipped: Counter = Counter()
-        keep_file, keep_doc, rows = [], [], []
+        keep_file, keep_doc, rows, absent = [], [], [], []
         for k, tf in enumerate(files):
             self.skipped.update(tf.meta.get("skipped", {}))
             for j, image_id in enumerate(tf.ids):
                 row = table.row.get(image_id)
                 if row is None:
-                    reason = ("image failed in feature extraction" if image_id in table.failed
+                    failed = image_id in table.failed
+                    if not failed and len(absent) < 3:
+                        absent.append(image_id)
+                    reason = ("image failed in feature extraction" if failed
                               else "image id not in feature file")
                     self.skipped[reason] += 1
                     continue
@@ -289,13 +292,18 @@ class CaptionSet:
         self.file = np.asarray(keep_file, dtype=np.int64)
         self.doc = np.asarray(keep_doc, dtype=np.int64)
         names = ", ".join(str(f.path) for f in files)
+        # Examples of both sides, so an id format mismatch (zero padding, a dataset prefix, a
+        # file extension) shows at once rather than as a count of skipped captions.
+        examples = ("" if not absent else
+                    f" (e.g. caption ids {', '.join(map(repr, absent))}; the feature file's ids "
+                    f"look like {', '.join(map(repr, table.ids[:3]))})")
         if self.skipped:
             detail = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-            warnings.warn(f"captions skipped ({names}): {detail}; {len(self.rows)} kept",
-                          stacklevel=2)
+            warnings.warn(f"captions skipped ({names}): {detail}; {len(self.rows)} kept"
+                          f"{examples}", stacklevel=2)
         if len(self.rows) == 0:
             raise DataError(f"no usable caption in {names}: none of their image ids is in the "
-                            f"feature file {table.path} ({dict(self.skipped)})")
+                            f"feature file {table.path} ({dict(self.skipped)}){examples}")
         self.words = np.zeros(len(self.rows), dtype=np.int64)
         self.sizes = np.zeros(len(self.rows), dtype=np.int64)  # caption tokens
         for k, tf in enumerate(files):

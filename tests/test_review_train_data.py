@@ -43,3 +43,15 @@ def test_caption_that_is_not_a_string_is_an_error(world, tok, tmp_path):
     with pytest.raises(DataError, match=r"null.jsonl:2: .*caption"):
         load_captions([captions], tok, tmp_path / "cache", 32, FeatureTable(world["features"]),
                       progress=False)
+
+
+def test_caption_ids_absent_from_the_feature_file_are_shown_beside_its_ids(world, tok, tmp_path):
+    # only counts were given: an id format mismatch (zero padding, a dataset prefix) read as
+    # "N image id not in feature file" with nothing to compare
+    absent = tmp_path / "absent.tsv"
+    absent.write_text("7\ta red cat.\n8\ta blue dog.\n")
+    with pytest.warns(UserWarning, match="caption ids '7', '8'"), \
+            pytest.raises(DataError, match=r"caption ids '7', '8'; the feature file's ids look "
+                                           r"like 'img000', 'img001', 'img002'"):
+        load_captions([absent], tok, tmp_path / "cache", 32, FeatureTable(world["features"]),
+                      progress=False)
