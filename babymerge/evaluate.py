@@ -307,14 +307,27 @@ def load_tasks(specs: list[str], tokenizer, features: str | Path | FeatureTable 
     ``features``, text-only tasks use the ``/black`` feature saved in ``checkpoint`` by
     ``babymerge train`` (:func:`babymerge.model.load_black_feature`)."""
     parsed = [parse_task_spec(s) for s in specs]
-    # text-only tasks need just /black: skip reading the rows (the file may be a 600k-image one)
+    # text-only tasks need just /black: skip reading the rows (the file may be a 600k-image one);
+    # image tasks read only their own images' rows from the file (max_memory_bytes=0: out of
+    # core), not the whole of a file that may also hold the training images (millions of rows)
     table = features
     if isinstance(features, (str, Path)):
         try:
             table = FeatureTable(features,
-                                 load_features=any(p.kind not in GRAMMAR_KINDS for p in parsed))
+                                 load_features=any(p.kind not in GRAMMAR_KINDS for p in parsed),
+                                 max_memory_bytes=0)
         except FeatureFileError as e:
             raise TaskError(f"--features: {e}") from e
+        try:
+            return _prepare_all(parsed, tokenizer, table, max_positions, checkpoint)
+        finally:
+            table.close()
+    return _prepare_all(parsed, tokenizer, table, max_positions, checkpoint)
+
+
+def _prepare_all(parsed: list[TaskSpec], tokenizer, table: FeatureTable | None,
+                 max_positions: int | None, checkpoint: str | Path | None
+                 ) -> list[PreparedTask]:
     names = [p.name for p in parsed]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

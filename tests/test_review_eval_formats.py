@@ -46,3 +46,23 @@ def test_pipeline_vqa_items_use_the_coco_image_id(tok, tmp_path):
     assert task.chance == pytest.approx(1 / 8) and task.num_items == 1
     assert torch.equal(task.features[task.feature_rows],
                        FeatureTable(features).lookup(["262148"] * 8))
+
+
+def test_image_tasks_read_only_their_rows_of_a_large_feature_file(tok, tmp_path):
+    """--features may be one file with every training image too (millions of rows): an image
+    task reads its own images' rows, not the whole /features into memory."""
+    import tracemalloc
+
+    ids = [f"img{i}" for i in range(2000)]
+    features = write_features(tmp_path / "all.h5", ids, dim=4096)  # 16 MB of fp16 rows
+    recs = [{"caption_0": "a red cat", "caption_1": "a cat red", "image_id": f"img{i}"}
+            for i in (7, 1500)]
+    path = write_jsonl(tmp_path / "wg.jsonl", recs)
+    tracemalloc.start()
+    try:
+        task = load_tasks([f"winoground:{path}"], tok, features)[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB held to prepare 2 images"
+    assert torch.equal(task.features, FeatureTable(features).lookup(["img7", "img1500"]))
