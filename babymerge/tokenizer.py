@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from babymerge.config import InputError, arg, opt, save_config
+from babymerge.config import InputError, arg, atomic_write_text, opt, save_config
 from babymerge.model import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -124,14 +124,24 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
                              f"{', '.join(map(str, cfg.corpus))}")
     tok.train_from_iterator(_chain(first, lines), trainer=trainer)
     model = json.loads(tok.to_str())["model"]
+    # <image> as a NAMED special token (tok.image_token, tok.image_token_id, as Llava processors
+    # expect it), and written as such below.
     llama = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) if isinstance(m, list)
                                                          else tuple(m.split(" "))
                                                          for m in model["merges"]],
                            unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                           extra_special_tokens=[IMAGE_TOKEN], add_bos_token=True,
+                           extra_special_tokens={"image_token": IMAGE_TOKEN}, add_bos_token=True,
                            add_eos_token=False, padding_side="right")
     cfg.out.mkdir(parents=True, exist_ok=True)
     llama.save_pretrained(cfg.out)
+    # transformers 5 writes `extra_special_tokens` as a list (here an empty one); transformers
+    # 4.50-4.57 (the BabyLM evaluation pipeline pins 4.51.3) call .keys() on it and cannot load
+    # the tokenizer. The dict form loads in both, and re-saves by transformers 5 (every
+    # checkpoint) drop the key for `image_token`, which both load too.
+    config_path = cfg.out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["extra_special_tokens"] = {"image_token": IMAGE_TOKEN}
+    atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
     # The training pipeline itself, kept for reference and for the equivalence test.
     tok.save(str(cfg.out / "bpe_bert_pretokenizer.json"))
     words, subwords = subword_ratio(load_tokenizer(cfg.out), cfg.corpus, cfg.ratio_lines)
