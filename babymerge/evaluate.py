@@ -20,8 +20,9 @@ one, the file stem; otherwise the task) and the task's score is the macro-averag
 Image ids are looked up in the feature file, so no image is encoded here. A record's id is its
 ``image_id`` (ours; the pipeline's VQA files carry the COCO ``image_id`` of the question's image).
 The pipeline's Winoground files carry none: their ``image_idx`` is the row of
-``facebook/winoground`` and ``image_key`` its column (``image_0`` or ``image_1``), so the id is
-``ex_<image_idx>_img_<k>``, the stem of that image in Winoground's own ``images.zip``
+``facebook/winoground`` (its test split, in id order) and ``image_key`` its column (``image_0``
+or ``image_1``), so the id is ``ex_<image_idx>_img_<k>``, that image's stem in Winoground's own
+``images.zip``
 (``extract-features`` on the unzipped folder stores exactly these ids). Either field alone names
 no single image and is an error.
 
@@ -161,8 +162,8 @@ def _text(record: dict, key: str, where: str) -> str:
 
 
 def _image_id(record: dict, where: str) -> str:
-    """The feature-file id of a record's image (module docstring). image_key alone used to be
-    taken as the id: every pipeline Winoground item then shared image_0's or image_1's feature."""
+    """The feature-file id of a record's image (module docstring). Neither Winoground field alone
+    is an id: image_key as the id would give every item image_0's or image_1's one feature."""
     if record.get("image_id") is not None:
         return str(record["image_id"])
     idx, key = record.get("image_idx"), record.get("image_key")
