@@ -22,9 +22,8 @@ Image ids are looked up in the feature file, so no image is encoded here. A reco
 The pipeline's Winoground files carry none: their ``image_idx`` is the row of
 ``facebook/winoground`` (its test split, in id order) and ``image_key`` its column (``image_0``
 or ``image_1``), so the id is ``ex_<image_idx>_img_<k>``, that image's stem in Winoground's own
-``images.zip``
-(``extract-features`` on the unzipped folder stores exactly these ids). Either field alone names
-no single image and is an error.
+``images.zip`` (``extract-features`` on the unzipped folder stores exactly these ids). Either
+field alone names no single image and is an error.
 
 The scoring loop (:func:`score_candidates`) is what :mod:`babymerge.merge` runs on its live model
 at every alpha: tasks are read and tokenised once (:func:`load_tasks`), then scored many times.
