@@ -80,7 +80,10 @@ class ImageItem:
             if self.offset < 0:
                 return f.read()
             f.seek(self.offset)
-            return f.read(self.size)
+            data = f.read(self.size)
+        if len(data) < self.size:  # a member of a tar shard cut short
+            raise OSError(f"tar member cut short: {len(data)} of {self.size} bytes")
+        return data
 
 
 _ARROW: dict[tuple[str, str], object] = {}  # per process: each DataLoader worker maps its own
@@ -253,17 +256,34 @@ def _list_tars(shards: list[Path]) -> list[ImageItem]:
             raise SourceError(f"{shard}: not an uncompressed .tar shard ({e})") from e
         chosen: dict[str, tuple[int, tarfile.TarInfo]] = {}  # key -> (extension rank, member)
         with tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                dirname, _, base = member.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                ext = ext.lower()
-                if ext not in rank:
-                    continue
-                key = f"{dirname}/{stem}" if dirname else stem
-                if key not in chosen or rank[ext] < chosen[key][0]:
-                    chosen[key] = (rank[ext], member)
+            try:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    dirname, _, base = member.name.rpartition("/")
+                    stem, _, ext = base.partition(".")
+                    ext = ext.lower()
+                    if ext not in rank:
+                        continue
+                    key = f"{dirname}/{stem}" if dirname else stem
+                    if key not in chosen or rank[ext] < chosen[key][0]:
+                        chosen[key] = (rank[ext], member)
+                # tarfile ends its iteration silently at the end of the file or at a header cut
+                # short or unreadable after the first one; only the end-of-archive marker (a zero
+                # block, which every tar writer puts there) is a proper end.
+                tar.fileobj.seek(tar.offset)
+                block = tar.fileobj.read(tarfile.BLOCKSIZE)
+                if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):
+                    raise tarfile.ReadError(f"no end-of-archive marker, or an unreadable member "
+                                            f"header, at byte {tar.offset}")
+            except (tarfile.TarError, EOFError) as e:
+                # A shard cut short (a download or img2dataset run killed mid-write) ends in a
+                # partial header or member. One such shard must not stop a run over hundreds: the
+                # samples before the cut are kept (a member whose bytes are cut is recorded in
+                # /failed when read), the loss is said here, naming the shard.
+                warnings.warn(f"{shard}: tar shard cut short or corrupt after {len(chosen)} "
+                              f"image sample(s) ({type(e).__name__}: {e}); the rest of it is "
+                              "skipped", stacklevel=2)
         items += [ImageItem(key, str(shard), m.offset_data, m.size, where=f"{shard}:{m.name}")
                   for key, (_, m) in chosen.items()]
     return items
