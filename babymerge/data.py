@@ -28,7 +28,9 @@ from babymerge.featurefile import FeatureTable
 from babymerge.model import image_prefix_ids
 from babymerge.tokenizer import iter_lines, normalize_text, word_start_mask
 
-CACHE_FORMAT = 1
+# 2: captions read anew (a byte-order mark is no part of the first id; null captions are
+# errors), so entries cached by the old reader are not reused
+CACHE_FORMAT = 2
 ENCODE_CHUNK_LINES = 20_000
 ORDERS = ("mixed", "multimodal-first", "text-first")
 TEXT, CAPTIONS = 0, 1  # batch sources
@@ -81,11 +83,13 @@ def _caption_documents(path: Path, skipped: Counter):
     is_json = path.suffix in (".jsonl", ".json")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
+            try:  # utf-8-sig: a byte-order mark (Windows tools) is not part of the first id
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not UTF-8 ({e})") from e
-            if not line:
+            # only the line end is cut: stripping the line would take the tab of an empty
+            # TSV caption ("id<TAB>") with it and stop the run on a malformed-line error
+            if not line.strip():
                 continue
             if is_json:
                 try:

@@ -55,3 +55,20 @@ def test_caption_ids_absent_from_the_feature_file_are_shown_beside_its_ids(world
                                            r"like 'img000', 'img001', 'img002'"):
         load_captions([absent], tok, tmp_path / "cache", 32, FeatureTable(world["features"]),
                       progress=False)
+
+
+def test_tsv_empty_caption_is_skipped_and_a_byte_order_mark_is_no_error(world, tok, tmp_path):
+    # "id<TAB>" lost its tab to strip() and stopped the run as a malformed line; a BOM made a
+    # jsonl file's first line invalid JSON and a TSV file's first id unknown
+    tsv = tmp_path / "c.tsv"
+    tsv.write_bytes("\ufeffimg000\ta red cat is here.\r\nimg001\t\r\nimg002\ta dog.\n"
+                    .encode("utf-8"))
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_bytes(("\ufeff" + json.dumps({"image_id": "img000", "caption": "a red cat."})
+                       + "\n").encode("utf-8"))
+    table = FeatureTable(world["features"])
+    with pytest.warns(UserWarning, match=r"captions skipped .*: 1 empty caption; 2 kept$"):
+        caps = load_captions([tsv], tok, tmp_path / "cache", 32, table, progress=False)
+    assert caps.rows.tolist() == [table.row["img000"], table.row["img002"]]
+    caps = load_captions([jsonl], tok, tmp_path / "cache", 32, table, progress=False)
+    assert caps.rows.tolist() == [table.row["img000"]]
