@@ -28,8 +28,8 @@ from babymerge.featurefile import FeatureTable
 from babymerge.model import image_prefix_ids
 from babymerge.tokenizer import iter_lines, normalize_text, word_start_mask
 
-# 2: captions read anew (a byte-order mark is no part of the first id; null captions are
-# errors), so entries cached by the old reader are not reused
+# 2: files read anew (a byte-order mark is no part of the first id or text line; null
+# captions are errors), so entries cached by the old reader are not reused
 CACHE_FORMAT = 2
 ENCODE_CHUNK_LINES = 20_000
 ORDERS = ("mixed", "multimodal-first", "text-first")

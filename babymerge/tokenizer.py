@@ -80,8 +80,8 @@ def iter_lines(paths: Iterable[Path], error: type[Exception] = TokenizerError) -
     for path in paths:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
-                try:
-                    text = normalize_text(raw.decode("utf-8"))
+                try:  # utf-8-sig: a byte-order mark (Windows tools) is no text to learn
+                    text = normalize_text(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
                 except UnicodeDecodeError as e:
                     raise error(f"{path}:{lineno}: not UTF-8 ({e})") from e
                 if text:

@@ -3,7 +3,7 @@
 import json
 
 from babymerge.model import IMAGE_TOKEN
-from babymerge.tokenizer import load_tokenizer
+from babymerge.tokenizer import iter_lines, load_tokenizer
 from test_data_fixtures import world  # noqa: F401  (world: fixture)
 
 
@@ -26,3 +26,11 @@ def test_tokenizer_files_load_in_transformers_4_and_keep_the_named_image_token(w
         assert tok.image_token_id == tok.convert_tokens_to_ids(IMAGE_TOKEN) == 4
         assert IMAGE_TOKEN in tok.all_special_tokens
         assert tok("<image> the red cat").input_ids[:2] == [tok.bos_token_id, 4]
+
+
+def test_byte_order_mark_is_not_text(world, tmp_path):
+    # U+FEFF is no whitespace to str.split: it stayed on the first line and was tokenised
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("the red cat.\nthe dog.\n", encoding="utf-8")
+    marked.write_text("\ufeffthe red cat.\nthe dog.\n", encoding="utf-8")
+    assert list(iter_lines([marked])) == list(iter_lines([plain])) == ["the red cat.", "the dog."]
