@@ -36,6 +36,7 @@ over minimal-pairs tasks) and the multimodal score (mean over image tasks).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -103,6 +104,7 @@ class MergeConfig:
     def __post_init__(self) -> None:
         if self.lm is None:
             raise ValueError("--lm: the text-only LM checkpoint is required")
+        self.vlm = expand_checkpoint_patterns(self.vlm)
         if not self.vlm:
             raise ValueError("--vlm: give at least one VLM checkpoint")
         if not self.task:
@@ -123,6 +125,22 @@ class MergeConfig:
         parse_keep(self.keep, self.allow_extrapolation)
         for spec in self.task:
             parse_task_spec(spec)
+
+
+def expand_checkpoint_patterns(paths: list[Path]) -> list[Path]:
+    """``--vlm 'run/vlm/checkpoints/*'`` (quoted, so the shell leaves it alone) as the folders it
+    matches: a list flag takes one value per flag, so an unquoted shell glob stops the CLI at its
+    second match. A path that exists is taken as it is, glob characters and all."""
+    expanded = []
+    for path in paths:
+        if path.exists() or not glob.has_magic(str(path)):
+            expanded.append(path)
+            continue
+        matches = sorted(Path(m) for m in glob.glob(str(path)) if Path(m).is_dir())
+        if not matches:
+            raise ValueError(f"--vlm {path}: the pattern matches no checkpoint folder")
+        expanded.extend(matches)
+    return expanded
 
 
 class MergeError(InputError):
