@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from babymerge.config import InputError
 
@@ -314,8 +314,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     Transparency is composited onto white (what transformers' ``convert_to_rgb`` does); 16-bit
     images are scaled to 8 bits (PIL's ``convert`` would clip everything above 255 to white); CMYK,
-    palette, grayscale and 1-bit go through PIL's conversion. EXIF orientation is not applied,
-    as the processor does not apply it either (features must match the paper's pipeline).
+    palette, grayscale and 1-bit go through PIL's conversion. EXIF orientation is not applied
+    here, as the processor does not apply it to the images it is given; it is applied when bytes
+    are decoded (:meth:`Preprocess.open`), as by the loaders those images come from.
     """
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)
@@ -325,6 +326,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 = upright as stored); 1 when the EXIF block cannot be parsed, so a
+    broken tag costs the rotation, not the image."""
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # malformed EXIF raises anything from SyntaxError to struct.error
+        return 1
 
 
 @dataclass(frozen=True)
@@ -386,6 +396,11 @@ class Preprocess:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image.load()
+            if _orientation(image) != 1:
+                # Upright, as ``datasets``' Image feature (how the BabyLM evaluation pipeline
+                # loads its images) and transformers' ``load_image`` decode it: a photo stored
+                # sideways with an EXIF rotation must not give another feature here.
+                image = ImageOps.exif_transpose(image)
             return to_rgb(image)
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise BadImage(f"truncated or corrupt ({type(e).__name__}: {e})") from e
@@ -393,8 +408,9 @@ class Preprocess:
     def gpu_decodable(self, data: bytes) -> tuple[int, int] | None:
         """(width, height) if ``data`` is a JPEG that nvJPEG decodes to the same picture as libjpeg,
         else None; :class:`BadImage` for what fails the header checks. Deferred: sequential (not
-        progressive) YCbCr or grey JPEGs that end in the EOI marker. Everything else stays on PIL
-        in the worker: CMYK and Adobe-RGB JPEGs need PIL's colour handling, and a file cut short
+        progressive) YCbCr or grey JPEGs that end in the EOI marker and carry no EXIF rotation.
+        Everything else stays on PIL in the worker: CMYK and Adobe-RGB JPEGs need PIL's colour
+        handling, nvJPEG ignores EXIF orientation, and a file cut short
         must meet PIL's truncation check (nvJPEG may fill the missing rows with grey instead of
         failing). "The same picture" is not "the same bytes": nvJPEG's IDCT rounds differently
         and it upsamples 4:2:0 chroma by repetition where libjpeg interpolates ("fancy
@@ -402,7 +418,7 @@ class Preprocess:
         image = self._header(data)
         if (image.format == "JPEG" and image.mode in ("RGB", "L")
                 and not image.info.get("progressive") and image.info.get("adobe_transform") != 0
-                and data[-64:].rstrip(b"\x00")[-2:] == b"\xff\xd9"):
+                and data[-64:].rstrip(b"\x00")[-2:] == b"\xff\xd9" and _orientation(image) == 1):
             return image.size
         return None
 
