@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -440,6 +441,13 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         except BlockingIOError as e:
             raise FeatureFileError(f"another extract-features run is writing {lock_path.parent}"
                                    ) from e
+        except OSError as e:
+            # Cluster file systems mounted without lock support (Lustre's noflock: ENOSYS; NFS
+            # without lockd: ENOLCK) refuse every flock. The lock only guards against a second
+            # run on the same --out, so its absence is said, not fatal.
+            warnings.warn(f"cannot lock {lock_path} ({e.strerror or e}): this file system has "
+                          "no file locks; make sure no other extract-features run writes the same "
+                          "--out", stacklevel=2)
         yield
 
 
