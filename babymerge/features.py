@@ -498,11 +498,17 @@ def extract_features(cfg: ExtractConfig) -> dict:
     start = time.perf_counter()
     with _exclusive(parts_dir / "lock"):
         try:
-            done, failed_before, next_part = _progress(out, parts_dir, attrs, black, cfg.encoder)
+            done, failed_before, next_part, sources = _progress(out, parts_dir, attrs, black,
+                                                                cfg.encoder)
         except BaseException:
             if not any(parts_dir.glob("part-*.h5")):  # nothing to resume: leave no litter
                 shutil.rmtree(parts_dir)
             raise
+        source = _source_key(cfg.source)
+        if sources and source not in sources:
+            _warn_foreign_ids(items, done | failed_before, cfg.source, out, sources)
+        config = json.loads(attrs["config"])
+        attrs["config"] = json.dumps({**config, "sources": sorted(sources | {source})})
         if not out.exists():
             _write_table(out, [], np.zeros((0, black.shape[0]), storage), {}, black, attrs)
         skip = done if cfg.retry_failed else done | failed_before
@@ -528,19 +534,53 @@ def extract_features(cfg: ExtractConfig) -> dict:
 
 
 def _progress(out: Path, parts_dir: Path, attrs: dict, black: np.ndarray,
-              encoder: str) -> tuple[set[str], set[str], int]:
-    """(ids with a feature, ids recorded as failed, next part number) from OUT and its parts,
-    after checking that each was made the same way as this run."""
+              encoder: str) -> tuple[set[str], set[str], int, set[str]]:
+    """(ids with a feature, ids recorded as failed, next part number, the SOURCEs they came
+    from) from OUT and its parts, after checking that each was made the same way as this run."""
     done: set[str] = set()
     failed: set[str] = set()
+    sources: set[str] = set()
     parts = sorted(parts_dir.glob("part-*.h5"))  # a part killed mid-write is a *.h5.tmp: ignored
     for path in ([out] if out.exists() else []) + parts:
         _check_identity(path, attrs, black, f"this run (--encoder {encoder})")
         with h5py.File(path, "r") as f:
             done.update(decode_strings(f[IDS][:int(f.attrs.get("count", f[IDS].shape[0]))]))
             failed.update(_read_failed(f))
+            sources.update(_recorded_sources(f))
     next_part = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
-    return done, failed, next_part
+    return done, failed, next_part, sources
+
+
+def _source_key(source: str) -> str:
+    """SOURCE as recorded in a feature file's config: absolute, so a resume from another working
+    directory is the same source."""
+    return str(Path(source).resolve()) if Path(source).exists() else os.path.abspath(source)
+
+
+def _recorded_sources(f: h5py.File) -> set[str]:
+    """The SOURCEs a feature file holds images of (``sources`` of its config; the one ``source``
+    in files written before that was recorded). Empty where unknown (a joined file)."""
+    try:
+        config = json.loads(f.attrs.get("config", "{}"))
+    except (TypeError, ValueError):
+        return set()
+    config = config.get("extract", config)  # a joined file keeps its first shard's config there
+    if "sources" in config:
+        return set(config["sources"])
+    return {_source_key(config["source"])} if isinstance(config.get("source"), str) else set()
+
+
+def _warn_foreign_ids(items, stored: set[str], source: str, out: Path, sources: set[str]) -> None:
+    """Extending OUT with a new SOURCE skips its ids already stored, as a resume does; there
+    they came from another source, so they may name other images (two folders both holding
+    1.jpg; COCO and Flickr30k numeric ids), whose captions would then get the wrong feature."""
+    clash = [item.id for item in items if item.id in stored]
+    if clash:
+        shown = ", ".join(clash[:5]) + (" ..." if len(clash) > 5 else "")
+        warnings.warn(f"{len(clash)} image id(s) of SOURCE {source} are already in {out} from "
+                      f"another source ({', '.join(sorted(sources))}): {shown}; they keep the "
+                      "stored features. If they are other images, give them distinct ids or "
+                      "extract into another --out", stacklevel=3)
 
 
 def resolve_decode(decode: str, device: torch.device, workers: int) -> str:

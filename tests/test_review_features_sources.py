@@ -1,0 +1,29 @@
+"""Stage 1: extending a feature file with a second SOURCE whose ids are already stored (from the
+first source) says so; a resume or re-run of a source already in the file does not."""
+
+import json
+import warnings
+
+import h5py
+import pytest
+
+from test_features import encoder_dir, extract, write_images  # noqa: F401 (a fixture)
+
+
+def test_second_source_with_stored_ids_warns_and_resume_does_not(tmp_path, encoder_dir):  # noqa: F811
+    write_images(tmp_path / "a", ["1.png", "2.png"], seed=0)
+    write_images(tmp_path / "b", ["2.png", "3.png"], seed=1)  # its "2" is another image
+    out = tmp_path / "f.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extract(tmp_path / "a", out, encoder_dir)
+    with pytest.warns(UserWarning, match=r"1 image id\(s\) of SOURCE .*b are already in .*: 2;"):
+        summary = extract(tmp_path / "b", out, encoder_dir)
+    assert summary["rows"] == 3 and summary["skipped"] == 1
+    with h5py.File(out, "r") as f:
+        sources = json.loads(f.attrs["config"])["sources"]
+    assert sources == sorted(str((tmp_path / d).resolve()) for d in "ab")
+    with warnings.catch_warnings():  # both sources are known now: re-runs are resumes
+        warnings.simplefilter("error")
+        assert extract(tmp_path / "b", out, encoder_dir)["skipped"] == 2
+        assert extract(tmp_path / "a", out, encoder_dir)["skipped"] == 2
