@@ -28,6 +28,8 @@ COMMANDS = [
      "Evaluate a checkpoint on minimal pairs, image-text matching and VQA-style tasks."),
     ("merge", "babymerge.merge", "MergeConfig", "merge",
      "Interpolate the LM into the VLM over an alpha grid, evaluating every point."),
+    ("export", "babymerge.export", "ExportConfig", "export",
+     "Write a checkpoint's language part as a plain LlamaForCausalLM directory."),
     ("demo", "babymerge.demo", "DemoConfig", "demo",
      "Run the whole pipeline on the built-in generated world (offline, CPU, minutes)."),
 ]
