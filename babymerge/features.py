@@ -36,8 +36,8 @@ from babymerge.distributed import resolve_device
 from babymerge.config import InputError, arg, config_to_dict, opt
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
                                    FeatureFileError, decode_strings)
-from babymerge.images import (DEFAULT_MAX_PIXELS, GpuJpegDecoder, ImageDataset, Preprocess, collate,
-                              gpu_jpeg_decoder_available, list_images, to_rgb)
+from babymerge.images import (DEFAULT_MAX_PIXELS, UNREADABLE, GpuJpegDecoder, ImageDataset,
+                              Preprocess, collate, gpu_jpeg_decoder_available, list_images, to_rgb)
 
 DEFAULT_ENCODER = "facebook/dinov2-large"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,7 +94,8 @@ class ExtractConfig:
                       f"{GPU_DECODE_BELOW_WORKERS} decode workers, else workers",
                       choices=DECODERS)
     flush_every: int = opt(8192, "images per crash-safe part file (rounded up to whole batches)")
-    retry_failed: bool = opt(False, "try again the images already recorded in /failed")
+    retry_failed: bool = opt(False, "try again the images recorded in /failed as bad images "
+                             "(those that could not be read at all are always tried again)")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "flush_every", "max_pixels"):
@@ -506,12 +507,16 @@ def extract_features(cfg: ExtractConfig) -> dict:
             raise
         source = _source_key(cfg.source)
         if sources and source not in sources:
-            _warn_foreign_ids(items, done | failed_before, cfg.source, out, sources)
+            _warn_foreign_ids(items, done | set(failed_before), cfg.source, out, sources)
         config = json.loads(attrs["config"])
         attrs["config"] = json.dumps({**config, "sources": sorted(sources | {source})})
         if not out.exists():
             _write_table(out, [], np.zeros((0, black.shape[0]), storage), {}, black, attrs)
-        skip = done if cfg.retry_failed else done | failed_before
+        # An image that could not be read (a missing file, an I/O error, a shard cut short) says
+        # nothing about the image: it is tried again, so a run after fixing --image-root or
+        # finishing a download picks it up. Images that failed to decode need --retry-failed.
+        skip = done if cfg.retry_failed else done | {
+            i for i, reason in failed_before.items() if not reason.startswith(UNREADABLE)}
         todo = [item for item in items if item.id not in skip]
         new, new_failed = _encode_into_parts(todo, encoder, cfg, parts_dir, next_part, black,
                                              attrs, storage, desc=out.name,
@@ -534,11 +539,12 @@ def extract_features(cfg: ExtractConfig) -> dict:
 
 
 def _progress(out: Path, parts_dir: Path, attrs: dict, black: np.ndarray,
-              encoder: str) -> tuple[set[str], set[str], int, set[str]]:
-    """(ids with a feature, ids recorded as failed, next part number, the SOURCEs they came
-    from) from OUT and its parts, after checking that each was made the same way as this run."""
+              encoder: str) -> tuple[set[str], dict[str, str], int, set[str]]:
+    """(ids with a feature, failed ids with their reasons, next part number, the SOURCEs they
+    came from) from OUT and its parts, after checking that each was made the same way as this
+    run."""
     done: set[str] = set()
-    failed: set[str] = set()
+    failed: dict[str, str] = {}
     sources: set[str] = set()
     parts = sorted(parts_dir.glob("part-*.h5"))  # a part killed mid-write is a *.h5.tmp: ignored
     for path in ([out] if out.exists() else []) + parts:

@@ -41,6 +41,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "
 # PIL's own decompression-bomb threshold (~89.5 M pixels): beyond it a single RGB decode is > 268 MB
 # per worker.
 DEFAULT_MAX_PIXELS = 89_478_485
+# How a /failed reason starts when the bytes could not be read at all (not a bad image): a later
+# run tries such images again.
+UNREADABLE = "unreadable"
 # 16-bit grey PNG/TIFF modes; "I" is how older Pillow opened 16-bit PNGs.
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -469,7 +472,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             data = item.read_bytes()
         except OSError as e:
-            return index, None, f"unreadable ({type(e).__name__}: {e.strerror or e})"
+            return index, None, f"{UNREADABLE} ({type(e).__name__}: {e.strerror or e})"
         try:
             if self.preprocess.defer_jpeg:
                 size = self.preprocess.gpu_decodable(data)
