@@ -205,6 +205,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return model.to(device).eval()
 
 
+def recover_checkpoint(directory: str | Path) -> bool:
+    """Undo a :func:`save_checkpoint` swap cut short between its two renames (the old directory
+    moved aside, the new one not yet in place): the old one goes back. True if it did. Without
+    this a kill in that instant left no ``directory`` at all, and a run looking for its resume
+    state there started over."""
+    directory = Path(directory)
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists() or not old.is_dir():
+        return False
+    try:
+        old.rename(directory)
+    except FileNotFoundError:  # another rank of the same run restored it first
+        return False
+    return True
+
+
 def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=None,
                     extra_files: dict[str, str] | None = None,
                     write_extra: Callable[[Path], None] | None = None) -> Path:
@@ -214,6 +230,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=Non
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    recover_checkpoint(directory)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         model.save_pretrained(tmp, safe_serialization=True)

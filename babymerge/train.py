@@ -39,7 +39,8 @@ from babymerge.data import (CAPTIONS, ORDERS, TEXT, EpochPlan, load_captions, lo
                             tokenizer_fingerprint)
 from babymerge.featurefile import FeatureFileError, FeatureTable, feature_statistics
 from babymerge.model import (MODEL_PRESETS, BabyLlavaForConditionalGeneration, build_model,
-                             save_black_feature, save_checkpoint, set_feature_statistics)
+                             recover_checkpoint, save_black_feature, save_checkpoint,
+                             set_feature_statistics)
 from babymerge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -345,6 +346,9 @@ def train(cfg: TrainConfig) -> Path:
 def _train(cfg: TrainConfig, world: distributed.World) -> Path:
     out: Path = cfg.out
     resume_dir = out / RESUME_DIR
+    if recover_checkpoint(resume_dir):
+        warnings.warn(f"{resume_dir}: the previous run was stopped while saving it; resuming from "
+                      "the state saved before that")
     state = read_resume_state(resume_dir)
     if state is not None and not cfg.resume:
         raise TrainError(f"{out} already holds a run; use a new --out, or drop --no-resume")

@@ -97,3 +97,20 @@ def test_init_from_refuses_another_tokenizer_of_the_same_size(world, tmp_path):
         train(config(world, tmp_path / "z", feature_norm="none", init_from=init,
                      tokenizer=other, max_steps=1))
     train(config(world, tmp_path / "same", feature_norm="none", init_from=init, max_steps=1))
+
+
+def test_resume_after_a_kill_between_the_checkpoint_swaps_renames(world, tmp_path):
+    # save_checkpoint moves the old directory aside, then renames the new one into place; a kill
+    # between the two left no resume/ at all and the next run started from step 0
+    full = train(config(world, tmp_path / "full"))
+    out = tmp_path / "stopped"
+    train(config(world, out, max_steps=3))
+    resume = out / "resume"
+    resume.rename(out / ".resume.old")
+    with pytest.warns(UserWarning, match="stopped while saving"):
+        train(config(world, out))
+    ref, got = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    # resumed at step 3, not restarted: every logged step once
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[:2] == [2, 3]
