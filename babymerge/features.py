@@ -565,14 +565,14 @@ def _source_key(source: str) -> str:
 
 def _recorded_sources(f: h5py.File) -> set[str]:
     """The SOURCEs a feature file holds images of (``sources`` of its config; the one ``source``
-    in files written before that was recorded). Empty where unknown (a joined file)."""
+    in files written before that was recorded). Empty where unknown."""
     try:
         config = json.loads(f.attrs.get("config", "{}"))
     except (TypeError, ValueError):
         return set()
-    config = config.get("extract", config)  # a joined file keeps its first shard's config there
     if "sources" in config:
         return set(config["sources"])
+    config = config.get("extract", config)  # joined before sources were recorded: its first shard
     return {_source_key(config["source"])} if isinstance(config.get("source"), str) else set()
 
 
@@ -686,6 +686,7 @@ def join_features(cfg: JoinConfig) -> dict:
     """Join complete feature files (e.g. one per rank) into ``cfg.out`` with the same layout;
     ids must be unique across them and encoder/layer/pooling/crop/dtype equal."""
     shards = [Path(p) for p in cfg.shards]
+    sources: set[str] = set()
     for path in shards:
         if not path.is_file():
             raise FeatureFileError(f"shard not found: {path}")
@@ -693,6 +694,7 @@ def join_features(cfg: JoinConfig) -> dict:
             if not bool(f.attrs.get("complete", False)):
                 raise FeatureFileError(f"{path}: extraction did not finish (complete is not "
                                        "true); re-run its extract-features first")
+            sources.update(_recorded_sources(f))
     with h5py.File(shards[0], "r") as f:
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
         black = np.asarray(f[BLACK][:])
@@ -700,7 +702,7 @@ def join_features(cfg: JoinConfig) -> dict:
         _check_identity(path, attrs, black, str(shards[0]))
     attrs["config"] = json.dumps({"join": config_to_dict(cfg),
                                   "extract": json.loads(attrs.get("config", "{}")),
-                                  "versions": _versions()})
+                                  "sources": sorted(sources), "versions": _versions()})
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.virtual:

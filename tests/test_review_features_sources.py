@@ -27,3 +27,16 @@ def test_second_source_with_stored_ids_warns_and_resume_does_not(tmp_path, encod
         warnings.simplefilter("error")
         assert extract(tmp_path / "b", out, encoder_dir)["skipped"] == 2
         assert extract(tmp_path / "a", out, encoder_dir)["skipped"] == 2
+
+
+def test_joined_file_records_every_shards_source(tmp_path, encoder_dir):  # noqa: F811
+    from babymerge.features import JoinConfig, join_features
+
+    write_images(tmp_path / "a", ["1.png"], seed=0)
+    write_images(tmp_path / "b", ["2.png"], seed=1)
+    extract(tmp_path / "a", tmp_path / "a.h5", encoder_dir)
+    extract(tmp_path / "b", tmp_path / "b.h5", encoder_dir)
+    join_features(JoinConfig(shards=[tmp_path / "a.h5", tmp_path / "b.h5"], out=tmp_path / "j.h5"))
+    with warnings.catch_warnings():  # b's images are in the joined file: re-running b resumes
+        warnings.simplefilter("error")
+        assert extract(tmp_path / "b", tmp_path / "j.h5", encoder_dir)["skipped"] == 1
