@@ -732,6 +732,7 @@ def _join_virtual(out: Path, shards: list[Path], attrs: dict, black: np.ndarray)
                 ids.append(image_id)
             failed.update(_read_failed(f))
             counts.append(n)
+    failed = {k: v for k, v in failed.items() if k not in owner}  # with a feature: not failed
     dim = black.shape[0]
     layout = h5py.VirtualLayout(shape=(len(ids), dim), dtype=STORAGE_DTYPES[attrs["dtype"]])
     row = 0
@@ -743,6 +744,6 @@ def _join_virtual(out: Path, shards: list[Path], attrs: dict, black: np.ndarray)
         f.create_virtual_dataset(FEATURES, layout)
         _write_strings(f, IDS, ids)
         f.create_dataset(BLACK, data=black)
-        _write_failed(f, {k: v for k, v in failed.items() if k not in owner})
+        _write_failed(f, failed)
         f.attrs.update({**attrs, "count": len(ids), "complete": True})
     return {"rows": len(ids), "failed": len(failed)}

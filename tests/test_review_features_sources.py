@@ -40,3 +40,21 @@ def test_joined_file_records_every_shards_source(tmp_path, encoder_dir):  # noqa
     with warnings.catch_warnings():  # b's images are in the joined file: re-running b resumes
         warnings.simplefilter("error")
         assert extract(tmp_path / "b", tmp_path / "j.h5", encoder_dir)["skipped"] == 1
+
+
+def test_virtual_join_counts_the_failed_it_writes(tmp_path, encoder_dir):  # noqa: F811
+    """An id failed in one shard but with a feature in another is not failed: the summary and
+    the file agree (the virtual join's summary counted it)."""
+    from babymerge.features import JoinConfig, join_features
+
+    write_images(tmp_path / "a", ["1.png"], seed=0)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "1.png").write_bytes(b"broken")
+    extract(tmp_path / "a", tmp_path / "a.h5", encoder_dir)
+    extract(tmp_path / "b", tmp_path / "b.h5", encoder_dir)
+    for virtual in (False, True):
+        out = tmp_path / f"j{virtual}.h5"
+        summary = join_features(JoinConfig(shards=[tmp_path / "a.h5", tmp_path / "b.h5"],
+                                           out=out, virtual=virtual))
+        with h5py.File(out, "r") as f:
+            assert summary["failed"] == len(f["failed"]["ids"]) == 0
