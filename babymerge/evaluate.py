@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -350,6 +351,29 @@ def check_feature_dim(model, tasks: list[PreparedTask]) -> None:
                             f"but the model's projector expects {want} (another encoder?)")
 
 
+def check_feature_encoder(checkpoint: Path, features: Path | None) -> str | None:
+    """A warning (returned, and issued) when ``features`` was made by another encoder than the
+    one ``checkpoint`` was trained on: two encoders of one width (dinov2-large and
+    dinov2-with-registers-large) pass the width check and score nonsense. Names are compared by
+    their last path part, so a hub id and a local copy of it agree."""
+    if features is None:
+        return None
+    made_with = str(FeatureTable(features, require_complete=False, load_features=False)
+                    .attrs.get("encoder") or "")
+    trained_on = str(getattr(AutoConfig.from_pretrained(str(checkpoint)), "encoder", "") or "")
+
+    def stem(name: str) -> str:
+        return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+    if not made_with or not trained_on or stem(made_with) == stem(trained_on):
+        return None
+    message = (f"{features} holds features of encoder {made_with!r} but {checkpoint} was trained "
+               f"on features of {trained_on!r}; if these are not the same weights, its scores "
+               "mean nothing: extract the task images with the model's encoder")
+    warnings.warn(message, stacklevel=2)
+    return message
+
+
 @torch.no_grad()
 def score_candidates(model, task: PreparedTask, batch_size: int = 64,
                      progress: bool = True) -> torch.Tensor:
@@ -453,6 +477,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     # data errors surface before the model is loaded
     tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.model),
                        checkpoint=cfg.model)
+    check_feature_encoder(cfg.model, cfg.features)
     model = load_model(cfg.model, resolve_device(cfg.device), DTYPES[cfg.dtype])
     check_feature_dim(model, tasks)
     t0 = time.perf_counter()

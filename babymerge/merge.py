@@ -55,8 +55,9 @@ from babymerge.config import (InputError, atomic_write_bytes, atomic_write_text,
                               save_config)
 from babymerge.distributed import resolve_device
 from babymerge.evaluate import (DTYPES, GRAMMAR_KINDS, MULTIMODAL_KINDS, PreparedTask,
-                                check_feature_dim, checkpoint_max_positions, checkpoint_tokenizer,
-                                evaluate_tasks, load_tasks, parse_task_spec, task_summary)
+                                check_feature_dim, check_feature_encoder, checkpoint_max_positions,
+                                checkpoint_tokenizer, evaluate_tasks, load_tasks, parse_task_spec,
+                                task_summary)
 from babymerge.merge_methods import MERGE_METHODS, MergeMethod
 from babymerge.model import BLACK_FEATURE_FILE, load_model, save_checkpoint
 
@@ -834,6 +835,7 @@ def merge(cfg: MergeConfig) -> dict:
     # without --features, text-only tasks use the /black feature the (first) VLM was trained with
     tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]),
                        checkpoint=cfg.vlm[0])
+    check_feature_encoder(cfg.vlm[0], cfg.features)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     identity, logged = _open_run(cfg, tasks, vlm_names)
