@@ -22,6 +22,7 @@ import functools
 import glob
 import io
 import json
+import os
 import re
 import tarfile
 import warnings
@@ -151,13 +152,29 @@ def list_images(source: str, image_root: Path | None = None, id_column: str = "i
     return _unique(items, source)
 
 
+def _walk_files(folder: Path):
+    """Every file under ``folder``, hidden ones and folders excepted, following symbolic links to
+    folders (``data/images/coco -> /datasets/coco/train2017`` is how image sets are usually laid
+    out; ``Path.rglob`` skips such links silently). A folder reached twice (a link loop, two links
+    to one folder) is walked once, the first time in sorted order."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith("."):  # .DS_Store, editor swap files are never images
+                yield Path(root) / name
+
+
 def _list_folder(folder: Path) -> list[ImageItem]:
     items = []
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue  # hidden files (.DS_Store, editor swap files) are never images
-        if p.suffix[1:].lower() in IMAGE_EXTENSIONS:
+    for p in sorted(_walk_files(folder)):
+        if p.suffix[1:].lower() in IMAGE_EXTENSIONS and p.is_file():
+            rel = p.relative_to(folder)
             items.append(ImageItem(rel.with_suffix("").as_posix(), str(p), where=str(p)))
     return items
 

@@ -1,0 +1,16 @@
+"""Stage 1 folder SOURCE: image sets linked in (``images/coco -> /datasets/coco``) are listed."""
+
+import os
+
+from babymerge.images import list_images
+from test_features import write_images
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    write_images(tmp_path / "store" / "coco", ["a.png", "sub/b.jpg"])
+    write_images(tmp_path / "images", ["own.png", ".hidden/x.png"])
+    os.symlink(tmp_path / "store" / "coco", tmp_path / "images" / "coco")
+    os.symlink(tmp_path / "images", tmp_path / "images" / "loop")  # a link loop must end
+    items = list_images(str(tmp_path / "images"))
+    assert [i.id for i in items] == ["coco/a", "coco/sub/b", "own"]
+    assert items[0].path == str(tmp_path / "images" / "coco" / "a.png")
