@@ -209,7 +209,8 @@ def _list_jsonl(path: Path, image_root: Path | None, id_column: str,
                 path_column: str) -> list[ImageItem]:
     root = image_root or path.parent
     items = []
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (lists saved by Windows tools) is not part of line 1
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -238,7 +239,8 @@ def _list_jsonl(path: Path, image_root: Path | None, id_column: str,
 def _list_tsv(path: Path, image_root: Path | None) -> list[ImageItem]:
     root = image_root or path.parent
     items = []
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (lists saved by Windows tools) is not part of line 1
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
             line = line.rstrip("\n").rstrip("\r")
             if not line.strip() or line.startswith("#"):

@@ -14,3 +14,11 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     items = list_images(str(tmp_path / "images"))
     assert [i.id for i in items] == ["coco/a", "coco/sub/b", "own"]
     assert items[0].path == str(tmp_path / "images" / "coco" / "a.png")
+
+
+def test_image_lists_with_a_byte_order_mark(tmp_path):
+    write_images(tmp_path, ["a.png"])
+    (tmp_path / "l.jsonl").write_text('\ufeff{"image_id": "a", "path": "a.png"}\n', "utf-8")
+    (tmp_path / "l.tsv").write_text("\ufeffimage_id\tpath\na\ta.png\n", "utf-8")
+    for name in ("l.jsonl", "l.tsv"):
+        assert [i.id for i in list_images(str(tmp_path / name))] == ["a"]
