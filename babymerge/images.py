@@ -232,7 +232,12 @@ def _list_jsonl(path: Path, image_root: Path | None, id_column: str,
             except (KeyError, IndexError, ValueError) as e:
                 raise SourceError(f"{where}: --path-column template {path_column!r} cannot be "
                                   f"filled from this line ({type(e).__name__}: {e})") from e
-            items.append(ImageItem(str(row[id_column]), _resolve(image_path, root), where=where))
+            image_id = row[id_column]
+            # str() would make a null id the image "None" (and a list its repr): refuse instead.
+            if isinstance(image_id, bool) or not isinstance(image_id, (str, int)) or image_id == "":
+                raise SourceError(f"{where}: {id_column!r} is {json.dumps(image_id)}; an image id "
+                                  "must be a non-empty string or an integer")
+            items.append(ImageItem(str(image_id), _resolve(image_path, root), where=where))
     return items
 
 

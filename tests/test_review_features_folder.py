@@ -22,3 +22,16 @@ def test_image_lists_with_a_byte_order_mark(tmp_path):
     (tmp_path / "l.tsv").write_text("\ufeffimage_id\tpath\na\ta.png\n", "utf-8")
     for name in ("l.jsonl", "l.tsv"):
         assert [i.id for i in list_images(str(tmp_path / name))] == ["a"]
+
+
+def test_jsonl_id_that_is_not_a_string_or_integer_names_the_line(tmp_path):
+    import pytest
+
+    from babymerge.images import SourceError
+
+    write_images(tmp_path, ["a.png"])
+    for bad in ("null", "[1]", '""', "true"):
+        (tmp_path / "l.jsonl").write_text('{"image_id": 7, "path": "a.png"}\n'
+                                          f'{{"image_id": {bad}, "path": "a.png"}}\n')
+        with pytest.raises(SourceError, match=r"l\.jsonl:2: 'image_id' is "):
+            list_images(str(tmp_path / "l.jsonl"))
