@@ -37,7 +37,8 @@ from babymerge.config import InputError, arg, config_to_dict, opt
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
                                    FeatureFileError, decode_strings)
 from babymerge.images import (DEFAULT_MAX_PIXELS, UNREADABLE, GpuJpegDecoder, ImageDataset,
-                              Preprocess, collate, gpu_jpeg_decoder_available, list_images, to_rgb)
+                              Preprocess, collate, gpu_jpeg_decoder_available, list_images, to_rgb,
+                              upright)
 
 DEFAULT_ENCODER = "facebook/dinov2-large"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -186,8 +187,9 @@ class ImageEncoder:
         return pool_patch_tokens(hidden, self.num_prefix_tokens)
 
     def encode(self, images: list[Image.Image], batch_size: int = 64) -> torch.Tensor:
-        """Pooled features (N, D) float32 on the CPU, exactly as ``extract-features`` computes."""
-        out = [self.encode_pixels(torch.stack([self.preprocess.pixels(to_rgb(im))
+        """Pooled features (N, D) float32 on the CPU, exactly as ``extract-features`` computes
+        (an EXIF orientation still on an image is applied, as extraction does)."""
+        out = [self.encode_pixels(torch.stack([self.preprocess.pixels(to_rgb(upright(im)))
                                                for im in images[i:i + batch_size]])).cpu()
                for i in range(0, len(images), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.dim)

@@ -364,6 +364,14 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as it is displayed: its EXIF orientation applied (and removed, so applying it
+    twice is harmless), as ``datasets``' Image feature (how the BabyLM evaluation pipeline loads
+    its images) and transformers' ``load_image`` decode it. A photo stored sideways with an EXIF
+    rotation must not give another feature than the upright image the captions describe."""
+    return ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """The encoder processor's geometry: resize the shortest edge, centre crop. Picklable, so each
@@ -423,12 +431,7 @@ class Preprocess:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image.load()
-            if _orientation(image) != 1:
-                # Upright, as ``datasets``' Image feature (how the BabyLM evaluation pipeline
-                # loads its images) and transformers' ``load_image`` decode it: a photo stored
-                # sideways with an EXIF rotation must not give another feature here.
-                image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            return to_rgb(upright(image))
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise BadImage(f"truncated or corrupt ({type(e).__name__}: {e})") from e
 

@@ -40,9 +40,13 @@ def test_exif_rotated_photo_is_encoded_upright_like_datasets(tmp_path, encoder_d
     got = FeatureTable(tmp_path / "f.h5", dtype=torch.float32).lookup(["photo"])[0]
     encoder = load_encoder(encoder_dir)
     expected = encoder.encode([upright])[0]
-    stored = encoder.encode([Image.open(io.BytesIO(data)).convert("RGB")])[0]
+    sideways = Image.fromarray(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    stored = encoder.encode([sideways])[0]  # the pixels as stored, no EXIF left on them
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
     assert (got - stored).abs().max() > 10 * (got - expected).abs().max()
+    # A PIL image opened plainly (its EXIF still on it) is encoded as extraction encodes the file
+    torch.testing.assert_close(encoder.encode([Image.open(io.BytesIO(data))])[0], got,
+                               atol=2e-3, rtol=2e-3)
 
 
 def test_rotated_jpeg_is_not_deferred_to_nvjpeg():
