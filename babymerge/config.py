@@ -130,6 +130,13 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
                               f"known: {', '.join(sorted(known))}")
         scalar, is_list, _ = _resolve_type(cls, known[name])
         kwargs[name] = _coerce(value, scalar, is_list, f"{source}: {key}")
+    missing = [f for f in known.values() if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError("missing " + ", ".join(
+            f"{f.name.upper()} (a positional argument, or `{f.name}` in the --config file)"
+            if f.metadata.get("positional") else f"--{f.name.replace('_', '-')}"
+            for f in missing))
     return cls(**kwargs)
 
 
@@ -188,9 +195,11 @@ def _click_params(cls: type) -> list[click.Parameter]:
         if meta.get("choices"):
             click_type = click.Choice(list(meta["choices"]))
         if meta.get("positional"):
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            # never required on the click side: ``--config FILE`` may set it (README's
+            # ``extract-features --config configs/paper/extract.toml`` has no SOURCE on the
+            # command line); build_config reports it missing from both, by name
             params.append(click.Argument([f.name], type=click_type, nargs=-1 if is_list else 1,
-                                         required=required))
+                                         required=False))
             continue
         flag = "--" + f.name.replace("_", "-")
         names = [flag] + ([meta["short"]] if meta.get("short") else [])

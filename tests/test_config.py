@@ -51,3 +51,29 @@ def test_save_config_records_versions(tmp_path):
     save_config(cfg, tmp_path / "config.json", stage="test")
     rec = json.loads((tmp_path / "config.json").read_text())
     assert rec["config"]["sources"] == ["x"] and rec["babymerge_version"] and rec["stage"] == "test"
+
+
+@dataclass
+class OneSourceCfg:
+    source: str = arg(help="input")
+    batch_size: int = opt(8, "batch")
+
+
+def test_positional_argument_may_come_from_the_config_file(tmp_path):
+    # README: `babymerge extract-features --config configs/paper/extract.toml`, SOURCE in the file
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('source = "data/images.jsonl"\n')
+    seen = []
+    group = click.Group()
+    group.add_command(config_command("run", OneSourceCfg, seen.append, "test"))
+    res = CliRunner().invoke(group, ["run", "--config", str(cfg_file)])
+    assert res.exit_code == 0, res.output
+    assert seen[0].source == "data/images.jsonl"
+    res = CliRunner().invoke(group, ["run", "cli.jsonl", "--config", str(cfg_file)])
+    assert res.exit_code == 0 and seen[1].source == "cli.jsonl"  # the command line wins
+    # missing from both: a usage error naming it, not a TypeError traceback
+    res = CliRunner().invoke(group, ["run", "--batch-size", "2"])
+    assert res.exit_code == 2 and "SOURCE" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(_cli([]), ["run"])
+    assert res.exit_code == 2 and "SOURCES" in res.output
+
