@@ -65,6 +65,18 @@ def _coerce(value: Any, scalar: type, is_list: bool, name: str) -> Any:
         if isinstance(value, (str, Path)):
             value = [value]
         return [_coerce(v, scalar, False, name) for v in value]
+    # A file's list or table for a one-value option is a mistake, not a string to parse:
+    # str([0, 0.3]) would reach the stage as "[0, 0.3]" and fail far from the file's key.
+    if isinstance(value, (list, tuple, dict)):
+        hint = (f"; write a list as one string, e.g. {','.join(map(str, value))!r}"
+                if isinstance(value, (list, tuple)) and scalar is str else "")
+        raise ConfigError(f"{name}: expected one {scalar.__name__}, got {value!r}{hint}")
+    # int(True) == 1 and int(32.7) == 32: a TOML/YAML boolean or a fractional number for an
+    # integer option (or a boolean for a float) would be silently turned into another value.
+    if scalar in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{name}: expected {scalar.__name__}, got {value!r}")
+    if scalar is int and isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{name}: expected int, got {value!r}")
     if scalar is Path:
         return Path(value)
     if scalar is bool:

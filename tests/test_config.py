@@ -77,3 +77,12 @@ def test_positional_argument_may_come_from_the_config_file(tmp_path):
     res = CliRunner().invoke(_cli([]), ["run"])
     assert res.exit_code == 2 and "SOURCES" in res.output
 
+
+@pytest.mark.parametrize("key,value", [("batch_size", 32.7), ("batch_size", True),
+                                       ("dtype", ["float16"]), ("alphas", [[0.0]])])
+def test_file_values_of_the_wrong_shape_are_errors_naming_the_key(key, value):
+    # int(32.7) == 32 and int(True) == 1 would change the run silently; str([...]) reached the
+    # stage as "[...]" and failed far from the file
+    with pytest.raises(ConfigError, match=f"c.toml: {key}"):
+        build_config(DemoCfg, {"sources": ["x"], key: value}, source="c.toml")
+    assert build_config(DemoCfg, {"sources": ["x"], "batch_size": 32.0}).batch_size == 32
