@@ -105,6 +105,26 @@ class InputError(click.ClickException, ValueError):
     stage's input error derives from it."""
 
 
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` without YAML 1.1's base-60 numbers: PyYAML reads merge's ``alpha_grid:
+    0:1:0.1`` as the float 60.1 (0*3600 + 1*60 + 0.1). Such a value stays a string, as in YAML 1.2
+    and TOML; every other scalar resolves as safe_load resolves it."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    numeric = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    base60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, re.compile(f"(?!{base60.pattern})(?:{rx.pattern})", rx.flags)
+                 if tag in numeric else rx) for tag, rx in resolvers]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    return yaml.load(text, Loader=Loader)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML (.toml) or YAML (.yaml/.yml) mapping of field names to values."""
     path = Path(path)
@@ -119,9 +139,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
         data = tomllib.loads(text)
     elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
+        data = _yaml_load(text) or {}
     elif path.suffix == ".json":
         data = json.loads(text)
     else:

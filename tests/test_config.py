@@ -86,3 +86,13 @@ def test_file_values_of_the_wrong_shape_are_errors_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=f"c.toml: {key}"):
         build_config(DemoCfg, {"sources": ["x"], key: value}, source="c.toml")
     assert build_config(DemoCfg, {"sources": ["x"], "batch_size": 32.0}).batch_size == 32
+
+
+def test_yaml_start_stop_step_stays_a_string(tmp_path):
+    # YAML 1.1 (PyYAML) reads 0:1:0.1 as a base-60 number, 60.1: merge then refused alpha 60.1
+    from babymerge.config import load_config_file
+
+    cfg_file = tmp_path / "merge.yaml"
+    cfg_file.write_text("alpha_grid: 0:1:0.1\nbatch_size: 16\nlr: 5.0e-4\nflag: true\n")
+    assert load_config_file(cfg_file) == {"alpha_grid": "0:1:0.1", "batch_size": 16,
+                                          "lr": 5e-4, "flag": True}
