@@ -526,6 +526,10 @@ def extract_features(cfg: ExtractConfig) -> dict:
         parts = sorted(parts_dir.glob("part-*.h5"))
         with h5py.File(out, "r") as f:
             complete = bool(f.attrs.get("complete", False))
+        # Unreadable images are tried on every run; when they all fail again as before, the
+        # parts add nothing, and merging would rewrite the whole file (gigabytes at scale).
+        if complete and _only_repeat_failures(parts, failed_before):
+            parts = []
         if parts or not complete:
             _merge_into(out, [out] + parts, attrs, black, duplicates="skip")
         shutil.rmtree(parts_dir)
@@ -557,6 +561,18 @@ def _progress(out: Path, parts_dir: Path, attrs: dict, black: np.ndarray,
             sources.update(_recorded_sources(f))
     next_part = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
     return done, failed, next_part, sources
+
+
+def _only_repeat_failures(parts: list[Path], failed_before: dict[str, str]) -> bool:
+    """True if ``parts`` hold no feature row and only /failed entries already recorded with the
+    same reason."""
+    for path in parts:
+        with h5py.File(path, "r") as f:
+            if int(f.attrs.get("count", f[IDS].shape[0])) > 0:
+                return False
+            if any(failed_before.get(k) != v for k, v in _read_failed(f).items()):
+                return False
+    return True
 
 
 def _source_key(source: str) -> str:

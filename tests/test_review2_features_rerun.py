@@ -1,0 +1,21 @@
+"""Stage 1: a re-run whose only work is trying again images that still cannot be read leaves
+the feature file as it is (at real scale it is gigabytes; rewriting it on every run of a job
+array for a few missing files costs minutes and adds nothing)."""
+
+import json
+import os
+
+from test_features import encoder_dir, extract, write_images  # noqa: F401 (a fixture)
+
+
+def test_rerun_with_still_missing_images_does_not_rewrite(tmp_path, encoder_dir):  # noqa: F811
+    write_images(tmp_path / "imgs", ["a.png", "b.png"])
+    lines = [{"image_id": i, "path": f"imgs/{i}.png"} for i in ("a", "b", "gone")]
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "f.h5"
+    extract(tmp_path / "list.jsonl", out, encoder_dir)
+    before = os.stat(out).st_ino
+    again = extract(tmp_path / "list.jsonl", out, encoder_dir)
+    assert again["new"] == 0 and again["new_failed"] == 1 and again["failed"] == 1
+    assert os.stat(out).st_ino == before  # not rewritten
+    assert not out.with_name(out.name + ".partial").exists()
