@@ -26,7 +26,7 @@ from typing import Iterator
 
 import click
 
-from babymerge.config import atomic_write_text, opt, save_config
+from babymerge.config import InputError, atomic_write_text, opt, save_config
 from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
 from babymerge.merge import MergeConfig, merge, objective, read_metrics
 from babymerge.tokenizer import TokenizerConfig, train_tokenizer
@@ -239,6 +239,27 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_same_demo(path: Path, cfg: DemoConfig, scale: Scale) -> None:
+    """Refuse a rerun into a folder of a demo with another scale or seed, before anything is
+    overwritten: each stage reuses what the folder holds, so the world and the tokenizer were
+    regenerated for the new settings and then ``train`` refused the old models with a hint
+    (``--no-resume``) that the demo does not have."""
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    before = {"scale": old["config"].get("scale"), "seed": old["config"].get("seed")}
+    now = {"scale": cfg.scale, "seed": cfg.seed}
+    # a custom Scale (scripts/bench_pipeline.py) under a preset's name differs in its settings
+    if before["scale"] == now["scale"] and "scale_settings" in old and old[
+            "scale_settings"] != json.loads(json.dumps(dataclasses.asdict(scale))):
+        before["scale"] = f"{before['scale']} (other settings)"
+    if before != now:
+        changed = ", ".join(f"--{k} {before[k]} -> {now[k]}" for k in now if before[k] != now[k])
+        raise InputError(f"--out {path.parent} holds a demo run with other settings ({changed}); "
+                         "its stages would be reused or refused: give a new --out, or the same "
+                         "settings to resume it")
+
+
 def demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline in ``cfg.out``; print and write the report; return its content."""
     return run_demo(cfg, SCALES[cfg.scale])
@@ -248,7 +269,8 @@ def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
     """:func:`demo` at any :class:`Scale` (the benchmark passes its own quick one)."""
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "demo_config.json")
+    _check_same_demo(run / "demo_config.json", cfg, scale)
+    save_config(cfg, run / "demo_config.json", scale_settings=dataclasses.asdict(scale))
     timer = StageTimer()
     world_cfg = dataclasses.replace(scale.world, seed=cfg.seed)
 

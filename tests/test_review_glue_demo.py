@@ -1,0 +1,29 @@
+"""`babymerge demo` rerun into a folder of another demo: refused up front, nothing overwritten."""
+
+import dataclasses
+
+import pytest
+
+from babymerge.config import InputError, save_config
+from babymerge.demo import SCALES, DemoConfig, _check_same_demo, demo
+
+
+def test_demo_refuses_a_folder_of_another_scale_or_seed(tmp_path):
+    # what a finished or interrupted `babymerge demo --scale tiny --out tmp_path` leaves first
+    save_config(DemoConfig(out=tmp_path, scale="tiny"), tmp_path / "demo_config.json",
+                scale_settings=dataclasses.asdict(SCALES["tiny"]))
+    with pytest.raises(InputError, match="--scale tiny -> small"):
+        demo(DemoConfig(out=tmp_path, scale="small", progress=False))
+    with pytest.raises(InputError, match="--seed 0 -> 3"):
+        demo(DemoConfig(out=tmp_path, scale="tiny", seed=3, progress=False))
+    # refused before the world (and the tokenizer) were regenerated for the new settings
+    assert not (tmp_path / "world").exists()
+    # the same settings resume; another device or progress bar is the same run
+    _check_same_demo(tmp_path / "demo_config.json",
+                     DemoConfig(out=tmp_path, scale="tiny", device="cpu", progress=False),
+                     SCALES["tiny"])
+    # a custom scale under a preset's name (scripts/bench_pipeline.py --quick) is another run
+    quick = dataclasses.replace(SCALES["tiny"], lm_epochs=1)
+    with pytest.raises(InputError, match="other settings"):
+        _check_same_demo(tmp_path / "demo_config.json", DemoConfig(out=tmp_path, scale="tiny"),
+                         quick)
