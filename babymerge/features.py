@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -37,8 +38,8 @@ from babymerge.config import InputError, arg, config_to_dict, opt
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
                                    FeatureFileError, decode_strings)
 from babymerge.images import (DEFAULT_MAX_PIXELS, UNREADABLE, GpuJpegDecoder, ImageDataset,
-                              Preprocess, collate, gpu_jpeg_decoder_available, list_images, to_rgb,
-                              upright)
+                              Preprocess, _expand_braces, collate, gpu_jpeg_decoder_available,
+                              list_images, to_rgb, upright)
 
 DEFAULT_ENCODER = "facebook/dinov2-large"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -507,11 +508,11 @@ def extract_features(cfg: ExtractConfig) -> dict:
             if not any(parts_dir.glob("part-*.h5")):  # nothing to resume: leave no litter
                 shutil.rmtree(parts_dir)
             raise
-        source = _source_key(cfg.source)
-        if sources and source not in sources:
+        keys = _source_keys(cfg.source)
+        if sources and not keys <= sources:
             _warn_foreign_ids(items, done | set(failed_before), cfg.source, out, sources)
         config = json.loads(attrs["config"])
-        attrs["config"] = json.dumps({**config, "sources": sorted(sources | {source})})
+        attrs["config"] = json.dumps({**config, "sources": sorted(sources | keys)})
         if not out.exists():
             _write_table(out, [], np.zeros((0, black.shape[0]), storage), {}, black, attrs)
         # An image that could not be read (a missing file, an I/O error, a shard cut short) says
@@ -575,10 +576,18 @@ def _only_repeat_failures(parts: list[Path], failed_before: dict[str, str]) -> b
     return True
 
 
-def _source_key(source: str) -> str:
+def _source_keys(source: str) -> set[str]:
     """SOURCE as recorded in a feature file's config: absolute, so a resume from another working
-    directory is the same source."""
-    return str(Path(source).resolve()) if Path(source).exists() else os.path.abspath(source)
+    directory is the same source. ``.tar`` shards are recorded by the folders holding them, so a
+    longer range, a glob or the folder of the same shards (the file extended as more of a
+    download arrives) is the same source, and the record stays a few entries long (an HDF5
+    attribute is limited to 64 KB; a shard list is not)."""
+    path = Path(source)
+    if source.endswith(".tar") and not path.is_dir():
+        shards = [p for pattern in _expand_braces(source) for p in glob.glob(pattern)]
+        if shards:
+            return {str(Path(p).absolute().parent.resolve()) for p in shards}
+    return {str(path.resolve()) if path.exists() else os.path.abspath(source)}
 
 
 def _recorded_sources(f: h5py.File) -> set[str]:
@@ -591,7 +600,7 @@ def _recorded_sources(f: h5py.File) -> set[str]:
     if "sources" in config:
         return set(config["sources"])
     config = config.get("extract", config)  # joined before sources were recorded: its first shard
-    return {_source_key(config["source"])} if isinstance(config.get("source"), str) else set()
+    return _source_keys(config["source"]) if isinstance(config.get("source"), str) else set()
 
 
 def _warn_foreign_ids(items, stored: set[str], source: str, out: Path, sources: set[str]) -> None:
