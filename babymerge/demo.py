@@ -34,6 +34,9 @@ from babymerge.train import RESUME_DIR, TrainConfig, read_resume_state, train
 from babymerge.world import WorldConfig, generate_world
 
 ALPHA_GRID = "0:1:0.1"
+# Steps between resume saves in the demo's training runs (the tiny-scale VLM runs ~640 steps; a
+# save of these models takes well under a second).
+DEMO_SAVE_EVERY = 100
 
 
 @dataclass(frozen=True)
@@ -140,9 +143,12 @@ def _train_config(cfg: DemoConfig, scale: Scale, kind: str, run: Path, world, fe
         seed=cfg.seed, seq_len=scale.seq_len, batch_size=scale.batch_size,
         epochs=scale.lm_epochs if kind == "lm" else scale.vlm_epochs, lr=scale.lr,
         warmup_steps=scale.warmup_steps, device=cfg.device,
-        # no BabyLM word-count checkpoints (the world has far fewer than 1M words) and no
-        # periodic resume saves: only the final model, as the merge needs
-        checkpoint_unit=10**12, save_every=0, log_every=20, cache_dir=run / "cache" / "tokens",
+        # no BabyLM word-count checkpoints (the world has far fewer than 1M words): only the
+        # final model, as the merge needs. The resume state is saved every DEMO_SAVE_EVERY steps
+        # so that an interrupted demo's rerun goes on from there (with no periodic save, the
+        # VLM's minutes of training at the default scale were all redone).
+        checkpoint_unit=10**12, save_every=DEMO_SAVE_EVERY, log_every=20,
+        cache_dir=run / "cache" / "tokens",
         # A random encoder's pooled features share one large offset (norm ~70, variations ~1):
         # on raw features the VLM learned to ignore the image (Winoground at chance); z-scored
         # features take it to 0.66 / VQA 0.55 on the small world (measured 2026-11-27).

@@ -27,3 +27,19 @@ def test_demo_refuses_a_folder_of_another_scale_or_seed(tmp_path):
     with pytest.raises(InputError, match="other settings"):
         _check_same_demo(tmp_path / "demo_config.json", DemoConfig(out=tmp_path, scale="tiny"),
                          quick)
+
+
+def test_demo_training_saves_its_resume_state_during_the_run(tmp_path):
+    """An interrupted demo resumes training from the last save, not from step 0: the demo's
+    train configs save the resume state periodically (the tiny VLM alone runs ~640 steps)."""
+    from types import SimpleNamespace
+
+    from babymerge.demo import _train_config
+
+    world = SimpleNamespace(corpus=tmp_path / "corpus.txt", captions=tmp_path / "captions.jsonl")
+    for path in (world.corpus, world.captions, tmp_path / "features.h5"):
+        path.write_text("x\n")
+    for kind in ("lm", "vlm"):
+        cfg = _train_config(DemoConfig(out=tmp_path, scale="tiny"), SCALES["tiny"], kind,
+                            tmp_path, world, tmp_path / "features.h5", tmp_path / "tok")
+        assert 0 < cfg.save_every <= 200, (kind, cfg.save_every)
