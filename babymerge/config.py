@@ -249,7 +249,10 @@ def _click_params(cls: type) -> list[click.Parameter]:
                                                                     if shown not in (None, "")
                                                                     else "")))
     params.append(click.Option(["--config", "config_file"], type=click.Path(path_type=Path),
-                               default=None, help="TOML/YAML file setting any of these options"))
+                               default=None,
+                               help="TOML/YAML/JSON file setting any of these options (flags win; "
+                               "its relative paths are from the current directory, as on the "
+                               "command line, not from the file)"))
     return params
 
 

@@ -96,3 +96,8 @@ def test_yaml_start_stop_step_stays_a_string(tmp_path):
     cfg_file.write_text("alpha_grid: 0:1:0.1\nbatch_size: 16\nlr: 5.0e-4\nflag: true\n")
     assert load_config_file(cfg_file) == {"alpha_grid": "0:1:0.1", "batch_size": 16,
                                           "lr": 5e-4, "flag": True}
+
+
+def test_config_help_says_where_relative_paths_start():
+    res = CliRunner().invoke(_cli([]), ["run", "--help"])
+    assert res.exit_code == 0 and "current directory" in res.output and "flags win" in res.output
