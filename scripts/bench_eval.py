@@ -8,7 +8,7 @@
 
 Random BLiMP-like pairs (8-20 tokens after the [BOS, <image>] prefix) on a random model with the
 paper's 30k vocabulary. Prints one JSON object, including the largest score difference between the
-batched and the one-at-a-time paths.
+batched and the one-at-a-time paths and, on a GPU, the batched path's % of the device's peak.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from babymerge.benchmark import environment
+from babymerge.benchmark import environment, peak_flops
 from babymerge.evaluate import TaskSpec, pack_task, score_candidates
 from babymerge.model import MODEL_PRESETS, build_model
 
@@ -35,6 +35,21 @@ def one_at_a_time(model, task) -> torch.Tensor:
             targets = ids[0, start:]
             out.append(logp[start - 1:-1].gather(1, targets[:, None]).sum().item())
     return torch.tensor(out, dtype=torch.float64)
+
+
+def scoring_flops(model, task) -> float:
+    """Useful matmul FLOPs of scoring every candidate once (nanoGPT-style estimate; padding and
+    the one projector matmul per sequence not counted): 2 x the decoder layers' weights per
+    token, 2 x hidden x vocab per scored token (the batched path runs the LM head only there),
+    and causal attention's QK^T and AV, 2 x hidden x T(T+1) per layer for a length-T sequence."""
+    text = model.config.text_config
+    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    total = 0
+    for seq, start in zip(task.input_ids, task.score_from):
+        t = len(seq)
+        total += (2 * layers * t + 2 * text.hidden_size * text.vocab_size * (t - start)
+                  + 2 * text.num_hidden_layers * text.hidden_size * t * (t + 1))
+    return float(total)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,6 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_batched_vs_one_at_a_time": t_single / t_batched,
         "max_abs_score_diff": float((batched - reference).abs().max()),
     }
+    # % of the device's peak (the model scores in float32: the CUDA-core fp32 peak, as torch
+    # leaves TF32 matmuls off by default); None on a CPU or a GPU missing from the table
+    flops = scoring_flops(model, task)
+    peak = peak_flops(device, next(model.parameters()).dtype)
+    result |= {"gflops_per_pass": round(flops / 1e9, 4),
+               "achieved_tflops_batched": round(flops / t_batched / 1e12, 4),
+               "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+               "peak_tflops": peak and peak / 1e12,
+               "pct_of_peak_batched": peak and round(100 * flops / t_batched / peak, 3)}
     print(json.dumps(result, indent=2))
     return result
 

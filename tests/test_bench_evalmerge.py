@@ -28,3 +28,29 @@ def test_bench_eval_batched_equals_one_at_a_time(capsys):
                                       "--device", "cpu"])
     assert result["max_abs_score_diff"] == pytest.approx(0, abs=1e-4)
     assert set(result["pairs_per_s"]) == {"batched", "batched_size1", "one_at_a_time"}
+
+
+def test_bench_eval_flop_estimate_matches_torch_flop_counter(capsys):
+    """The estimate behind bench_eval's % of peak on a GPU agrees with torch's FLOP counter on
+    the batched path (batch size 1: no padding, which the estimate does not count)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from babymerge.evaluate import TaskSpec, pack_task, score_candidates
+    from babymerge.model import MODEL_PRESETS, build_model
+
+    bench = load("bench_eval")
+    cfg = MODEL_PRESETS["tiny"]
+    model = build_model(cfg, seed=0, vocab_size=300, image_token_id=4, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2).eval()
+    gen = torch.Generator().manual_seed(0)
+    pairs = [[torch.randint(5, 300, (n,), generator=gen).tolist() for n in (9, 14)]
+             for _ in range(3)]
+    task = pack_task(TaskSpec("b", "minimal_pairs", "random"), [1, 4], [[]] * 3, pairs,
+                     ["b"] * 3, [0] * 3, torch.randn(1, cfg.feature_dim, generator=gen))
+    with FlopCounterMode(display=False) as counter:
+        score_candidates(model, task, 1, progress=False)
+    estimate = bench.scoring_flops(model, task)
+    assert estimate == pytest.approx(counter.get_total_flops(), rel=0.1)
+    result = bench.main(["--preset", "tiny", "--vocab", "300", "--pairs", "4", "--device", "cpu"])
+    assert result["gflops_per_pass"] > 0 and result["pct_of_peak_batched"] is None  # CPU: no peak
