@@ -280,6 +280,12 @@ def _list_tars(shards: list[Path]) -> list[ImageItem]:
         try:
             tar = tarfile.open(shard, "r:")  # offsets are only meaningful in an uncompressed tar
         except (tarfile.TarError, OSError) as e:
+            if isinstance(e, tarfile.ReadError) and shard.stat().st_size < tarfile.BLOCKSIZE:
+                # killed before its first header was written out (a 0-byte file): cut short,
+                # like the shards below, not a wrong file; the other shards go on
+                warnings.warn(f"{shard}: tar shard cut short before its first header "
+                              f"({shard.stat().st_size} bytes); it is skipped", stacklevel=2)
+                continue
             raise SourceError(f"{shard}: not an uncompressed .tar shard ({e})") from e
         chosen: dict[str, tuple[int, tarfile.TarInfo]] = {}  # key -> (extension rank, member)
         with tar:
