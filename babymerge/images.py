@@ -361,6 +361,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                   6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                   8: Image.Transpose.ROTATE_90}
+# where PIL finds an orientation again (getexif reads these)
+_EXIF_INFO_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
 def _orientation(image: Image.Image) -> int:
     """The EXIF orientation (1 = upright as stored); 1 when the EXIF block cannot be parsed, so a
     broken tag costs the rotation, not the image."""
@@ -375,7 +384,22 @@ def upright(image: Image.Image) -> Image.Image:
     twice is harmless), as ``datasets``' Image feature (how the BabyLM evaluation pipeline loads
     its images) and transformers' ``load_image`` decode it. A photo stored sideways with an EXIF
     rotation must not give another feature than the upright image the captions describe."""
-    return ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
+    orientation = _orientation(image)
+    if orientation == 1:
+        return image
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001
+        # exif_transpose writes the EXIF block back without the tag, and Pillow's writer has
+        # raised TypeError, ZeroDivisionError, IndexError on real camera files (python-pillow
+        # 4238, 7839, 8605): the picture is turned all the same, its metadata left behind so
+        # that it is not turned twice.
+        method = _EXIF_TRANSPOSE.get(orientation)
+        if method is None:
+            return image
+        turned = image.transpose(method)
+        turned.info = {k: v for k, v in turned.info.items() if k not in _EXIF_INFO_KEYS}
+        return turned
 
 
 @dataclass(frozen=True)
