@@ -355,7 +355,7 @@ def check_feature_encoder(checkpoint: Path, features: Path | None) -> str | None
     """A warning (returned, and issued) when ``features`` was made by another encoder than the
     one ``checkpoint`` was trained on: two encoders of one width (dinov2-large and
     dinov2-with-registers-large) pass the width check and score nonsense. Names are compared by
-    their last path part, so a hub id and a local copy of it agree."""
+    their last path part, so a hub id, a local copy of it and its hub cache snapshot agree."""
     if features is None:
         return None
     made_with = str(FeatureTable(features, require_complete=False, load_features=False)
@@ -363,7 +363,12 @@ def check_feature_encoder(checkpoint: Path, features: Path | None) -> str | None
     trained_on = str(getattr(AutoConfig.from_pretrained(str(checkpoint)), "encoder", "") or "")
 
     def stem(name: str) -> str:
-        return name.rstrip("/").rsplit("/", 1)[-1].lower()
+        parts = name.rstrip("/").split("/")
+        # a hub cache snapshot (.../models--facebook--dinov2-large/snapshots/<commit>) is the
+        # hub model it caches; its last part is a commit hash
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            return parts[-3].rsplit("--", 1)[-1].lower()
+        return parts[-1].lower()
 
     if not made_with or not trained_on or stem(made_with) == stem(trained_on):
         return None
