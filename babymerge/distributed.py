@@ -3,6 +3,7 @@ we join the process group (NCCL on GPU, gloo on CPU); a plain run is a world of 
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -10,6 +11,13 @@ import torch
 import torch.distributed as dist
 
 from babymerge.config import InputError
+
+
+# How long a rank may wait in a collective. On a first run rank 0 of each node tokenises the
+# whole corpus (BabyLM's 50M words of text and 50M of captions: minutes, ~4 per 100M words
+# measured on a slow 2-core machine) while the other ranks wait at a barrier; NCCL's default of
+# 10 minutes would kill them mid-wait on a slower disk or CPU.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 
 
 @dataclass
@@ -55,7 +63,7 @@ def setup(device: str = "auto") -> World:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                rank=rank, world_size=world_size)
+                                rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
