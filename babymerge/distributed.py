@@ -48,8 +48,23 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"--device {name}: no CUDA device is available")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            device = torch.device("cuda", local_rank)
+        elif local_world > 1:
+            # every process on the node would take this one GPU: NCCL then fails at the first
+            # collective ("Duplicate GPU detected"), or all ranks share its memory
+            raise InputError(f"--device {name}: torchrun started {local_world} processes on this "
+                             "node and each would use this one GPU; use --device cuda (or auto): "
+                             "each process takes the GPU of its LOCAL_RANK")
+        if device.index >= torch.cuda.device_count():
+            raise InputError(
+                f"--device {name}: GPU {device.index} does not exist here "
+                f"({torch.cuda.device_count()} visible, CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+                + (f"; torchrun's LOCAL_RANK is {local_rank}: start at most one process per GPU"
+                   if name in ("auto", "cuda") else ""))
     return device
 
 
