@@ -19,6 +19,8 @@ PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
     "H200": {torch.bfloat16: 989 * _T, torch.float16: 989 * _T, torch.float32: 67 * _T},
     "A100": {torch.bfloat16: 312 * _T, torch.float16: 312 * _T, torch.float32: 19.5 * _T},
     "L40S": {torch.bfloat16: 362 * _T, torch.float16: 362 * _T, torch.float32: 91.6 * _T},
+    # without its own row "NVIDIA L40" matched "L4" and took the L4's third of its peak
+    "L40": {torch.bfloat16: 181 * _T, torch.float16: 181 * _T, torch.float32: 90.5 * _T},
     "A10": {torch.bfloat16: 125 * _T, torch.float16: 125 * _T, torch.float32: 31.2 * _T},
     "L4": {torch.bfloat16: 121 * _T, torch.float16: 121 * _T, torch.float32: 30.3 * _T},
 }

@@ -9,6 +9,8 @@ def test_peak_table_matches_the_most_specific_name():
     assert peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12  # not the A10's
     assert peak_flops_of("NVIDIA A10") == 125e12
     assert peak_flops_of("NVIDIA L40S") == 362e12  # not the L4's
+    assert peak_flops_of("NVIDIA L40") == 181e12  # not the L4's either
+    assert peak_flops_of("NVIDIA L4") == 121e12
     assert peak_flops_of("NVIDIA H100 PCIe", torch.float32) == 51e12
     assert peak_flops_of("Some Future GPU") is None
     assert peak_flops(torch.device("cpu")) is None
