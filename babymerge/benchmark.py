@@ -26,6 +26,27 @@ PEAK_FLOPS: dict[str, dict[torch.dtype, float]] = {
 }
 
 
+# Memory bandwidth in bytes/s from the same datasheets, for bandwidth-bound work (the merge's
+# interpolation), matched the same way. The A100's depends on its memory: 40GB parts are "A100".
+PEAK_BANDWIDTH: dict[str, float] = {
+    "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12,
+    "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12, "A100": 1.555e12,
+    "L40S": 0.864e12, "L40": 0.864e12, "A10": 0.6e12, "L4": 0.3e12,
+}
+
+
+def _match(name: str, table: dict):
+    for key in sorted(table, key=len, reverse=True):
+        if key in name:
+            return table[key]
+    return None
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    """The device's memory bandwidth in bytes/s; None on a CPU or an unknown GPU."""
+    return _match(device_name(device), PEAK_BANDWIDTH) if device.type == "cuda" else None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -39,10 +60,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
 
 def peak_flops_of(name: str, dtype: torch.dtype = torch.bfloat16) -> float | None:
     """Peak FLOP/s of the GPU called ``name`` (as CUDA reports it); None if not in the table."""
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_FLOPS[key].get(dtype)
-    return None
+    peaks = _match(name, PEAK_FLOPS)
+    return peaks.get(dtype) if peaks else None
 
 
 def environment(device: torch.device) -> dict:

@@ -8,7 +8,8 @@
 - ``copy``: ``dst.copy_(src)`` over the same tensors (reads P, writes P): the memory-bandwidth
   limit.
 
-Prints one JSON object. ``--quick`` (and the default on CPU) uses the ``small`` preset.
+Prints one JSON object, with (on a GPU) the % of the memory's datasheet bandwidth. ``--quick`` (and
+the default on CPU) uses the ``small`` preset.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kernels
-from babymerge.benchmark import environment
+from babymerge.benchmark import environment, peak_bandwidth
 from babymerge.model import MODEL_PRESETS, build_model
 
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.rmdir(tmp)
     inplace_gbps = 3 * nbytes / seconds["inplace"] / 1e9
     copy_gbps = 2 * nbytes / seconds["copy"] / 1e9
+    peak = peak_bandwidth(device)
     result = {
         "bench": "merge_one_alpha", **environment(device),
         "kernel_path": os.environ.get("BABYMERGE_KERNELS", "auto"),
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_alpha": seconds,
         "GBps": {"inplace (read 2P + write P)": inplace_gbps, "copy (read P + write P)": copy_gbps},
         "inplace_fraction_of_copy_bandwidth": inplace_gbps / copy_gbps,
+        # % of the memory's datasheet bandwidth (None on a CPU or a GPU missing from the table)
+        "peak_GBps": peak and peak / 1e9,
+        "inplace_pct_of_peak_bandwidth": peak and 100 * inplace_gbps * 1e9 / peak,
+        "copy_pct_of_peak_bandwidth": peak and 100 * copy_gbps * 1e9 / peak,
         "speedup_inplace_vs_state_dict": seconds["state_dict"] / seconds["inplace"],
         "speedup_inplace_vs_safetensors": seconds["safetensors"] / seconds["inplace"],
         "max_abs_diff_inplace_vs_naive_merge": max_diff,

@@ -1,6 +1,6 @@
 import torch
 
-from babymerge.benchmark import environment, peak_flops, peak_flops_of
+from babymerge.benchmark import PEAK_BANDWIDTH, _match, environment, peak_flops, peak_flops_of
 
 
 def test_peak_table_matches_the_most_specific_name():
@@ -20,3 +20,11 @@ def test_environment_records_device_and_versions():
     env = environment(torch.device("cpu"))
     assert env["device"] == "cpu" and env["torch"] == torch.__version__
     assert env["transformers"] and env["babymerge"] and env["threads"] >= 1
+
+
+def test_bandwidth_table_matches_the_most_specific_name():
+    assert _match("NVIDIA H100 80GB HBM3", PEAK_BANDWIDTH) == 3.35e12
+    assert _match("NVIDIA H200", PEAK_BANDWIDTH) == 4.8e12
+    assert _match("NVIDIA A100-SXM4-80GB", PEAK_BANDWIDTH) == 2.039e12
+    assert _match("NVIDIA A100-SXM4-40GB", PEAK_BANDWIDTH) == 1.555e12
+    assert _match("NVIDIA L40", PEAK_BANDWIDTH) == 0.864e12
