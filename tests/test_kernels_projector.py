@@ -132,6 +132,25 @@ def test_measured_plans_pick_the_fastest_once(kernel_device, monkeypatch):
     assert len(timed) == 5  # 70 rows share 67's bucket: nothing timed again
 
 
+def test_plan_timing_out_of_memory_falls_back_to_the_rule(kernel_device, monkeypatch):
+    """do_bench allocates a 256 MB L2-flush buffer and every candidate's outputs: on a nearly full
+    GPU the first step of a new shape must not fail for want of room to time plans."""
+    from kernels import projector
+
+    monkeypatch.setattr(projector, "_MEASURED_PLANS", {})
+    monkeypatch.setattr(projector, "_plans_are_measured", lambda device: True)
+
+    def no_room(fn):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(projector, "_measure", no_room)
+    x, w1, b1, w2, b2 = (t.detach() if t is not None else None
+                         for t in _inputs(20, 32, 16, 16, torch.float32, kernel_device))
+    y, _ = projector.projector_forward(x, w1, b1, w2, b2, save_z=False)
+    assert _rel_err(y, project_reference(x, w1, b1, w2, b2)) < 1e-4
+    assert list(projector._MEASURED_PLANS.values()) == ["fused"]  # the rule's choice, kept
+
+
 def test_plan_switch(kernel_device, monkeypatch):
     """BABYMERGE_PROJECTOR_PLAN=rule pins the rules (no timing, even on CUDA); a typo is an
     error naming the variable; plans are never timed in the interpreter, under torch.compile's
