@@ -160,6 +160,13 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
                               f"known: {', '.join(sorted(known))}")
         scalar, is_list, _ = _resolve_type(cls, known[name])
         kwargs[name] = _coerce(value, scalar, is_list, f"{source}: {key}")
+        # click checks a flag's choices; a file's value must be checked here, or e.g. merge's
+        # `dtype = "bf16"` passed validation and failed as a KeyError deep in the stage
+        choices = known[name].metadata.get("choices")
+        given = kwargs[name] if is_list else [kwargs[name]]
+        if choices and any(v is not None and v not in choices for v in given):
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, "
+                              f"got {value!r}")
     missing = [f for f in known.values() if f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

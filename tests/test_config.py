@@ -102,3 +102,13 @@ def test_config_help_says_where_relative_paths_start():
     res = CliRunner().invoke(_cli([]), ["run", "--help"])
     text = " ".join(res.output.split())  # click wraps the help text
     assert res.exit_code == 0 and "current directory" in text and "flags win" in text
+
+
+def test_file_value_outside_the_choices_is_an_error_naming_the_key(tmp_path):
+    # click checks --dtype's choices; the same value from a file went to the stage unchecked
+    with pytest.raises(ConfigError, match="c.toml: dtype must be one of float16, float32"):
+        build_config(DemoCfg, {"sources": ["x"], "dtype": "bf16"}, source="c.toml")
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('dtype = "bf16"\n')
+    res = CliRunner().invoke(_cli([]), ["run", "a", "--config", str(cfg_file)])
+    assert res.exit_code == 2 and "dtype must be one of" in res.output
