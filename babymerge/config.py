@@ -78,6 +78,8 @@ def _coerce(value: Any, scalar: type, is_list: bool, name: str) -> Any:
     if scalar is int and isinstance(value, float) and not value.is_integer():
         raise ConfigError(f"{name}: expected int, got {value!r}")
     if scalar is Path:
+        if not isinstance(value, (str, os.PathLike)):  # Path(5) is a TypeError traceback
+            raise ConfigError(f"{name}: expected a path (a string), got {value!r}")
         return Path(value)
     if scalar is bool:
         if isinstance(value, str):

@@ -79,7 +79,8 @@ def test_positional_argument_may_come_from_the_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("batch_size", 32.7), ("batch_size", True),
-                                       ("dtype", ["float16"]), ("alphas", [[0.0]])])
+                                       ("dtype", ["float16"]), ("alphas", [[0.0]]),
+                                       ("sources", [5])])
 def test_file_values_of_the_wrong_shape_are_errors_naming_the_key(key, value):
     # int(32.7) == 32 and int(True) == 1 would change the run silently; str([...]) reached the
     # stage as "[...]" and failed far from the file
