@@ -188,10 +188,13 @@ def _train_throughput(run_dir: Path) -> dict:
 def finding(results: dict) -> tuple[bool, str]:
     """Whether the paper's finding holds on this run, as one sentence.
 
-    The finding: the VLM (alpha = 0) is weaker on grammar than the LM (alpha = 1) by more than one
-    standard error of the LM's grammar score, and some merge
+    The finding: the VLM (alpha = 0) is weaker on grammar than the LM (alpha = 1), and some merge
     0 < alpha < 1 scores higher on grammar than the VLM while keeping its multimodal score (no
-    drop larger than one standard error of that score).
+    drop larger than one standard error of that score). "Weaker" and "higher" mean by more than
+    two standard errors of the difference of the two grammar scores: with one standard error of
+    the LM's score alone, a gap of 7 of 1,400 pairs at 99% accuracy (the small scale's
+    0.991 vs 0.996) was reported as the paper's finding, and a merge 4 pairs above the VLM as
+    recovering 57% of it.
     """
     tasks = results["tasks"]
     recs = {r["alpha"]: r for r in results["records"]}
@@ -203,21 +206,29 @@ def finding(results: dict) -> tuple[bool, str]:
     p = vlm["multimodal"]
     se = math.sqrt(max(p * (1 - p), 1e-6) / max(mm_items, 1))
     g_items = sum(t["items"] for t in tasks.values() if t["kind"] == "minimal_pairs")
-    q = lm["grammar"]
-    g_se = math.sqrt(max(q * (1 - q), 1e-6) / max(g_items, 1))
-    if vlm["grammar"] >= lm["grammar"] - g_se:
+
+    def margin(a: float, b: float) -> float:
+        """Two standard errors of the difference of two grammar scores on the same items."""
+        return 2 * math.sqrt((max(a * (1 - a), 1e-6) + max(b * (1 - b), 1e-6))
+                             / max(g_items, 1))
+
+    g_margin = margin(vlm["grammar"], lm["grammar"])
+    if vlm["grammar"] >= lm["grammar"] - g_margin:
         if vlm["grammar"] < lm["grammar"]:
             return False, (f"The paper's finding cannot be seen on this run: the VLM and the LM "
                            f"are equally good on grammar ({vlm['grammar']:.3f} vs "
-                           f"{lm['grammar']:.3f}, within one standard error {g_se:.3f}).")
+                           f"{lm['grammar']:.3f}, within two standard errors of their "
+                           f"difference, {g_margin:.3f}).")
         return False, (f"The paper's finding does not hold on this run: the VLM is not weaker on "
                        f"grammar than the LM ({vlm['grammar']:.3f} vs {lm['grammar']:.3f}).")
-    better = [r for a, r in sorted(recs.items()) if 0 < a < 1 and r["grammar"] > vlm["grammar"]
+    better = [r for a, r in sorted(recs.items()) if 0 < a < 1
+              and r["grammar"] > vlm["grammar"] + margin(r["grammar"], vlm["grammar"])
               and r["multimodal"] >= p - se]
     if not better:
         return False, (f"The paper's finding holds only in part on this run: the VLM is weaker on "
                        f"grammar than the LM ({vlm['grammar']:.3f} vs {lm['grammar']:.3f}), but no "
-                       f"merge improves grammar while keeping the multimodal score "
+                       f"merge improves grammar (by more than two standard errors) while keeping "
+                       f"the multimodal score "
                        f"({p:.3f} +- {se:.3f}).")
     best = max(better, key=lambda r: (r["grammar"], -r["alpha"]))
     recovered = (best["grammar"] - vlm["grammar"]) / (lm["grammar"] - vlm["grammar"])
