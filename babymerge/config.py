@@ -281,4 +281,9 @@ def config_command(name: str, cls: type[C], run: Callable[[C], Any], help: str) 
             raise click.UsageError(str(e)) from e
         return run(cfg)
 
-    return click.Command(name, callback=callback, params=_click_params(cls), help=help)
+    # click shows no help for positional arguments: without this, e.g. extract-features' SOURCE
+    # forms (a datasets folder, quoted {000..009} shard ranges) were in no --help at all
+    positional = [f"{f.name.upper()}: {f.metadata['help']}" for f in dataclasses.fields(cls)
+                  if f.metadata.get("positional") and f.metadata.get("help")]
+    full_help = "\n\n".join([help, *positional])
+    return click.Command(name, callback=callback, params=_click_params(cls), help=full_help)

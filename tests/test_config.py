@@ -113,3 +113,9 @@ def test_file_value_outside_the_choices_is_an_error_naming_the_key(tmp_path):
     cfg_file.write_text('dtype = "bf16"\n')
     res = CliRunner().invoke(_cli([]), ["run", "a", "--config", str(cfg_file)])
     assert res.exit_code == 2 and "dtype must be one of" in res.output
+
+
+def test_positional_argument_help_is_shown():
+    # click prints no help for arguments; the field's help is added to the command's text
+    res = CliRunner().invoke(_cli([]), ["run", "--help"])
+    assert res.exit_code == 0 and "SOURCES: inputs" in res.output
