@@ -7,6 +7,10 @@ Baselines measured in the same run, so the pipeline's overhead is visible:
 - ``encoder_baseline``: images/s of the encoder's forward on an already-normalised batch, against
   extract-features' images/s (which also decodes, resizes and writes HDF5).
 
+On CUDA (``--device auto`` finds it) the stages run there, as ``babymerge demo`` does, and the
+train stages and the bare step report their model FLOP utilisation (``6N + 12·L·H·Q·T`` FLOPs per
+token, as scripts/bench_train.py) against the device's bf16 peak.
+
     python scripts/bench_pipeline.py --quick          # ~1 minute on 2 CPU cores
     python scripts/bench_pipeline.py --scale small    # the README demo's size
 """
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from babymerge.benchmark import environment
+from babymerge.benchmark import environment, peak_flops
 from babymerge.demo import SCALES, DemoConfig, Scale, run_demo
 from babymerge.features import load_encoder
 from babymerge.model import MODEL_PRESETS, build_model
@@ -37,38 +41,65 @@ QUICK = dataclasses.replace(
     lm_epochs=1, vlm_epochs=1, warmup_steps=5)
 
 
-def train_step_baseline(scale: Scale, vocab: int, feature_dim: int, steps: int = 10) -> float:
-    """Tokens/s of bare training steps of ``scale``'s model at its batch shape."""
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token, nanoGPT's estimate (the one scripts/bench_train.py uses)."""
+    text = model.config.text_config
+    n = sum(p.numel() for n_, p in model.named_parameters() if "embed_tokens" not in n_)
+    head_dim = text.hidden_size // text.num_attention_heads
+    return 6 * n + 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step_baseline(scale: Scale, vocab: int, feature_dim: int,
+                        device: torch.device = torch.device("cpu"), steps: int = 10
+                        ) -> tuple[float, float]:
+    """(tokens/s, FLOPs per token) of bare training steps of ``scale``'s model at its batch
+    shape, in train's precision (bf16 autocast on CUDA)."""
     cfg = dataclasses.replace(MODEL_PRESETS[scale.preset], feature_dim=feature_dim)
     model = build_model(cfg, seed=0, vocab_size=vocab, image_token_id=4, pad_token_id=3,
-                        bos_token_id=1, eos_token_id=2).train()
+                        bos_token_id=1, eos_token_id=2).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(5, vocab, (scale.batch_size, scale.seq_len))
     ids[:, 0], ids[:, 1] = 1, 4
-    feats = torch.randn(scale.batch_size, feature_dim)
+    ids = ids.to(device)
+    feats = torch.randn(scale.batch_size, feature_dim, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> None:
-        loss = model(input_ids=ids, pixel_values=feats, labels=ids, use_cache=False).loss
+        with autocast:
+            loss = model(input_ids=ids, pixel_values=feats, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     for _ in range(3):  # warm-up: allocator, kernels' first calls
         step()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps * ids.numel() / (time.perf_counter() - t0)
+    _sync(device)
+    return steps * ids.numel() / (time.perf_counter() - t0), flops_per_token(model, scale.seq_len)
 
 
-def encoder_baseline(encoder_dir: Path, image_size: int, batch: int = 128, reps: int = 3) -> float:
-    """Images/s of the encoder alone on already-cropped uint8 pixels (normalise, blocks, pool)."""
-    enc = load_encoder(encoder_dir)
-    pixels = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8)
+def encoder_baseline(encoder_dir: Path, image_size: int, device: torch.device = torch.device(
+        "cpu"), batch: int = 128, reps: int = 3) -> float:
+    """Images/s of the encoder alone on already-cropped uint8 pixels (normalise, blocks, pool),
+    in extract-features' precision (bf16 autocast on CUDA)."""
+    enc = load_encoder(encoder_dir, device=device,
+                       dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    pixels = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
+                           device=device)
     enc.encode_pixels(pixels)
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         enc.encode_pixels(pixels)
+    _sync(device)
     return reps * batch / (time.perf_counter() - t0)
 
 
@@ -78,7 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", default="tiny", choices=tuple(SCALES))
     parser.add_argument("--out", type=Path, default=None,
                         help="keep the run here, a new or empty folder (default: temp)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the stages and baselines run (auto: cuda when available)")
     args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or (
+        args.device == "auto" and torch.cuda.is_available()) else "cpu")
     if args.out is not None and args.out.exists() and (not args.out.is_dir()
                                                       or any(args.out.iterdir())):
         # the demo reuses every stage a finished or interrupted run left there: its rates would
@@ -88,15 +123,20 @@ def main(argv: list[str] | None = None) -> None:
     scale = QUICK if args.quick else SCALES[args.scale]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "run"
-        cfg = DemoConfig(out=out, scale=args.scale, device="cpu", progress=False)
+        cfg = DemoConfig(out=out, scale=args.scale, device=device.type, progress=False)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON object
             report = run_demo(cfg, scale)
         wall = time.perf_counter() - t0
         vocab = json.loads((out / "lm" / "config.json").read_text())["text_config"]["vocab_size"]
-        base_train = train_step_baseline(scale, vocab, scale.encoder.hidden_size)
-        base_enc = encoder_baseline(out / "encoder", scale.encoder.image_size)
+        base_train, fpt = train_step_baseline(scale, vocab, scale.encoder.hidden_size, device)
+        base_enc = encoder_baseline(out / "encoder", scale.encoder.image_size, device)
     stages = report["stages"]
+    peak = peak_flops(device)
+
+    def mfu(tokens_per_s: float | None) -> float | None:
+        return round(fpt * tokens_per_s / peak, 5) if peak and tokens_per_s else None
+
     result = {
         "benchmark": "pipeline", "scale": "quick" if args.quick else args.scale,
         "wall_seconds": round(wall, 2),
@@ -109,8 +149,12 @@ def main(argv: list[str] | None = None) -> None:
             "extract_vs_encoder_forward": round(stages["extract-features"]["images_per_s"]
                                                 / base_enc, 3),
         },
+        "model_flops_per_token": fpt,
+        "mfu": {"train lm": mfu(stages["train lm"]["tokens_per_s"]),
+                "train vlm": mfu(stages["train vlm"]["tokens_per_s"]),
+                "train_step_baseline": mfu(base_train)},
         "finding_holds": report["holds"],
-        **environment(torch.device("cpu")),
+        **environment(device),
     }
     print(json.dumps(result))
 
