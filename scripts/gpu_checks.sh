@@ -4,6 +4,7 @@
 # that holds a CUDA torch, with the package on PYTHONPATH (nothing is installed: the GPU machines
 # have no package index). Phases as arguments, default all:
 #     scripts/gpu_checks.sh [tests] [kernels] [merge] [extract] [demo] [train] [eval] [profile]
+#         [pipeline]
 # Results land in $OUT (the device tool's folder) or ./gpu_results, at most 8 files: log.txt
 # (versions, nvidia-smi, each phase's exit status and stderr), gpu_tests.txt, bench_<phase>.json,
 # demo.txt, profile.txt. Phase limits are about twice what each took on an H100 (2026-11-27).
@@ -46,6 +47,8 @@ for phase in $phases; do
         train) run bench_train.json 150 $py scripts/bench_train.py ;;
         eval) run bench_eval.json 60 $py scripts/bench_eval.py ;;
         profile) run profile.txt 60 $py scripts/profile_projector.py ;;
+        pipeline) run bench_pipeline.json 200 $py scripts/bench_pipeline.py --quick --device cuda \
+            --out /tmp/bench_pipeline_run ;;
         *) echo "unknown phase $phase" | tee -a "$log" ;;
     esac
 done
