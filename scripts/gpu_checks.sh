@@ -2,7 +2,7 @@
 # One prepared pass for a lent GPU (device tool): the GPU tests without the Triton interpreter,
 # the benchmarks at GPU sizes, and the demo on CUDA. Runs from the repository root on the Python
 # that holds a CUDA torch, with the package on PYTHONPATH (nothing is installed: the GPU machines
-# have no package index). Phases as arguments, default all:
+# have no package index). Phases as arguments (default: every phase but profile and pipeline):
 #     scripts/gpu_checks.sh [tests] [kernels] [merge] [extract] [demo] [train] [eval] [profile]
 #         [pipeline]
 # Results land in $OUT (the device tool's folder) or ./gpu_results, at most 8 files: log.txt
