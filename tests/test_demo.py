@@ -78,11 +78,12 @@ def test_demo_vlm_beats_chance_and_lm_with_the_image(report, kind):
     assert right > shuffled + 0.05
 
 
-def _results(grammar, multimodal, items=400):
-    tasks = {"g": {"kind": "minimal_pairs", "chance": 0.5, "items": items},
-             "w": {"kind": "winoground", "chance": 0.5, "items": items}}
+def _results(grammar, multimodal, g_items=400, mm_items=400, alphas=(0.0, 0.5, 1.0)):
+    """results.json of a three-point sweep: VLM, one merge, LM."""
+    tasks = {"g": {"kind": "minimal_pairs", "chance": 0.5, "items": g_items},
+             "w": {"kind": "winoground", "chance": 0.5, "items": mm_items}}
     return {"tasks": tasks, "records": [{"alpha": a, "grammar": g, "multimodal": m}
-                                        for a, g, m in zip((0.0, 0.5, 1.0), grammar, multimodal)]}
+                                        for a, g, m in zip(alphas, grammar, multimodal)]}
 
 
 def test_finding_sentence_follows_the_scores():

@@ -6,6 +6,7 @@ import pytest
 
 from babymerge.config import InputError, save_config
 from babymerge.demo import SCALES, DemoConfig, _check_same_demo, demo
+from test_demo import _results as demo_results
 
 
 def test_demo_refuses_a_folder_of_another_scale_or_seed(tmp_path):
@@ -46,10 +47,7 @@ def test_demo_training_saves_its_resume_state_during_the_run(tmp_path):
 
 
 def _results(grammar, multimodal, g_items=1400, mm_items=600):
-    tasks = {"g": {"kind": "minimal_pairs", "chance": 0.5, "items": g_items},
-             "w": {"kind": "winoground", "chance": 0.5, "items": mm_items}}
-    return {"tasks": tasks, "records": [{"alpha": a, "grammar": g, "multimodal": m}
-                                        for a, g, m in zip((0.0, 0.1, 1.0), grammar, multimodal)]}
+    return demo_results(grammar, multimodal, g_items, mm_items, alphas=(0.0, 0.1, 1.0))
 
 
 def test_finding_is_not_claimed_on_a_gap_within_the_noise():

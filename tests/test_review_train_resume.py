@@ -10,22 +10,11 @@ from safetensors.torch import load_file
 from babymerge.train import TrainConfig, TrainError, build_initial_model, make_optimizer, train
 from babymerge.tokenizer import load_tokenizer
 from test_data_fixtures import DIM, world  # noqa: F401  (world: fixture)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_train import lm_config, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 
 def config(world, out, **kw) -> TrainConfig:
-    base = dict(kind="lm", text=[world["text"]], features=world["features"],
-                tokenizer=world["tokenizer"], out=out, preset="tiny", seq_len=32, batch_size=8,
-                epochs=1, lr=3e-3, warmup_steps=3, log_every=2, save_every=0,
-                cache_dir=world["root"] / "cache", progress=False, feature_norm="standardize")
-    return TrainConfig(**{**base, **kw})
+    return lm_config(world, out, **{"epochs": 1, "feature_norm": "standardize", **kw})
 
 
 def test_standardize_run_resumes_to_identical_weights(world, tmp_path):
