@@ -395,7 +395,11 @@ def _choose(key: tuple, device: torch.device, rule_choice, candidates: tuple, ru
     choice = _MEASURED_PLANS.get(key)
     if choice is None:
         try:
-            times = {c: _measure(lambda c=c: run(c)) for c in candidates}
+            # do_bench times with events on the CURRENT device's stream and puts its L2 flush
+            # buffer there: for tensors on another GPU (cuda:1 without set_device) it would time
+            # nothing and fill GPU 0, so time on the tensors' device.
+            with _on_device(device):
+                times = {c: _measure(lambda c=c: run(c)) for c in candidates}
             choice = min(times, key=times.get)
         except torch.cuda.OutOfMemoryError:
             # timing needs room for every candidate's outputs and do_bench's 256 MB L2 flush

@@ -2,6 +2,8 @@
 every dtype, shapes that are not multiples of any block, on the CPU interpreter (default run) and
 on a GPU (``-m gpu``, interpreter off)."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlavaConfig
@@ -272,3 +274,36 @@ def test_model_trains_through_the_kernel(kernel_device, monkeypatch):
     for got, want in zip(results["triton"], results["torch"]):
         assert _rel_err(got, want) < 1e-4
     assert kernels.dispatch.backend(kernel_device) == "triton"
+
+
+def test_plans_are_timed_on_the_tensors_device(kernel_device, monkeypatch):
+    """do_bench records its events on the current CUDA device and allocates its L2-flush buffer
+    there: tensors on cuda:1 with cuda:0 current would be timed on the wrong GPU (near-zero times,
+    a random plan) with 256 MB taken on GPU 0. The timing must run inside the tensors' device."""
+    from kernels import projector
+
+    inside = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        inside.append(device)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(projector, "_MEASURED_PLANS", {})
+    monkeypatch.setattr(projector, "_plans_are_measured", lambda device: True)
+    monkeypatch.setattr(projector, "_on_device", recording)
+    seen = []
+
+    def fake_measure(fn):
+        seen.append(list(inside))
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(projector, "_measure", fake_measure)
+    x, w1, b1, w2, b2 = (t.detach() for t in _inputs(20, 32, 16, 16, torch.float32,
+                                                      kernel_device))
+    projector.projector_forward(x, w1, b1, w2, b2, save_z=False)
+    assert seen and all(s == [x.device] for s in seen), seen
