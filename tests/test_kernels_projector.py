@@ -182,11 +182,18 @@ def test_plan_switch(kernel_device, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1000, 4099, 16411])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_paper_shape_gpu(kernel_device, dtype, rows):
+def test_paper_shape_gpu(kernel_device, dtype, rows, monkeypatch):
     """The paper's projector (1024 -> 768 -> 768), autotuned, at the three plans: one fused
-    forward kernel (1000 rows), two forward GEMMs (4099), and split weight gradients (16411)."""
+    forward kernel (1000 rows), two forward GEMMs (4099), and split weight gradients (16411).
+    The rules pin those plans: measured plans would test only whichever timed fastest."""
     if kernel_device.type != "cuda":
         pytest.skip("paper-size shape only on the GPU (minutes in the interpreter)")
+    from kernels import projector
+
+    monkeypatch.setenv(projector.PLAN_ENV_VAR, "rule")
+    want = {1000: ("fused", 1), 4099: ("two_gemm", 1), 16411: ("two_gemm", 4)}[rows]
+    assert (("fused" if rows <= projector.FUSED_FORWARD_MAX_ROWS else "two_gemm"),
+            projector.weight_grad_splits(rows)) == want
     tol = GPU_FP32_TOL if dtype == torch.float32 else TOL[dtype]
     _check_against_reference(_inputs(rows, 1024, 768, 768, dtype, kernel_device), tol)
 
