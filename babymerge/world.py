@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -559,11 +560,27 @@ def _swap(scene: Scene, rng: random.Random) -> tuple[str, str, str, str]:
             sentence(f"{group_np(g2)} {be(g2.number)} {place}"), tag, "replace")
 
 
-def _vqa(scene: Scene, rng: random.Random) -> dict:
+def _vqa(scene: Scene, rng: random.Random, asked: Counter) -> dict:
     """One question about the scene; distractors are the other values of the same kind, in the
-    same grammatical number as the answer."""
+    same grammatical number as the answer.
+
+    ``asked`` counts the count answers given so far. Scenes mostly hold one object per group
+    (P("one") ~ 0.58), a prior the VLM learns from the captions' count questions; so a count
+    question is asked only where its answer is among the least used so far (else the scene gets
+    a colour or shape question), which keeps a constant answer at chance. Colours and shapes are
+    uniform already. The rng draws are the same either way, so the Winoground items drawn from
+    the same stream do not change."""
     g = rng.choice(scene.groups)
     kind = rng.choice(("colour", "shape", "count"))
+    if kind == "count":
+        least = min(asked[c] for c in NUMBER_WORDS)
+        fits = [h for h in [g] + scene.groups if asked[h.count] == least]
+        if fits:
+            g = fits[0]  # the drawn group when its answer fits
+        else:
+            kind = ("colour", "shape")[sum(asked.values()) % 2]
+    if kind == "count":
+        asked[g.count] += 1
     if kind == "colour":
         return {"question": colour_question(g), "target_ans": g.colour, "question_type": kind,
                 "distractors": [c for c in COLOURS if c != g.colour]}
@@ -650,12 +667,12 @@ def generate_world(cfg: WorldConfig, out: str | Path) -> WorldPaths:
 
     held_out = _draw_split("eval", cfg.eval_images, cfg, paths.images, seeds["eval"])
     rng = random.Random(seeds["items"])
-    wino, vqa = [], []
+    wino, vqa, asked = [], [], Counter()
     for image_id, scene in held_out:
         gold, wrong, tag, secondary = _swap(scene, rng)
         wino.append({"caption_0": gold, "caption_1": wrong, "image_id": image_id, "tag": tag,
                      "secondary_tag": secondary, "collapsed_tag": tag})
-        vqa.append({"image_id": image_id, **_vqa(scene, rng)})
+        vqa.append({"image_id": image_id, **_vqa(scene, rng, asked)})
     _write_jsonl(paths.winoground, wino)
     _write_jsonl(paths.vqa, vqa)
 
