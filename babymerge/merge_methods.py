@@ -174,14 +174,21 @@ class Dare(TaskArithmetic):
 
 @register("ties")
 class Ties(TaskArithmetic):
-    """TIES: (1) trim each task vector to its top ``density`` fraction by magnitude; (2) elect
-    each entry's sign as the sign of ``alpha * tau_LM + (1 - alpha) * tau_VLM``; (3) merge as the
-    mean, weighted by alpha and 1 - alpha, of the trimmed entries whose sign agrees (0 where none
-    does); then ``base + scale * merged`` as in task arithmetic. The paper's disjoint mean is the
-    unweighted case (alpha = 0.5)."""
+    """TIES: (1) trim each tensor of each task vector to its top ``density`` fraction by
+    magnitude; (2) elect each entry's sign as the sign of ``alpha * tau_LM + (1 - alpha) *
+    tau_VLM``; (3) merge as the mean, weighted by alpha and 1 - alpha, of the trimmed entries
+    whose sign agrees (0 where none does); then ``base + scale * merged`` as in task arithmetic.
+    The paper's disjoint mean is the unweighted case (alpha = 0.5).
 
-    reference = ("TIES (Yadav et al. 2023, TIES-Merging, arXiv:2306.01708): task vectors trimmed "
-                 "to their top-density magnitudes, sign elected by the weighted sum, weighted mean "
+    The trim is per tensor, as mergekit's: the paper's code keeps the top fraction of the whole
+    flattened task vector, which can empty a tensor whose updates are small (a norm's weights)
+    and keep most of another. The weighted mean makes alpha a weight, not an interpolation: at
+    any 0 < alpha < 1 an entry only one model kept enters at full size, so the merge jumps
+    between alpha = 0 (base + trimmed tau_VLM) and any alpha above it (likewise at 1)."""
+
+    reference = ("TIES (Yadav et al. 2023, TIES-Merging, arXiv:2306.01708): each tensor of each "
+                 "task vector trimmed to its top-density magnitudes (per tensor, as mergekit; the "
+                 "paper trims the whole vector), sign elected by the weighted sum, weighted mean "
                  "of the entries that agree")
     uses_density = True
     extrapolates = False  # negative weights would flip the sign election
