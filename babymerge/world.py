@@ -469,8 +469,10 @@ class Grammar:
 
     def s_numeral_noun_agreement(self) -> tuple[str, str]:
         r = self.rng
-        count = r.randint(1, 3)
-        n = SG if count == 1 else PL
+        # the number first, so that half the good sentences are singular: a count drawn from
+        # 1..3 made 2/3 of them plural, which a model preferring plural nouns got right blind
+        n = self.number()
+        count = 1 if n == SG else r.randint(2, 3)
         shape = r.choice(SHAPES)
         adj = r.choice(list(COLOURS)) + " " if r.random() < 0.5 else ""
         good = f"{NUMBER_WORDS[count]} {adj}{noun_form(shape, n)}"
