@@ -83,6 +83,9 @@ def test_two_kernel_forward_and_split_weight_grads(kernel_device, dtype, monkeyp
     and weight gradients reduced in 4 row slices (the last one empty) summed on the host."""
     from kernels import projector
 
+    # On CUDA plans are measured, which would ignore these rules (and at 67 rows try no split):
+    # pin the rules so the GPU run checks the compiled two-GEMM forward and split reduction too.
+    monkeypatch.setenv(projector.PLAN_ENV_VAR, "rule")
     monkeypatch.setattr(projector, "FUSED_FORWARD_MAX_ROWS", 16)
     monkeypatch.setattr(projector, "ROWS_PER_WEIGHT_GRAD_SPLIT", 16)
     assert projector.weight_grad_splits(67) == 4
