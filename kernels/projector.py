@@ -380,10 +380,28 @@ def _plans_are_measured(device: torch.device) -> bool:
     return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
 
 
-def _measure(fn) -> float:
-    """Milliseconds per call of ``fn``, calls queued back to back (triton.testing.do_bench, which
-    also clears L2 between calls): host-bound plans show their host time, as in a training loop."""
-    return triton.testing.do_bench(fn, warmup=5, rep=25)
+def _measure(fn, budget_ms: float = 10.0) -> float:
+    """Milliseconds per call of ``fn``, calls queued back to back on the current CUDA stream, as
+    in a training loop: a GPU-bound plan shows its GPU time, a host-bound one its host time (its
+    launches, allocations and small torch ops). Not triton.testing.do_bench: it enqueues a 256 MB
+    L2-flush memset (~85 us on an H100) before every call, which hides up to that much host time
+    per call, so a plan that adds launches or host ops to a host-bound step (a split reduction's
+    workspace, sum and cast; a second forward launch) would time as if they were free. The
+    first call (compiles, autotuning) is not timed; the calls double until ``budget_ms``."""
+    fn()
+    torch.cuda.synchronize()
+    calls = 2
+    while True:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        if ms >= budget_ms or calls >= 1024:
+            return ms / calls
+        calls *= 2
 
 
 def _choose(key: tuple, device: torch.device, rule_choice, candidates: tuple, run):
@@ -395,15 +413,16 @@ def _choose(key: tuple, device: torch.device, rule_choice, candidates: tuple, ru
     choice = _MEASURED_PLANS.get(key)
     if choice is None:
         try:
-            # do_bench times with events on the CURRENT device's stream and puts its L2 flush
-            # buffer there: for tensors on another GPU (cuda:1 without set_device) it would time
-            # nothing and fill GPU 0, so time on the tensors' device.
+            # the timing's events and synchronisation (and the autotuner's do_bench with its
+            # 256 MB L2-flush buffer) use the CURRENT device: for tensors on another GPU (cuda:1
+            # without set_device) they would time nothing and fill GPU 0, so time on theirs.
             with _on_device(device):
                 times = {c: _measure(lambda c=c: run(c)) for c in candidates}
             choice = min(times, key=times.get)
         except torch.cuda.OutOfMemoryError:
-            # timing needs room for every candidate's outputs and do_bench's 256 MB L2 flush
-            # buffer; on a nearly full GPU the rule decides instead of the step failing
+            # timing needs room for every candidate's outputs and, on its first call, for the
+            # autotuner's do_bench and its 256 MB L2-flush buffer; on a nearly full GPU the rule
+            # decides instead of the step failing
             choice = rule_choice
         _MEASURED_PLANS[key] = choice
     return choice
