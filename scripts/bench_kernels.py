@@ -78,8 +78,8 @@ def timed_back_to_back(fn, device: torch.device, reps: int) -> float:
 
 def steady_peak_mb(step, device: torch.device) -> float:
     """Peak CUDA memory (MB) of one ``step`` after warm-up. Not over the first calls: there the
-    Triton path autotunes and times its launch plans, and each triton.testing.do_bench allocates
-    a 256 MB L2-flush buffer, which would be charged to the projector as if it needed it."""
+    Triton path autotunes (each of the autotuner's triton.testing.do_bench allocates a 256 MB
+    L2-flush buffer) and times its launch plans, which would be charged to the projector."""
     step()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
