@@ -97,6 +97,10 @@ def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: 
     weights = [w.to(device, dtype).requires_grad_() for w in weights]
     paths = {"torch_eager": project_reference}
     if with_compile:
+        # Dynamo keeps its compiled graphs per code object, across torch.compile wrappers, and
+        # past recompile_limit (8) graphs it silently runs the function eagerly: 4 M values x 3
+        # dtypes would report eager times as torch.compile's. One dtype's graphs at a time.
+        torch._dynamo.reset()
         paths["torch_compile"] = torch.compile(project_reference, dynamic=False)
     if device.type == "cuda":
         from kernels.projector import project_triton

@@ -59,3 +59,21 @@ def test_peak_memory_is_a_warm_steps(bench_kernels, monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated["peak"])
     step()  # what the benchmark's timing loops ran before (the first, benchmarking, call)
     assert bench_kernels.steady_peak_mb(step, torch.device("cuda")) == 1.0
+
+
+def test_compile_baseline_stays_compiled_over_every_dtype(bench_kernels, monkeypatch):
+    """--dtypes bf16,fp16,fp32 at several M: past dynamo's recompile_limit (8 graphs per code
+    object, shared by every torch.compile wrapper of it) the "torch_compile" rows would silently
+    time eager code. A counting backend stands in for inductor."""
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    ms = [4, 8, 12]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    for dtype in dtypes:
+        bench_kernels.bench_projector(torch.device("cpu"), dtype, ms, 16, 16, 16, reps=1,
+                                      with_compile=True)
+    assert counter.frame_count == len(ms) * len(dtypes)
