@@ -7,7 +7,9 @@
 #         [pipeline]
 # Results land in $OUT (the device tool's folder) or ./gpu_results, at most 8 files: log.txt
 # (versions, nvidia-smi, each phase's exit status and stderr), gpu_tests.txt, bench_<phase>.json,
-# demo.txt, profile.txt. Phase limits are about twice what each took on an H100 (2026-11-27).
+# demo.txt, profile.txt. Phase limits are about twice what each took on an H100 (2026-11-27); one
+# device command may run 600 s, so `tests profile kernels` (240 + 60 + 280 s) fit one call, the
+# cheap phases first.
 set -uo pipefail
 out=${OUT:-gpu_results}
 mkdir -p "$out"
@@ -36,9 +38,11 @@ run() {  # run NAME SECONDS COMMAND...: stdout to $out/NAME, stderr to the log
 for phase in $phases; do
     case $phase in
         # -v: one named PASSED/FAILED line per test, so a run cut short still says which failed
-        tests) run gpu_tests.txt 300 $py -m pytest -v -m gpu -p no:cacheprovider -n 8 \
-            --timeout 240 tests/ ;;
-        kernels) run bench_kernels.json 300 $py scripts/bench_kernels.py ;;
+        tests) run gpu_tests.txt 240 $py -m pytest -v -m gpu -p no:cacheprovider -n 8 \
+            --timeout 180 tests/ ;;
+        # bench_kernels prints each result to stderr (log.txt) as it is measured, the merge
+        # first: a phase cut short still leaves what it measured
+        kernels) run bench_kernels.json 280 $py scripts/bench_kernels.py ;;
         merge) run bench_merge.json 60 $py scripts/bench_merge.py ;;
         extract) run bench_extract.json 150 $py scripts/bench_extract.py --shape large \
             --images 2048 --batch-size 256 ;;
