@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import time
 
 import torch
 
@@ -81,3 +82,31 @@ def environment(device: torch.device) -> dict:
             "python": sys.version.split()[0], "torch": torch.__version__,
             "cuda": torch.version.cuda, "transformers": transformers.__version__,
             "triton": triton_version}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a host clock times it (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def encoder_images_per_s(encoder, device: torch.device, batch_size: int, repeats: int,
+                         warmups: int = 2) -> float:
+    """Images/s of the encoder alone (normalise, blocks, pool) on a uint8 batch already on the
+    device, in extract-features' precision (bf16 on CUDA, fp32 elsewhere): the ceiling of the
+    whole extraction pipeline on this device."""
+    from babymerge.features import load_encoder
+
+    model = load_encoder(encoder, device,
+                         torch.bfloat16 if device.type == "cuda" else torch.float32)
+    size = model.image_size
+    pixels = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    for _ in range(warmups):  # kernel selection and allocator warm-up
+        model.encode_pixels(pixels)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model.encode_pixels(pixels)
+    synchronize(device)
+    return batch_size * repeats / (time.perf_counter() - start)

@@ -46,12 +46,11 @@ import torch
 from PIL import Image, ImageFilter
 
 from babymerge import features
-from babymerge.benchmark import environment, peak_flops
+from babymerge.benchmark import encoder_images_per_s, environment, peak_flops, synchronize
 from babymerge.featurefile import LAYER, FeatureTable
 from babymerge.features import (
     ExtractConfig,
     extract_features,
-    load_encoder,
     num_decode_workers,
     pool_patch_tokens,
     save_random_dinov2,
@@ -76,11 +75,6 @@ def make_images(folder: Path, n: int, size: tuple[int, int], distinct: int | Non
         shutil.copyfile(folder / f"{i % distinct:06d}.jpg", folder / f"{i:06d}.jpg")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class BatchClock:
     """Installed as ``babymerge.features.tqdm``: the progress bar's ``update`` runs once per batch
     after its encode is queued, so it is where batch ends are timed. The device is synchronised
@@ -101,7 +95,7 @@ class BatchClock:
                 super().update(n)
                 self.batches, self.done = self.batches + 1, self.done + n
                 if self.batches == clock.skip or self.done == self.total:
-                    sync(clock.device)
+                    synchronize(clock.device)
                     clock.marks.append((time.perf_counter(), self.done))
 
         return Bar(*args, **kwargs)
@@ -132,23 +126,6 @@ def timed_extract(cfg: ExtractConfig, images: int, device: torch.device) -> dict
     steady, steady_images = clock.rate()  # None when the run has no batch past the skipped
     return {**summary, "whole_run": round(summary["new"] / whole, 2), "steady": steady,
             "steady_images": steady_images, "steady_skipped_batches": skip}
-
-
-@torch.inference_mode()
-def encoder_only(encoder: str, device: torch.device, batch_size: int, repeats: int = 10) -> float:
-    """Images/s of ``encode_pixels`` alone (bf16 autocast, as extraction) on a uint8 batch that
-    is already on the device: the ceiling of the whole pipeline on this GPU."""
-    model = load_encoder(encoder, device, torch.bfloat16)
-    size = model.image_size
-    pixels = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
-    for _ in range(2):  # kernel selection and allocator warm-up
-        model.encode_pixels(pixels)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        model.encode_pixels(pixels)
-    sync(device)
-    return batch_size * repeats / (time.perf_counter() - start)
 
 
 def encoder_flops_per_image(config, image_size: int) -> float:
@@ -298,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
             flops = encoder_flops_per_image(AutoConfig.from_pretrained(encoder), table.attrs[
                 "image_size"])
             peak = peak_flops(device)
-            ceiling = encoder_only(encoder, device, args.batch_size)
+            ceiling = encoder_images_per_s(encoder, device, args.batch_size, repeats=10)
             result |= {"gflops_per_image": round(flops / 1e9, 2),
                        "achieved_tflops": round(flops * ours / 1e12, 2),
                        "peak_bf16_tflops": peak and peak / 1e12,

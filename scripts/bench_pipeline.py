@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from babymerge.benchmark import environment, peak_flops
+from babymerge.benchmark import encoder_images_per_s, environment, peak_flops, synchronize
 from babymerge.demo import SCALES, DemoConfig, Scale, run_demo
-from babymerge.features import load_encoder
 from babymerge.model import MODEL_PRESETS, build_model
 from babymerge.world import WorldConfig
 
@@ -47,11 +46,6 @@ def flops_per_token(model, seq_len: int) -> float:
     n = sum(p.numel() for n_, p in model.named_parameters() if "embed_tokens" not in n_)
     head_dim = text.hidden_size // text.num_attention_heads
     return 6 * n + 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_step_baseline(scale: Scale, vocab: int, feature_dim: int,
@@ -78,29 +72,12 @@ def train_step_baseline(scale: Scale, vocab: int, feature_dim: int,
 
     for _ in range(3):  # warm-up: allocator, kernels' first calls
         step()
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    synchronize(device)
     return steps * ids.numel() / (time.perf_counter() - t0), flops_per_token(model, scale.seq_len)
-
-
-def encoder_baseline(encoder_dir: Path, image_size: int, device: torch.device = torch.device(
-        "cpu"), batch: int = 128, reps: int = 3) -> float:
-    """Images/s of the encoder alone on already-cropped uint8 pixels (normalise, blocks, pool),
-    in extract-features' precision (bf16 autocast on CUDA)."""
-    enc = load_encoder(encoder_dir, device=device,
-                       dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    pixels = torch.randint(0, 256, (batch, 3, image_size, image_size), dtype=torch.uint8,
-                           device=device)
-    enc.encode_pixels(pixels)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        enc.encode_pixels(pixels)
-    _sync(device)
-    return reps * batch / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         wall = time.perf_counter() - t0
         vocab = json.loads((out / "lm" / "config.json").read_text())["text_config"]["vocab_size"]
         base_train, fpt = train_step_baseline(scale, vocab, scale.encoder.hidden_size, device)
-        base_enc = encoder_baseline(out / "encoder", scale.encoder.image_size, device)
+        base_enc = encoder_images_per_s(out / "encoder", device, batch_size=128, repeats=3,
+                                        warmups=1)
     stages = report["stages"]
     peak = peak_flops(device)
 
