@@ -497,16 +497,21 @@ def _task_digest(task: PreparedTask) -> str:
     return h.hexdigest()
 
 
+def method_settings(cfg: MergeConfig) -> dict:
+    """The flags the method reads (--density, --seed, --scale, where they apply): in results.json
+    and in the sweep identity, so a rerun with another of them is refused."""
+    method_cls = MERGE_METHODS[cfg.method]
+    return {**({"density": cfg.density} if method_cls.uses_density else {}),
+            **({"seed": cfg.seed} if method_cls.uses_seed else {}),
+            **({"scale": cfg.scale} if method_cls.needs_base else {})}
+
+
 def _identity(cfg: MergeConfig, tasks: list[PreparedTask], vlm_names: list[str],
               old: dict | None) -> dict:
     method_cls = MERGE_METHODS[cfg.method]
     old = old or {}
     return {
-        # the settings the method reads
-        "method": {"name": cfg.method,
-                   **({"density": cfg.density} if method_cls.uses_density else {}),
-                   **({"seed": cfg.seed} if method_cls.uses_seed else {}),
-                   **({"scale": cfg.scale} if method_cls.needs_base else {})},
+        "method": {"name": cfg.method, **method_settings(cfg)},
         "dtype": cfg.dtype,
         "lm": _checkpoint_fingerprint(cfg.lm, old.get("lm")),
         "base": (_checkpoint_fingerprint(cfg.base, old.get("base")) if method_cls.needs_base
@@ -871,9 +876,7 @@ def merge(cfg: MergeConfig) -> dict:
                    for n in vlm_names},
                "rule": RULE,
                "method": {"name": cfg.method, "reference": method_cls.reference,
-                          **({"density": cfg.density} if method_cls.uses_density else {}),
-                          **({"seed": cfg.seed} if method_cls.uses_seed else {}),
-                          **({"scale": cfg.scale} if method_cls.needs_base else {})},
+                          **method_settings(cfg)},
                "lm": str(cfg.lm), "vlms": dict(zip(vlm_names, map(str, cfg.vlm))),
                "endpoints": endpoints, "kept": sorted(kept), "device": str(device),
                "dtype": cfg.dtype}
