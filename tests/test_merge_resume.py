@@ -187,6 +187,7 @@ def test_a_longer_grid_reuses_the_logged_points(world, tmp_path, spy):
     assert spy.scored == 3  # 0.25, 0.75, 1; with 1 on the grid the LM endpoint is that point
     fresh = merge(config(world, tmp_path / "fresh", alpha_grid="0:1:0.25", **kw))
     assert comparable(extended, out) == comparable(fresh, tmp_path / "fresh")
+    assert extended["method"] == {"name": "linear", "reference": extended["method"]["reference"]}
     spy.reset()  # a shorter grid again: a subset of the log, nothing scored
     short = merge(config(world, out, alpha_grid="0,1", **kw))
     assert spy.scored == 0 and [r["alpha"] for r in short["records"]] == [0.0, 1.0]
@@ -211,6 +212,11 @@ def test_checkpoint_sweep_skips_finished_vlms(world, tmp_path, spy):
     assert spy.scored == 2 and spy.loads == 2
     assert comparable(results, out) == comparable(reference, tmp_path / "ref")
     assert Path(results["kept"][0]).parent.name == results["chosen_vlm"]
+    # DARE's masks follow --seed: it is reported, and part of the sweep's identity
+    assert results["method"]["seed"] == 0
+    with pytest.raises(MergeError, match=r"--method/--density/--scale/--seed: .*'seed': 0.*"
+                                         r"'seed': 1"):
+        merge(config(world, out, **{**kw, "seed": 1}))
 
 
 def test_restart_discards_once_and_the_same_command_rerun_resumes(world, tmp_path, spy, capsys):
