@@ -78,14 +78,24 @@ def test_positional_argument_may_come_from_the_config_file(tmp_path):
     assert res.exit_code == 2 and "SOURCES" in res.output
 
 
-@pytest.mark.parametrize("key,value", [("batch_size", 32.7), ("batch_size", True),
-                                       ("dtype", ["float16"]), ("alphas", [[0.0]]),
-                                       ("sources", [5])])
-def test_file_values_of_the_wrong_shape_are_errors_naming_the_key(key, value):
+@dataclass
+class NamedCfg(DemoCfg):
+    name: str = opt("run", "a free-form string option (no choices)")
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("batch_size", 32.7, "expected int, got 32.7"), ("batch_size", True, "expected int, got True"),
+    # the message each check gives, not the choices check's or float()'s that would follow it
+    ("dtype", ["float16"], r"expected one str, got \['float16'\]; write a list as one string"),
+    ("alphas", [[0.0]], r"expected one float, got \[0.0\]"),
+    ("sources", [5], "expected a path"),
+    # without the check str() passed this on as "[0, 0.3]"
+    ("name", [0, 0.3], r"expected one str, got \[0, 0.3\]; .*e.g. '0,0.3'")])
+def test_file_values_of_the_wrong_shape_are_errors_naming_the_key(key, value, says):
     # int(32.7) == 32 and int(True) == 1 would change the run silently; str([...]) reached the
     # stage as "[...]" and failed far from the file
-    with pytest.raises(ConfigError, match=f"c.toml: {key}"):
-        build_config(DemoCfg, {"sources": ["x"], key: value}, source="c.toml")
+    with pytest.raises(ConfigError, match=f"c.toml: {key}: {says}"):
+        build_config(NamedCfg, {"sources": ["x"], key: value}, source="c.toml")
     assert build_config(DemoCfg, {"sources": ["x"], "batch_size": 32.0}).batch_size == 32
 
 
