@@ -1,13 +1,17 @@
 """eval and merge warn when the task feature file comes from another encoder than the model's
 (encoders of one width pass the width check; their features mean nothing to the projector)."""
 
+import shutil
 import warnings
 
 import h5py
 import numpy as np
 import pytest
 
-from babymerge.evaluate import check_feature_encoder
+from evalmerge_fixtures import build_world
+
+from babymerge.evaluate import EvalConfig, check_feature_encoder, evaluate
+from babymerge.merge import MergeConfig, merge
 from babymerge.model import MODEL_PRESETS, build_model, save_checkpoint
 from test_data_fixtures import write_feature_file
 
@@ -40,3 +44,19 @@ def test_another_encoder_of_the_same_width_warns(checkpoint, tmp_path):
     path = feature_file(tmp_path / "f.h5", "facebook/dinov2-with-registers-large")
     with pytest.warns(UserWarning, match="dinov2-with-registers-large.*dinov2-large"):
         check_feature_encoder(checkpoint, path)
+
+
+def test_eval_and_merge_warn_on_another_encoders_features(tmp_path):
+    """The check is made by both commands (not only callable): their models were trained on
+    dinov2-large's features (the preset's encoder)."""
+    world = build_world(tmp_path / "world")
+    features = tmp_path / "other.h5"
+    shutil.copyfile(world.features, features)
+    with h5py.File(features, "a") as f:
+        f.attrs["encoder"] = "facebook/dinov2-with-registers-large"
+    specs = [world.specs["wg"]]
+    with pytest.warns(UserWarning, match="dinov2-with-registers-large"):
+        evaluate(EvalConfig(model=world.vlm, task=specs, features=features, device="cpu"))
+    with pytest.warns(UserWarning, match="dinov2-with-registers-large"):
+        merge(MergeConfig(lm=world.lm, vlm=[world.vlm], task=specs, features=features,
+                          out=tmp_path / "merge", alpha_grid="0.5", keep="none", device="cpu"))
