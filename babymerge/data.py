@@ -106,7 +106,7 @@ def _caption_documents(path: Path, skipped: Counter):
                 if "\t" not in line:
                     raise DataError(f"{path}:{lineno}: expected 'id<TAB>caption'")
                 image_id, caption = line.split("\t", 1)
-            caption = normalize_text(str(caption))
+            caption = normalize_text(caption)  # a str: checked above (jsonl), split (TSV)
             if not caption:
                 skipped["empty caption"] += 1
                 continue
