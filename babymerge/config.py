@@ -128,7 +128,7 @@ def _yaml_load(text: str) -> Any:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (.toml) or YAML (.yaml/.yml) mapping of field names to values."""
+    """Read a TOML (.toml), YAML (.yaml/.yml) or JSON (.json) mapping of field names to values."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
