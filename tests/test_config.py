@@ -129,3 +129,17 @@ def test_positional_argument_help_is_shown():
     # click prints no help for arguments; the field's help is added to the command's text
     res = CliRunner().invoke(_cli([]), ["run", "--help"])
     assert res.exit_code == 0 and "SOURCES: inputs" in res.output
+
+
+def test_toml_file_reads_through_tomli_where_tomllib_is_missing(tmp_path, monkeypatch):
+    # tomllib is Python 3.11+; pyproject allows 3.10, where the tomli backport reads the file
+    import sys
+    import tomllib
+
+    from babymerge.config import load_config_file
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` raises ImportError
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)  # the backport has the same API
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('batch_size = 16\nalpha_grid = "0:1:0.1"\n')
+    assert load_config_file(cfg_file) == {"batch_size": 16, "alpha_grid": "0:1:0.1"}
