@@ -38,7 +38,9 @@ class World:
 
 def resolve_device(name: str) -> torch.device:
     """``--device``: auto (CUDA when available), cpu, cuda (this process's ``LOCAL_RANK`` GPU under
-    torchrun, GPU 0 otherwise) or cuda:N."""
+    torchrun, GPU 0 otherwise) or cuda:N (refused where torchrun starts several processes on the
+    node: each would take that one GPU). A GPU index past the visible ones is an error naming
+    them."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
