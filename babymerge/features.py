@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import json
 import os
 import shutil
@@ -38,8 +37,8 @@ from babymerge.config import InputError, arg, config_to_dict, opt
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
                                    FeatureFileError, decode_strings)
 from babymerge.images import (DEFAULT_MAX_PIXELS, UNREADABLE, GpuJpegDecoder, ImageDataset,
-                              Preprocess, _expand_braces, collate, gpu_jpeg_decoder_available,
-                              list_images, to_rgb, upright)
+                              Preprocess, collate, gpu_jpeg_decoder_available, list_images,
+                              tar_shards, to_rgb, upright)
 
 DEFAULT_ENCODER = "facebook/dinov2-large"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -584,9 +583,9 @@ def _source_keys(source: str) -> set[str]:
     attribute is limited to 64 KB; a shard list is not)."""
     path = Path(source)
     if source.endswith(".tar") and not path.is_dir():
-        shards = [p for pattern in _expand_braces(source) for p in glob.glob(pattern)]
+        shards = tar_shards(source)
         if shards:
-            return {str(Path(p).absolute().parent.resolve()) for p in shards}
+            return {str(p.absolute().parent.resolve()) for p in shards}
     return {str(path.resolve()) if path.exists() else os.path.abspath(source)}
 
 

@@ -138,7 +138,7 @@ def list_images(source: str, image_root: Path | None = None, id_column: str = "i
     elif path.suffix == ".tsv" and path.is_file():
         items = _list_tsv(path, image_root)
     elif source.endswith(".tar"):
-        shards = [Path(p) for pattern in _expand_braces(source) for p in sorted(glob.glob(pattern))]
+        shards = tar_shards(source)
         if not shards:
             raise SourceError(f"SOURCE {source}: no .tar shard matches")
         items = _list_tars(shards)
@@ -258,6 +258,12 @@ def _list_tsv(path: Path, image_root: Path | None) -> list[ImageItem]:
                 continue  # header row
             items.append(ImageItem(fields[0], _resolve(fields[1], root), where=f"{path}:{line_no}"))
     return items
+
+
+def tar_shards(source: str) -> list[Path]:
+    """The ``.tar`` shards a SOURCE pattern names (one file, a glob, a brace range), sorted within
+    each pattern; empty when none matches."""
+    return [Path(p) for pattern in _expand_braces(source) for p in sorted(glob.glob(pattern))]
 
 
 def _expand_braces(pattern: str) -> list[str]:
