@@ -92,7 +92,8 @@ class ExtractConfig:
     decode: str = opt("auto", "where ordinary JPEGs are decoded: on the GPU with nvJPEG "
                       "(torchvision), or in the DataLoader workers with PIL; auto = gpu when "
                       "extracting on CUDA with torchvision installed and fewer than "
-                      f"{GPU_DECODE_BELOW_WORKERS} decode workers, else workers",
+                      f"{GPU_DECODE_BELOW_WORKERS} decode workers, else workers; gpu decodes "
+                      "at full resolution, so --jpeg-draft does not apply",
                       choices=DECODERS)
     flush_every: int = opt(8192, "images per crash-safe part file (rounded up to whole batches)")
     retry_failed: bool = opt(False, "try again the images recorded in /failed as bad images "

@@ -6,8 +6,9 @@ happens in DataLoader workers (:class:`ImageDataset`): bytes -> PIL (JPEG drafte
 needed) -> RGB done right for every mode -> resized with torch's uint8 antialiased kernel (the same
 bicubic as PIL, ~5x faster) -> centre crop, returned as uint8 so that pinned host->device copies
 are 4x smaller than float. Rescale and normalise happen on the device (:mod:`babymerge.features`).
-On CUDA with torchvision, ordinary JPEGs skip the worker decode: workers check the header and pass
-the bytes on, and :class:`GpuJpegDecoder` decodes them with nvJPEG and resizes on the device.
+With ``--decode gpu`` (which ``auto`` picks on CUDA with torchvision and few decode workers),
+ordinary JPEGs skip the worker decode: workers check the header and pass the bytes on, and
+:class:`GpuJpegDecoder` decodes them with nvJPEG and resizes on the device.
 
 Why not ``datasets``' imagefolder / webdataset builders: they copy every image's bytes into an Arrow
 cache first (a second copy of a 60 GB image set), decode in the main process, and stop at the first
@@ -395,7 +396,7 @@ def upright(image: Image.Image) -> Image.Image:
         return image
     try:
         return ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001
+    except Exception:
         # exif_transpose writes the EXIF block back without the tag, and Pillow's writer has
         # raised TypeError, ZeroDivisionError, IndexError on real camera files (python-pillow
         # 4238, 7839, 8605): the picture is turned all the same, its metadata left behind so
