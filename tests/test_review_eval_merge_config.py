@@ -46,6 +46,18 @@ def test_config_mismatch_with_equal_shapes_is_an_error(world, tmp_path, changes,
     assert not out.exists()  # refused before any work
 
 
+def test_base_config_mismatch_is_an_error(world, tmp_path):
+    """--base is checked like the LM: its weights enter every merge of a task-vector method."""
+    base = _checkpoint(world, tmp_path / "base", num_heads=2)
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match=r"--base .*base and --vlm .* compute differently "
+                                         r"\(text_config.num_attention_heads 2 vs 4;"):
+        merge(MergeConfig(lm=world.lm, vlm=[world.vlm], base=base, method="task-arithmetic",
+                          task=[world.specs["blimp"]], features=world.features, out=out,
+                          alpha_grid="0,1", keep="none"))
+    assert not out.exists()
+
+
 def test_checkpoint_sweep_runs_in_training_order(world, tmp_path):
     """train names word-count checkpoints words_1M ... words_100M; a shell glob passes them in
     lexicographic order. The sweep (records, plot axis, tie-break) follows the words they had
