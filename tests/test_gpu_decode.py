@@ -6,6 +6,7 @@ be installed beside the CPU torch here); ``-m gpu`` runs the real nvJPEG against
 """
 
 import io
+import json
 from dataclasses import replace
 
 import h5py
@@ -131,6 +132,20 @@ def test_decoder_gives_the_reason_of_an_unusable_image(encoder_dir):
     assert isinstance(out[1], str) and "truncated or corrupt" in out[1]
 
 
+def test_decoded_image_of_another_size_than_the_header_goes_to_pil(encoder_dir):
+    """An image the decoder returns at a size other than the header's is not resized into a
+    crop (it would be one of the right shape, of the wrong picture): PIL decodes it again."""
+    preprocess = load_encoder(encoder_dir, jpeg_draft=False).preprocess
+    blob = jpeg_bytes(smooth_image(np.random.default_rng(8), 60, 80))
+
+    def transposed(data, device):
+        return [image.transpose(1, 2) for image in pil_decode(data, device)]
+
+    crops = GpuJpegDecoder(preprocess, torch.device("cpu"), decode=transposed)(
+        [JpegBytes(blob, 80, 60)])
+    assert torch.equal(crops[0], preprocess(blob))
+
+
 def test_cpu_fallback_records_any_decoder_exception(encoder_dir):
     """As in the workers, an unexpected exception of the PIL fallback is one /failed reason."""
     preprocess = load_encoder(encoder_dir).preprocess
@@ -186,6 +201,9 @@ def test_feature_file_does_not_depend_on_where_jpegs_decode(tmp_path, encoder_di
         assert list(a[IDS][:]) == list(b[IDS][:]) and len(a[IDS]) == 10
         np.testing.assert_array_equal(a[FEATURES][:], b[FEATURES][:])
         assert list(a[FAILED]["ids"][:]) == list(b[FAILED]["ids"][:]) == [b"z"]
+        # the file says which decoder made it
+        assert json.loads(a.attrs["config"])["decode_resolved"] == "workers"
+        assert json.loads(b.attrs["config"])["decode_resolved"] == "gpu"
         big = list(a[IDS][:]).index(b"big")
         assert not np.array_equal(a[FEATURES][big], d[FEATURES][big])
 

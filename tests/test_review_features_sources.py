@@ -29,6 +29,24 @@ def test_second_source_with_stored_ids_warns_and_resume_does_not(tmp_path, encod
         assert extract(tmp_path / "a", out, encoder_dir)["skipped"] == 2
 
 
+def test_file_written_before_sources_were_recorded(tmp_path, encoder_dir):  # noqa: F811
+    """A file whose config has only its one ``source``: re-running that source resumes quietly,
+    another source with the same ids warns."""
+    write_images(tmp_path / "a", ["1.png"], seed=0)
+    write_images(tmp_path / "b", ["1.png"], seed=1)
+    out = tmp_path / "f.h5"
+    extract(tmp_path / "a", out, encoder_dir)
+    with h5py.File(out, "r+") as f:
+        config = json.loads(f.attrs["config"])
+        del config["sources"]
+        f.attrs["config"] = json.dumps(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert extract(tmp_path / "a", out, encoder_dir)["skipped"] == 1
+    with pytest.warns(UserWarning, match=r"1 image id\(s\) of SOURCE .*b are already in"):
+        extract(tmp_path / "b", out, encoder_dir)
+
+
 def test_joined_file_records_every_shards_source(tmp_path, encoder_dir):  # noqa: F811
     from babymerge.features import JoinConfig, join_features
 
