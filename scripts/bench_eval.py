@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from babymerge.benchmark import environment, peak_flops
+from babymerge.benchmark import environment, peak_flops, synchronize
 from babymerge.evaluate import TaskSpec, pack_task, score_candidates
 from babymerge.model import MODEL_PRESETS, build_model
 
@@ -82,12 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
                      [0] * pairs, torch.randn(1, cfg.feature_dim, generator=gen))
 
     def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return out, time.perf_counter() - t0
 
     score_candidates(model, task, args.batch_size, progress=False)  # warm-up

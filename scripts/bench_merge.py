@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kernels
-from babymerge.benchmark import environment, peak_bandwidth
+from babymerge.benchmark import environment, peak_bandwidth, synchronize
 from babymerge.model import MODEL_PRESETS, build_model
 
 
@@ -37,12 +37,10 @@ def timed(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - t0)
     return {name: min(t) for name, t in times.items()}
 

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 import torch
 
-from babymerge.benchmark import environment, peak_flops
+from babymerge.benchmark import environment, peak_flops, synchronize
 from babymerge.data import CAPTIONS, TEXT, load_captions, load_text
 from babymerge.featurefile import BLACK, FAILED, FEATURES, IDS, STR_DTYPE, FeatureTable
 from babymerge.features import load_encoder, save_random_dinov2
@@ -128,8 +128,7 @@ def main() -> None:
         def loop(batches) -> tuple[float, float]:
             """(ms per step, ms of it building batches) over ``batches`` (callables that build
             one), train-like: no sync until the end."""
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             load = 0.0
             t0 = time.perf_counter()
             for make in batches:
@@ -142,8 +141,7 @@ def main() -> None:
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             return 1000 * (time.perf_counter() - t0) / len(batches), 1000 * load / len(batches)
 
         def loader_in_loop(n_steps: int) -> dict:
@@ -196,8 +194,7 @@ def main() -> None:
                 feats = encoder.encode_pixels(pixels).clone()  # frozen encoder, forward only
             else:
                 feats = table.features[rows].to(device, non_blocking=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             t_enc = time.perf_counter() - t0
             with autocast:
                 loss = model(input_ids=ids, pixel_values=feats, labels=labels,
@@ -205,8 +202,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             return time.perf_counter() - t0, t_enc
 
         results = {}
