@@ -324,9 +324,9 @@ def training_words(directory: Path) -> int | None:
 
 def order_by_training(vlms: list[Path]) -> list[Path]:
     """``--vlm`` in training order: word-count checkpoints by their words, then the others (the
-    final model) in the order given. The README's ``--vlm run/vlm/checkpoints/*`` expands in the
-    shell's lexicographic order (words_100M, words_10M, words_1B, words_1M, ...), which would
-    scramble the curve over training and the rule's tie-break."""
+    final model) in the order given. The README's ``--vlm 'run/vlm/checkpoints/*'`` expands (as
+    a shell glob would) in lexicographic order (words_100M, words_10M, words_1B, words_1M, ...),
+    which would scramble the curve over training and the rule's tie-break."""
     words = [training_words(v) for v in vlms]
     order = sorted(range(len(vlms)), key=lambda i: (words[i] is None, words[i] or 0, i))
     return [vlms[i] for i in order]
