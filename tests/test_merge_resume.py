@@ -287,3 +287,23 @@ def test_file_hash_needs_no_python_3_11(tmp_path, monkeypatch):
     (tmp_path / "w").write_bytes(data)
     assert merge_module._file_digest(tmp_path / "w", None)["sha256"] == \
         hashlib.sha256(data).hexdigest()
+
+
+def test_a_damaged_log_line_is_named_and_kept_until_restart(world, tmp_path, spy, capsys):
+    """A bad line other than a last one cut short is not a kill's trace: the rerun names the file
+    and line and leaves the log as it was; --restart discards it."""
+    out = tmp_path / "out"
+    kw = dict(alpha_grid="0,1", keep="none", task=[world.specs["blimp"]])
+    merge(config(world, out, **kw))
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    damaged = lines[0] + '{"alpha": "half"}\n' + "".join(lines[1:])
+    metrics.write_text(damaged)
+    with pytest.raises(MergeError, match=r"metrics.jsonl:2: not a merge record.*--restart"):
+        merge(config(world, out, **kw))
+    assert metrics.read_text() == damaged
+    capsys.readouterr()
+    spy.reset()
+    merge(config(world, out, restart=True, **kw))
+    assert spy.scored == 2 and "discarding 3 record(s)" in capsys.readouterr().out
+    assert len(metrics.read_text().splitlines()) == 2
