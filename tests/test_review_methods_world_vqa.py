@@ -30,3 +30,19 @@ def test_vqa_answers_are_balanced_within_each_question_type(tmp_path):
         assert share <= 1.4 / len(counts), (kind, counts)
     # still enough count items to measure counting
     assert sum(by_type["count"].values()) >= 0.1 * len(rows)
+
+
+def test_balancing_draws_nothing_from_the_items_stream(tmp_path, monkeypatch):
+    """The count balancing takes no rng draw of its own: the Winoground items, drawn from the
+    same stream, are those of a world whose VQA questions are not balanced."""
+    from babymerge import world as world_module
+
+    cfg = WorldConfig(eval_images=200, **TINY_TEXT)
+    balanced = generate_world(cfg, tmp_path / "balanced")
+    real = world_module._vqa
+    # a fresh count each time: every count answer is among the least used, as before balancing
+    monkeypatch.setattr(world_module, "_vqa",
+                        lambda scene, rng, asked: real(scene, rng, Counter()))
+    unbalanced = generate_world(cfg, tmp_path / "unbalanced")
+    assert balanced.winoground.read_text() == unbalanced.winoground.read_text()
+    assert balanced.vqa.read_text() != unbalanced.vqa.read_text()  # the balancing did act
