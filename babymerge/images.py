@@ -173,10 +173,18 @@ def _walk_files(folder: Path):
 
 def _list_folder(folder: Path) -> list[ImageItem]:
     items = []
+    broken = []
     for p in sorted(_walk_files(folder)):
         if p.suffix[1:].lower() in IMAGE_EXTENSIONS and p.is_file():
             rel = p.relative_to(folder)
             items.append(ImageItem(rel.with_suffix("").as_posix(), str(p), where=str(p)))
+        elif p.is_symlink() and not p.exists():
+            broken.append(str(p))
+    if broken:
+        # A link to an image set that is not mounted (yet) loses all of its images: say so.
+        shown = ", ".join(broken[:5]) + (" ..." if len(broken) > 5 else "")
+        warnings.warn(f"{folder}: {len(broken)} broken symbolic link(s) skipped (their target "
+                      f"does not exist): {shown}", stacklevel=3)
     return items
 
 

@@ -16,6 +16,15 @@ def test_symlinked_folders_are_followed_once(tmp_path):
     assert items[0].path == str(tmp_path / "images" / "coco" / "a.png")
 
 
+def test_broken_links_are_named_in_a_warning(tmp_path):
+    import pytest
+
+    write_images(tmp_path / "images", ["own.png"])
+    os.symlink(tmp_path / "not_mounted", tmp_path / "images" / "coco")
+    with pytest.warns(UserWarning, match=r"1 broken symbolic link\(s\) skipped .*images/coco"):
+        assert [i.id for i in list_images(str(tmp_path / "images"))] == ["own"]
+
+
 def test_image_lists_with_a_byte_order_mark(tmp_path):
     write_images(tmp_path, ["a.png"])
     (tmp_path / "l.jsonl").write_text('\ufeff{"image_id": "a", "path": "a.png"}\n', "utf-8")
