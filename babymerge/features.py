@@ -8,9 +8,9 @@ Crash safety: an HDF5 file being written is not safe against SIGKILL (its metada
 the disk in no particular order). So progress goes into small part files under ``OUT.partial/``,
 each written to a temporary name and renamed into place, i.e. every part on disk is whole. A re-run
 skips the ids found in OUT and in the parts (but tries again those whose bytes could not be read);
-a clean finish merges them into OUT (again via a
-temporary name) with ``complete`` set, then removes the parts. Until then OUT is a stub with the
-attributes, ``/black`` and ``complete = False``, so a reader gets a clear "did not finish".
+a clean finish merges them into OUT (again via a temporary name) with ``complete`` set, then
+removes the parts. Until then OUT is a stub with the attributes, ``/black`` and
+``complete = False``, so a reader gets a clear "did not finish".
 """
 
 from __future__ import annotations
