@@ -421,9 +421,6 @@ class _Sweep:
                 shutil.copy2(black, tmp / BLACK_FEATURE_FILE)
 
         target = _kept_path(self.cfg, self.vlm_name, alpha)
-        for stale in target.parent.glob(f".{target.name}.*"):
-            # save_checkpoint's temporary folder of a save killed midway (its cleanup never ran)
-            shutil.rmtree(stale, ignore_errors=True)
         return str(save_checkpoint(self.model, target, self.tokenizer,
                                    extra_files={"merge.json": json.dumps(provenance, indent=2)},
                                    write_extra=copy_black))

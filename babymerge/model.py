@@ -14,6 +14,7 @@ know transformers.
 
 from __future__ import annotations
 
+import glob
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -231,6 +232,10 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=Non
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     recover_checkpoint(directory)
+    for stale in directory.parent.glob(f".{glob.escape(directory.name)}.*"):
+        # the temporary folder of a save killed midway (its own cleanup never ran); a moved-aside
+        # old directory is only left beside a complete new one once recovered above
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
