@@ -74,12 +74,24 @@ def _autotuned(configs: dict[str, list[triton.Config]], key: list[str]):
     return wrap
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. triton.cdiv and triton.next_power_of_2 are constexpr
+    functions that unwrap their arguments and read a knob per call (~2.6 us each, Triton 3.9), and a
+    training step made 15 such calls: host time is what bounds this op at training sizes."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, as triton.next_power_of_2 (which gives 0 for 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _fitted(**dims: tuple[int, int]) -> dict[str, int]:
     """Interpreter block sizes: each dim rounded up to a power of two, between 16 (tl.dot's
     minimum) and a cap. Empty on CUDA, where the autotuner supplies them."""
     if not INTERPRET:
         return {}
-    return {name: min(max(16, triton.next_power_of_2(size)), cap)
+    return {name: min(max(16, _next_power_of_2(size)), cap)
             for name, (size, cap) in dims.items()}
 
 
@@ -470,7 +482,7 @@ def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     m, k = x.shape
     hidden, n = w1.shape[0], w2.shape[0]
     if plan is None:
-        key = ("forward", x.device, x.dtype, _precision(x.dtype), triton.next_power_of_2(m), k,
+        key = ("forward", x.device, x.dtype, _precision(x.dtype), _next_power_of_2(m), k,
                hidden, n, b1 is None, b2 is None, save_z)
         plan = _choose(key, x.device, "fused" if m <= FUSED_FORWARD_MAX_ROWS else "two_gemm",
                        FORWARD_PLANS,
@@ -483,14 +495,14 @@ def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
         return y, z
 
     def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
+        return _cdiv(m, meta["BLOCK_M"]), _cdiv(n, meta["BLOCK_N"])
 
     with _on_device(x.device):
         if plan == "fused":
             # Absent biases and z get a dummy pointer; constexpr flags keep the kernel off them.
             _projector_fwd_kernel[grid](
                 x, w1, b1 if b1 is not None else x, w2, b2 if b2 is not None else x, y,
-                z if z is not None else y, m, k, hidden, n, triton.next_power_of_2(m),
+                z if z is not None else y, m, k, hidden, n, _next_power_of_2(m),
                 HAS_B1=b1 is not None, HAS_B2=b2 is not None, SAVE_Z=save_z, UPCAST=INTERPRET,
                 PRECISION=_precision(x.dtype),
                 **_fitted(BLOCK_M=(m, 64), BLOCK_N=(n, 128), BLOCK_H=(hidden, 128),
@@ -509,11 +521,11 @@ def _linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: to
     n = w.shape[0]
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_A"]) * triton.cdiv(n, meta["BLOCK_B"]),)
+        return (_cdiv(m, meta["BLOCK_A"]) * _cdiv(n, meta["BLOCK_B"]),)
 
     with _on_device(a.device):
         _linear_kernel[grid](a, w, bias if bias is not None else a, out, m, n, k,
-                             triton.next_power_of_2(m), GELU_A=gelu_in, HAS_BIAS=bias is not None,
+                             _next_power_of_2(m), GELU_A=gelu_in, HAS_BIAS=bias is not None,
                              UPCAST=INTERPRET, PRECISION=_precision(a.dtype),
                              **_fitted(BLOCK_A=(m, 64), BLOCK_B=(n, 128), BLOCK_R=(k, 256)))
 
@@ -542,7 +554,7 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
     if not (do_w1 or do_w2) or m == 0:
         split = 1  # no weight gradient to reduce over M, or no rows to split
     elif split is None:
-        key = ("backward", x.device, x.dtype, _precision(x.dtype), triton.next_power_of_2(m), k,
+        key = ("backward", x.device, x.dtype, _precision(x.dtype), _next_power_of_2(m), k,
                hidden, n, tuple(needs), has_b1, has_b2)
         split = _choose(key, x.device, weight_grad_splits(m), weight_grad_split_candidates(m),
                         lambda s: projector_backward(dy, x, w1, w2, z, needs, has_b1, has_b2, s))
@@ -570,13 +582,13 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
         dz = torch.empty_like(z) if need_x or do_w1 else None
 
         def dz_grid(meta):
-            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(hidden, meta["BLOCK_H"])
+            return _cdiv(m, meta["BLOCK_M"]), _cdiv(hidden, meta["BLOCK_H"])
 
         def grads_grid(meta):
-            tiles = triton.cdiv(n, meta["BLOCK_A"]) * triton.cdiv(hidden, meta["BLOCK_B"]) * do_w2
-            tiles += triton.cdiv(hidden, meta["BLOCK_A"]) * triton.cdiv(k, meta["BLOCK_B"]) * do_w1
+            tiles = _cdiv(n, meta["BLOCK_A"]) * _cdiv(hidden, meta["BLOCK_B"]) * do_w2
+            tiles += _cdiv(hidden, meta["BLOCK_A"]) * _cdiv(k, meta["BLOCK_B"]) * do_w1
             tiles *= split
-            tiles += triton.cdiv(m, meta["BLOCK_XM"]) * triton.cdiv(k, meta["BLOCK_XK"]) * need_x
+            tiles += _cdiv(m, meta["BLOCK_XM"]) * _cdiv(k, meta["BLOCK_XK"]) * need_x
             return (tiles,)
 
         def or_dummy(t):  # absent outputs get a dummy pointer the constexpr flags never touch
@@ -585,12 +597,12 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
         with _on_device(x.device):
             if dz is not None:
                 _projector_bwd_dz_kernel[dz_grid](
-                    dy, w2, z, dz, m, k, hidden, n, triton.next_power_of_2(m), UPCAST=INTERPRET,
+                    dy, w2, z, dz, m, k, hidden, n, _next_power_of_2(m), UPCAST=INTERPRET,
                     PRECISION=_precision(x.dtype),
                     **_fitted(BLOCK_M=(m, 64), BLOCK_H=(hidden, 128), BLOCK_N=(n, 256)))
             _projector_bwd_grads_kernel[grads_grid](
                 x, w1, dy, z, *map(or_dummy, (dz, dx, dw1, db1, dw2, db2)),
-                m, k, hidden, n, triton.next_power_of_2(m), slab, DO_X=need_x, DO_W1=do_w1,
+                m, k, hidden, n, _next_power_of_2(m), slab, DO_X=need_x, DO_W1=do_w1,
                 DO_W2=do_w2, HAS_B1=db1 is not None, HAS_B2=db2 is not None, SPLIT_R=split,
                 UPCAST=INTERPRET, PRECISION=_precision(x.dtype),
                 **_fitted(BLOCK_A=(max(n, hidden), 128), BLOCK_B=(max(hidden, k), 256),
