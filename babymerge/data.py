@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from babymerge.config import InputError, atomic_write_text
 from babymerge.featurefile import FeatureTable
 from babymerge.model import image_prefix_ids
+from babymerge.textfiles import numbered_lines
 from babymerge.tokenizer import iter_lines, normalize_text, word_start_mask
 
 # 2: files read anew (a byte-order mark is no part of the first id or text line; null
@@ -81,36 +82,32 @@ def _caption_documents(path: Path, skipped: Counter):
     """(image id, caption) from jsonl (``image_id``, ``caption``) or TSV
     (``id<TAB>caption``); the format is chosen by the suffix (.jsonl/.json, else TSV)."""
     is_json = path.suffix in (".jsonl", ".json")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:  # utf-8-sig: a byte-order mark (Windows tools) is not part of the first id
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 ({e})") from e
-            # only the line end is cut: stripping the line would take the tab of an empty
-            # TSV caption ("id<TAB>") with it and stop the run on a malformed-line error
-            if not line.strip():
-                continue
-            if is_json:
-                try:
-                    rec = json.loads(line)
-                    image_id, caption = str(rec["image_id"]), rec["caption"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{lineno}: expected a JSON object with image_id and "
-                                    f"caption ({e!r})") from e
-                # str() would turn a null or a list into text ("None") and train on it
-                if not isinstance(caption, str):
-                    raise DataError(f"{path}:{lineno}: caption must be a string, got "
-                                    f"{json.dumps(caption)[:80]}")
-            else:
-                if "\t" not in line:
-                    raise DataError(f"{path}:{lineno}: expected 'id<TAB>caption'")
-                image_id, caption = line.split("\t", 1)
-            caption = normalize_text(caption)  # a str: checked above (jsonl), split (TSV)
-            if not caption:
-                skipped["empty caption"] += 1
-                continue
-            yield image_id.strip(), caption
+    for lineno, line in numbered_lines(path, DataError):
+        line = line.rstrip("\r\n")
+        # only the line end is cut: stripping the line would take the tab of an empty
+        # TSV caption ("id<TAB>") with it and stop the run on a malformed-line error
+        if not line.strip():
+            continue
+        if is_json:
+            try:
+                rec = json.loads(line)
+                image_id, caption = str(rec["image_id"]), rec["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{lineno}: expected a JSON object with image_id and "
+                                f"caption ({e!r})") from e
+            # str() would turn a null or a list into text ("None") and train on it
+            if not isinstance(caption, str):
+                raise DataError(f"{path}:{lineno}: caption must be a string, got "
+                                f"{json.dumps(caption)[:80]}")
+        else:
+            if "\t" not in line:
+                raise DataError(f"{path}:{lineno}: expected 'id<TAB>caption'")
+            image_id, caption = line.split("\t", 1)
+        caption = normalize_text(caption)  # a str: checked above (jsonl), split (TSV)
+        if not caption:
+            skipped["empty caption"] += 1
+            continue
+        yield image_id.strip(), caption
 
 
 def tokenize_file(path: str | Path, tokenizer, cache_dir: str | Path, kind: str = "text",

@@ -50,6 +50,7 @@ from babymerge.config import InputError, arg, atomic_write_text, opt
 from babymerge.distributed import resolve_device
 from babymerge.featurefile import FeatureFileError, FeatureTable
 from babymerge.model import image_prefix_ids, load_black_feature, load_model
+from babymerge.textfiles import numbered_lines
 from babymerge.tokenizer import TokenizerError, load_tokenizer
 
 TASK_KINDS = ("minimal_pairs", "winoground", "vqa")
@@ -135,23 +136,17 @@ def _task_files(spec: TaskSpec) -> list[Path]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:  # utf-8-sig: a byte-order mark (Windows editors) is no JSON error
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise TaskError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte "
-                                f"{e.start})") from e
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict):
-                raise TaskError(f"{path}:{lineno}: expected a JSON object, got "
-                                f"{type(record).__name__}")
-            yield lineno, record
+    for lineno, line in numbered_lines(path, TaskError):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict):
+            raise TaskError(f"{path}:{lineno}: expected a JSON object, got "
+                            f"{type(record).__name__}")
+        yield lineno, record
 
 
 def _text(record: dict, key: str, where: str) -> str:

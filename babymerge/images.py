@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
 from babymerge.config import InputError
+from babymerge.textfiles import numbered_lines
 
 # Extensions taken as images in folders and tar shards (lower case, without the dot).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif", "ppm",
@@ -218,54 +219,50 @@ def _list_jsonl(path: Path, image_root: Path | None, id_column: str,
                 path_column: str) -> list[ImageItem]:
     root = image_root or path.parent
     items = []
-    # utf-8-sig: a byte-order mark (lists saved by Windows tools) is not part of line 1
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise SourceError(f"{where}: expected a JSON object")
-            template = "{" in path_column  # e.g. "{dataset_id}/{image_id}.jpg"
-            for key, flag in ((id_column, "--id-column"),
-                              *([] if template else [(path_column, "--path-column")])):
-                if key not in row:
-                    raise SourceError(f"{where}: no {key!r} key (set {flag}); keys: "
-                                      f"{', '.join(sorted(row))}")
-            try:
-                image_path = path_column.format_map(row) if template else str(row[path_column])
-            except (KeyError, IndexError, ValueError) as e:
-                raise SourceError(f"{where}: --path-column template {path_column!r} cannot be "
-                                  f"filled from this line ({type(e).__name__}: {e})") from e
-            image_id = row[id_column]
-            # str() would make a null id the image "None" (and a list its repr): refuse instead.
-            if isinstance(image_id, bool) or not isinstance(image_id, (str, int)) or image_id == "":
-                raise SourceError(f"{where}: {id_column!r} is {json.dumps(image_id)}; an image id "
-                                  "must be a non-empty string or an integer")
-            items.append(ImageItem(str(image_id), _resolve(image_path, root), where=where))
+    for line_no, line in numbered_lines(path, SourceError):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{where}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise SourceError(f"{where}: expected a JSON object")
+        template = "{" in path_column  # e.g. "{dataset_id}/{image_id}.jpg"
+        for key, flag in ((id_column, "--id-column"),
+                          *([] if template else [(path_column, "--path-column")])):
+            if key not in row:
+                raise SourceError(f"{where}: no {key!r} key (set {flag}); keys: "
+                                  f"{', '.join(sorted(row))}")
+        try:
+            image_path = path_column.format_map(row) if template else str(row[path_column])
+        except (KeyError, IndexError, ValueError) as e:
+            raise SourceError(f"{where}: --path-column template {path_column!r} cannot be "
+                              f"filled from this line ({type(e).__name__}: {e})") from e
+        image_id = row[id_column]
+        # str() would make a null id the image "None" (and a list its repr): refuse instead.
+        if isinstance(image_id, bool) or not isinstance(image_id, (str, int)) or image_id == "":
+            raise SourceError(f"{where}: {id_column!r} is {json.dumps(image_id)}; an image id "
+                              "must be a non-empty string or an integer")
+        items.append(ImageItem(str(image_id), _resolve(image_path, root), where=where))
     return items
 
 
 def _list_tsv(path: Path, image_root: Path | None) -> list[ImageItem]:
     root = image_root or path.parent
     items = []
-    # utf-8-sig: a byte-order mark (lists saved by Windows tools) is not part of line 1
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip() or line.startswith("#"):
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2:
-                raise SourceError(f"{path}:{line_no}: expected 'id<TAB>path', got {len(fields)} "
-                                  "tab-separated field(s)")
-            if line_no == 1 and fields[0] in ("id", "image_id") and fields[1] == "path":
-                continue  # header row
-            items.append(ImageItem(fields[0], _resolve(fields[1], root), where=f"{path}:{line_no}"))
+    for line_no, line in numbered_lines(path, SourceError):
+        line = line.rstrip("\n").rstrip("\r")
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise SourceError(f"{path}:{line_no}: expected 'id<TAB>path', got {len(fields)} "
+                              "tab-separated field(s)")
+        if line_no == 1 and fields[0] in ("id", "image_id") and fields[1] == "path":
+            continue  # header row
+        items.append(ImageItem(fields[0], _resolve(fields[1], root), where=f"{path}:{line_no}"))
     return items
 
 

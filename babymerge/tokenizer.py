@@ -31,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from babymerge.config import InputError, arg, atomic_write_text, opt, save_config
 from babymerge.model import IMAGE_TOKEN
+from babymerge.textfiles import numbered_lines
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,10 @@ def iter_lines(paths: Iterable[Path], error: type[Exception] = TokenizerError) -
     """Non-empty normalised lines of the text files, in order; a line that is not UTF-8 raises
     ``error`` naming the file and line (the training data reader passes its own error type)."""
     for path in paths:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:  # utf-8-sig: a byte-order mark (Windows tools) is no text to learn
-                    text = normalize_text(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-                except UnicodeDecodeError as e:
-                    raise error(f"{path}:{lineno}: not UTF-8 ({e})") from e
-                if text:
-                    yield text
+        for _, line in numbered_lines(path, error):
+            text = normalize_text(line)
+            if text:
+                yield text
 
 
 def bert_pre_tokenizer() -> pre_tokenizers.PreTokenizer:

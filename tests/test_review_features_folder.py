@@ -44,3 +44,18 @@ def test_jsonl_id_that_is_not_a_string_or_integer_names_the_line(tmp_path):
                                           f'{{"image_id": {bad}, "path": "a.png"}}\n')
         with pytest.raises(SourceError, match=r"l\.jsonl:2: 'image_id' is "):
             list_images(str(tmp_path / "l.jsonl"))
+
+
+def test_image_list_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    import pytest
+
+    from babymerge.images import SourceError
+
+    write_images(tmp_path, ["a.png"])
+    (tmp_path / "l.tsv").write_bytes("a\ta.png\nb\tcaf\u00e9.png\n".encode("latin-1"))
+    (tmp_path / "l.jsonl").write_bytes('{"image_id": "a", "path": "a.png"}\n'
+                                       '{"image_id": "\u00e9", "path": "a.png"}\n'
+                                       .encode("latin-1"))
+    for name in ("l.tsv", "l.jsonl"):
+        with pytest.raises(SourceError, match=rf"{name}:2: not UTF-8 text"):
+            list_images(str(tmp_path / name))
