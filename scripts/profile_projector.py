@@ -4,6 +4,11 @@ time of the smallest Triton call we make (a one-tensor merge: plan lookup, one l
 bump), about the floor of one launch. For the launch-bound regime (M <= a few thousand rows), where
 both paths wait on the CPU, not the GPU.
 
+The Triton step's host time is split three ways (``triton_host_split``): autograd's own cost (a
+custom Function whose forward and backward only allocate the outputs), our Python around the
+launches (the same step with every kernel launch replaced by a no-op), and Triton's launch path
+(the rest, per launch).
+
     python scripts/profile_projector.py --rows 1024 --dtype bf16     # on a GPU
 """
 
@@ -17,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from babymerge.benchmark import environment
+from kernels import projector
 from kernels.projector import project_triton
 from kernels.projector_reference import project_reference
 
@@ -31,6 +37,68 @@ def host_us_per_call(fn, calls: int = 200) -> float:
     host = time.perf_counter() - start
     torch.cuda.synchronize()
     return round(host / calls * 1e6, 1)
+
+
+class _AllocateOnly(torch.autograd.Function):
+    """The projector's autograd shape with no work: forward and backward allocate their outputs
+    and save what the real one saves. Its step is autograd's own host cost."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        z = x.new_empty(x.shape[0], w1.shape[0])
+        ctx.save_for_backward(x, w1, w2, z)
+        return x.new_empty(x.shape[0], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, w2, z = ctx.saved_tensors
+        return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]),
+                w2.new_empty(w2.shape), w2.new_empty(w2.shape[0]))
+
+
+class _CountedLaunches:
+    """Stands in for the projector module's Triton kernels: counts the launches of a step and,
+    with ``launch=False``, skips them (what is left is our Python around them)."""
+
+    KERNELS = ("_projector_fwd_kernel", "_linear_kernel", "_projector_bwd_dz_kernel",
+               "_projector_bwd_grads_kernel")
+
+    def __init__(self, launch: bool):
+        self.launch, self.count, self.saved = launch, 0, {}
+
+    def __enter__(self):
+        counter = self
+
+        class Proxy:
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                counter.count += 1
+                return self.kernel[grid] if counter.launch else lambda *args, **kwargs: None
+
+        for name in self.KERNELS:
+            self.saved[name] = getattr(projector, name)
+            setattr(projector, name, Proxy(self.saved[name]))
+        return self
+
+    def __exit__(self, *exc):
+        for name, kernel in self.saved.items():
+            setattr(projector, name, kernel)
+
+
+def triton_host_split(step, triton_us: float) -> dict:
+    """Autograd, our wrapper and Triton's launch path in one Triton step's host time. Run after
+    the real step has been timed: its launch plans are measured and cached by then, so the
+    stubbed steps below take the same plans and time nothing."""
+    with _CountedLaunches(launch=True) as counted:
+        step(project_triton)
+    with _CountedLaunches(launch=False):
+        wrapper_us = host_us_per_call(lambda: step(project_triton))
+    autograd_us = host_us_per_call(lambda: step(_AllocateOnly.apply))
+    return {"launches_per_step": counted.count, "autograd_us": autograd_us,
+            "wrapper_us": round(wrapper_us - autograd_us, 1),
+            "triton_launch_us_per_launch": round((triton_us - wrapper_us) / counted.count, 1)}
 
 
 def main() -> None:
@@ -65,6 +133,7 @@ def main() -> None:
                                                     ("torch_eager", project_reference))},
               "host_us_per_one_tensor_merge_call": host_us_per_call(
                   lambda: interpolation.interpolate_triton_(one, one, one, 0.5))}
+    report["triton_host_split"] = triton_host_split(step, report["host_us_per_step"]["triton"])
     print(json.dumps(report, indent=1))
     for name, fn in (("triton", project_triton), ("torch_eager", project_reference)):
         for _ in range(3):

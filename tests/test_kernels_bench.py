@@ -15,6 +15,8 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 def bench_kernels(monkeypatch):
     """The script as a module; it refuses to import under the interpreter (meaningless timings),
     which conftest turns on, so import it with the switch off and put the switch back."""
+    import kernels.projector  # noqa: F401  (its kernels decide at import whether they are interpreted)
+
     monkeypatch.syspath_prepend(str(SCRIPTS))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     sys.modules.pop("bench_kernels", None)
@@ -77,3 +79,36 @@ def test_compile_baseline_stays_compiled_over_every_dtype(bench_kernels, monkeyp
         bench_kernels.bench_projector(torch.device("cpu"), dtype, ms, 16, 16, 16, reps=1,
                                       with_compile=True)
     assert counter.frame_count == len(ms) * len(dtypes)
+
+
+def test_profile_splits_the_triton_steps_host_time(monkeypatch):
+    """profile_projector's split (autograd / our wrapper / Triton's launch path) counts the
+    launches of a real step, times the step with launches skipped, and puts the kernels back."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import torch
+
+    import profile_projector
+    from kernels import projector
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # CPU tensors: nothing queued
+    names = profile_projector._CountedLaunches.KERNELS
+    kernels = {name: getattr(projector, name) for name in names}
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(*s, generator=g).requires_grad_() for s in ((8, 16), (8,), (4, 8), (4,))]
+    x, dy = torch.randn(3, 16, generator=g), torch.randn(3, 4, generator=g)
+
+    def step(fn):
+        for w in weights:
+            w.grad = None
+        fn(x, *weights).backward(dy)
+
+    split = profile_projector.triton_host_split(step, triton_us=1000.0)
+    assert split["launches_per_step"] == 3  # one fused forward (3 rows), dz, the grads launch
+    assert split["autograd_us"] > 0 and set(split) == {
+        "launches_per_step", "autograd_us", "wrapper_us", "triton_launch_us_per_launch"}
+    assert {name: getattr(projector, name) for name in kernels} == kernels
+    step(profile_projector.project_triton)  # the kernels launch again after the split
+    got = [w.grad.clone() for w in weights]
+    step(profile_projector.project_reference)
+    for g_triton, w in zip(got, weights):
+        torch.testing.assert_close(g_triton, w.grad, rtol=1e-5, atol=1e-5)
