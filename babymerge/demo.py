@@ -310,7 +310,7 @@ def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
         # 0 workers: at 112 px decoding is cheaper than starting a worker process on 2 cores
         summary = extract_features(ExtractConfig(
             source=str(world.images), out=features, encoder=str(encoder_dir), batch_size=128,
-            device=cfg.device, dtype="float32", num_workers=0))
+            device=cfg.device, dtype="float32", num_workers=0, progress=cfg.progress))
         encoded = summary["new"] + summary["new_failed"]
         info.update(images=summary["rows"], encoded=encoded, reused=encoded == 0,
                     images_per_s=summary["images_per_s"] if encoded else None)

@@ -99,6 +99,7 @@ class ExtractConfig:
     flush_every: int = opt(8192, "images per crash-safe part file (rounded up to whole batches)")
     retry_failed: bool = opt(False, "try again the images recorded in /failed as bad images "
                              "(those that could not be read at all are always tried again)")
+    progress: bool = opt(True, "show the progress bar")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "flush_every", "max_pixels"):
@@ -670,7 +671,8 @@ def _encode_into_parts(todo, encoder: ImageEncoder, cfg: ExtractConfig, parts_di
         _write_table(parts_dir / f"part-{part:06d}.h5", ids, rows, failed, black, attrs)
         part, ids, feats, failed, pending = part + 1, [], [], {}, 0
 
-    with tqdm(total=len(todo), desc=desc, unit="img", smoothing=0.1, dynamic_ncols=True) as bar:
+    with tqdm(total=len(todo), desc=desc, unit="img", smoothing=0.1, dynamic_ncols=True,
+              disable=not cfg.progress) as bar:
         for batch in loader:
             good, pixels, bad, reasons = batch.good, batch.pixels, batch.bad, batch.reasons
             if batch.jpegs:

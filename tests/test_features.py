@@ -342,3 +342,12 @@ def test_source_errors_name_the_problem(tmp_path, encoder_dir):
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 1 and "Error: SOURCE" in result.output
     assert "no such file or folder" in result.output
+
+
+def test_no_progress_shows_no_bar(tmp_path, encoder_dir, capsys):
+    """--no-progress (and the demo's) silences the extraction bar; by default it shows."""
+    write_images(tmp_path / "images", ["a.png", "b.png"])
+    extract(tmp_path / "images", tmp_path / "quiet.h5", encoder_dir, progress=False)
+    assert "img/s" not in capsys.readouterr().err
+    extract(tmp_path / "images", tmp_path / "bar.h5", encoder_dir)
+    assert "img/s" in capsys.readouterr().err
