@@ -62,7 +62,16 @@ class TokenizedFile:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    """A hash of what maps text to ids in OUR tokenizers (trained by babymerge.tokenizer, whose
+    normalisation and pre-tokenizer are fixed): the vocabulary, the merges and the added tokens.
+    Not the whole serialised tokenizer: it carries runtime state (truncation and padding, which
+    transformers sets on the backend when called with them) and fields that tokenizers releases
+    add, and a resumed run or a token cache must not be refused or redone for either."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    content = {"vocab": sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1]),
+               "merges": spec["model"].get("merges", []),
+               "added": sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))}
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _cache_key(path: Path, kind: str, fingerprint: str) -> str:

@@ -72,3 +72,25 @@ def test_tsv_empty_caption_is_skipped_and_a_byte_order_mark_is_no_error(world, t
     assert caps.rows.tolist() == [table.row["img000"], table.row["img002"]]
     caps = load_captions([jsonl], tok, tmp_path / "cache", 32, table, progress=False)
     assert caps.rows.tolist() == [table.row["img000"]]
+
+
+def test_tokenizer_fingerprint_is_its_content_not_its_runtime_state(world, tok, tmp_path):
+    """The fingerprint that a resumed run and the token cache compare: a tokenizer that was
+    called with truncation and padding (transformers leaves them set on the backend) is still
+    the same tokenizer; another vocabulary is not."""
+    from babymerge.data import tokenizer_fingerprint
+    from babymerge.tokenizer import TokenizerConfig, train_tokenizer
+
+    before = tokenizer_fingerprint(tok)
+    tok.backend_tokenizer.enable_truncation(max_length=7)
+    tok.backend_tokenizer.enable_padding(length=9, pad_id=tok.pad_token_id)
+    try:
+        assert tokenizer_fingerprint(tok) == before
+    finally:
+        tok.backend_tokenizer.no_truncation()
+        tok.backend_tokenizer.no_padding()
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("zebras quietly juggle violet umbrellas.\n" * 50)
+    other = train_tokenizer(TokenizerConfig(corpus=[corpus], out=tmp_path / "tok",
+                                            vocab_size=400, progress=False))["out"]
+    assert tokenizer_fingerprint(load_tokenizer(other)) != before
