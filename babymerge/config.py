@@ -160,7 +160,14 @@ def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -
         if name not in known:
             raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}; "
                               f"known: {', '.join(sorted(known))}")
-        scalar, is_list, _ = _resolve_type(cls, known[name])
+        scalar, is_list, optional = _resolve_type(cls, known[name])
+        # A YAML `~`/`null` (or JSON null) for a field with no "unset" meaning reached the stage
+        # as None and failed there as an AttributeError or TypeError traceback (`out: null` for
+        # the tokenizer, `vocab_size: ~`), far from the file's key.
+        if (value is None and not optional) or (
+                is_list and isinstance(value, (list, tuple)) and any(v is None for v in value)):
+            raise ConfigError(f"{source}: {key} is null{' or holds a null' if is_list else ''}; "
+                              "give a value, or leave the key out for its default")
         kwargs[name] = _coerce(value, scalar, is_list, f"{source}: {key}")
         # click checks a flag's choices; a file's value must be checked here, or e.g. merge's
         # `dtype = "bf16"` passed validation and failed as a KeyError deep in the stage
