@@ -59,7 +59,7 @@ from babymerge.evaluate import (DTYPES, GRAMMAR_KINDS, MULTIMODAL_KINDS, Prepare
                                 checkpoint_tokenizer, evaluate_tasks, load_tasks, parse_task_spec,
                                 task_summary)
 from babymerge.merge_methods import MERGE_METHODS, MergeMethod
-from babymerge.model import BLACK_FEATURE_FILE, load_model, save_checkpoint
+from babymerge.model import BLACK_FEATURE_FILE, load_model, parameter_dtype, save_checkpoint
 
 RULE = ("chosen_alpha maximises the mean of the grammar score (mean accuracy over minimal_pairs "
         "tasks) and the multimodal score (mean over winoground and vqa tasks), a kind absent from "
@@ -238,11 +238,12 @@ def read_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 
 def read_tensors(directory: Path, names: list[str], device: torch.device,
                  dtype: torch.dtype) -> list[torch.Tensor]:
-    """``names`` from a checkpoint, in that order, on ``device`` in ``dtype``."""
+    """``names`` from a checkpoint, in that order, on ``device`` in ``dtype`` (bar the
+    parameters every loaded model keeps float32, :func:`parameter_dtype`)."""
     wanted, found = set(names), {}
     for path in _weight_files(directory):
         with safe_open(str(path), framework="pt") as f:  # reads only the wanted tensors
-            found.update({k: f.get_tensor(k).to(device=device, dtype=dtype)
+            found.update({k: f.get_tensor(k).to(device=device, dtype=parameter_dtype(k, dtype))
                           for k in f.keys() if k in wanted})
     return [found[n] for n in names]
 

@@ -61,3 +61,27 @@ def test_config_defaults_to_dinov2_large_not_llavas_clip():
     assert (vision.model_type, vision.hidden_size, vision.num_hidden_layers) == ("dinov2", 1024, 24)
     assert BabyLlavaConfig(vision_config={"hidden_size": 64}).vision_config.model_type == "dinov2"
     assert BabyLlavaConfig().text_config.model_type == "llama"
+
+
+def test_feature_statistics_stay_float32_in_a_half_precision_model(tmp_path):
+    """--dtype bfloat16 (evaluate, merge) rounded the standardisation statistics with every other
+    weight, shifting every feature; they stay float32, the rest takes the dtype."""
+    from babymerge.merge import read_tensors
+    from babymerge.model import load_model, save_checkpoint, set_feature_statistics
+
+    model = build_model(MODEL_PRESETS["tiny"], seed=0, vocab_size=50, image_token_id=4,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        feature_norm="standardize")
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(1024, generator=g) + 2.0, torch.rand(1024, generator=g) * 0.05 + 0.01
+    set_feature_statistics(model, mean, std)
+    save_checkpoint(model, tmp_path / "ck")
+    half = load_model(tmp_path / "ck", dtype=torch.bfloat16)
+    params = dict(half.named_parameters())
+    assert torch.equal(params["model.feature_mean"], mean)
+    assert torch.equal(params["model.feature_std"], std)
+    assert {p.dtype for n, p in params.items() if "feature_" not in n} == {torch.bfloat16}
+    tensors = read_tensors(tmp_path / "ck", ["model.feature_mean", "lm_head.weight"],
+                           torch.device("cpu"), torch.bfloat16)
+    assert [t.dtype for t in tensors] == [torch.float32, torch.bfloat16]
+    assert torch.equal(tensors[0], mean)
