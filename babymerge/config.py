@@ -132,20 +132,37 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path}: use .toml, .yaml, .yml or .json")
+    # A typo in the file (or a file that is not text) was a parser's traceback; the parsers'
+    # own messages say the line and column, so they are passed on under the file's name.
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({e.reason} at byte "
+                          f"{e.start})") from e
     if path.suffix == ".toml":
         try:
             import tomllib
         except ImportError:  # Python 3.10: the same parser as the tomli backport
             import tomli as tomllib
 
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        data = _yaml_load(text) or {}
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: not valid TOML: {e}") from e
     elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path}: not valid JSON: {e}") from e
     else:
-        raise ConfigError(f"config file {path}: use .toml, .yaml, .yml or .json")
+        import yaml
+
+        try:
+            data = _yaml_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return data
