@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from babymerge.config import InputError, arg, atomic_write_text, opt
+from babymerge.config import InputError, arg, atomic_write_text, config_to_dict, opt
 from babymerge.distributed import resolve_device
 from babymerge.featurefile import FeatureFileError, FeatureTable
 from babymerge.model import image_prefix_ids, load_black_feature, load_model
@@ -486,7 +486,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     report = {"model": str(cfg.model), "tasks": task_summary(tasks),
               "scores": {name: s["accuracy"] for name, s in scores.items()},
               "groups": {name: s["groups"] for name, s in scores.items()},
-              "seconds": seconds}
+              "seconds": seconds,
+              # batch size, dtype, device, feature file: what two runs on one model differ in
+              "config": config_to_dict(cfg)}
     for name, acc in report["scores"].items():
         click.echo(f"{name}: {acc:.4f} (chance {report['tasks'][name]['chance']:.3f}, "
                    f"{report['tasks'][name]['items']} items)")

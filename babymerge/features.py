@@ -83,7 +83,8 @@ class ExtractConfig:
     path_column: str = opt("path", "image path key of a .jsonl SOURCE, or a template filled from "
                            "each line such as '{dataset_id}/{image_id}.jpg'; image column of a "
                            "datasets SOURCE (default: its only Image column)")
-    shard: str | None = opt(None, "i/n: encode only slice i of n into OUT.shard-i-of-n.h5 "
+    shard: str | None = opt(None, "i/n: encode only slice i of n, into OUT with .shard-0000i-of-"
+                            "0000n before its suffix (features.shard-00000-of-00002.h5) "
                             "(torchrun's RANK/WORLD_SIZE do the same)")
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, "larger images are recorded as failed "
                           "(decompression-bomb guard; PIL itself refuses > 2x its default)")

@@ -88,6 +88,9 @@ def test_eval_cli_writes_scores(world, tmp_path):
     assert report["tasks"]["vqa"] == {"kind": "vqa", "chance": 0.25, "items": 8,
                                       "path": world.specs["vqa"].split(":", 1)[1]}
     assert all(0.0 <= s <= 1.0 for s in report["scores"].values())
+    # the resolved config: what tells two runs on one model apart
+    assert report["config"]["batch_size"] == 7 and report["config"]["dtype"] == "float32"
+    assert report["config"]["features"] == str(world.features)
     again = evaluate(EvalConfig(model=world.vlm, task=list(world.specs.values()),
                                 features=world.features, batch_size=64))
     assert again["scores"] == report["scores"]  # batch size does not change a score
