@@ -48,8 +48,9 @@ class EncoderSize:
     tint swamps; at 0.2 a linear probe on 1,200 scenes reads which colours are present (86% vs
     69% majority) and which colour goes with which shape (76% vs 23%). Shape and position stay
     near chance for every random size tried (hidden 64-256, 1-3 blocks, patch 4-14). The
-    feature's norm is ~80 at 0.2, so the models standardise it (``feature_norm`` in
-    :func:`_train_config`); on the raw feature the VLM learned to ignore the image.
+    feature's norm is ~72 at 0.2 (tiny and base worlds), so the models standardise it
+    (``feature_norm`` in :func:`_train_config`); on the raw feature the VLM learned to ignore the
+    image.
     """
 
     hidden_size: int = 64
@@ -149,9 +150,9 @@ def _train_config(cfg: DemoConfig, scale: Scale, kind: str, run: Path, world, fe
         # VLM's minutes of training at the default scale were all redone).
         checkpoint_unit=10**12, save_every=DEMO_SAVE_EVERY, log_every=20,
         cache_dir=run / "cache" / "tokens",
-        # A random encoder's pooled features share one large offset (norm ~70, variations ~1):
-        # on raw features the VLM learned to ignore the image (Winoground at chance); z-scored
-        # features take it to 0.66 / VQA 0.55 on the small world (measured 2026-11-27).
+        # A random encoder's pooled features share one large offset (norm ~72, spreads of ~1.3
+        # per dimension): on raw features the VLM learned to ignore the image (Winoground at
+        # chance); z-scored features take it to 0.71 / VQA 0.46 on the small world (README).
         feature_norm="standardize",
         progress=cfg.progress)
 
@@ -279,7 +280,18 @@ def _check_same_demo(path: Path, cfg: DemoConfig, scale: Scale) -> None:
 
 def demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline in ``cfg.out``; print and write the report; return its content."""
-    return run_demo(cfg, SCALES[cfg.scale])
+    if cfg.progress:
+        return run_demo(cfg, SCALES[cfg.scale])
+    from transformers.utils import logging as hf_logging
+
+    # --no-progress: transformers' bars (loading and writing checkpoints) are silenced as well
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return run_demo(cfg, SCALES[cfg.scale])
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
@@ -292,7 +304,7 @@ def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
     world_cfg = dataclasses.replace(scale.world, seed=cfg.seed)
 
     with timer.stage("world") as info:
-        world = generate_world(world_cfg, run / "world")
+        world = generate_world(world_cfg, run / "world", progress=cfg.progress)
         counts = json.loads(world.manifest.read_text())["world"]["counts"]
         info.update(counts)
 
@@ -334,7 +346,7 @@ def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
         results = merge(MergeConfig(lm=run / "lm", vlm=[run / "vlm"], alpha_grid=ALPHA_GRID,
                                     task=world.task_specs(), features=features,
                                     out=run / "merge", keep="chosen", device=cfg.device,
-                                    batch_size=scale.eval_batch_size))
+                                    batch_size=scale.eval_batch_size, progress=cfg.progress))
         info.update(alphas=len(results["records"]),
                     items_per_alpha=sum(t["items"] for t in results["tasks"].values()))
     info["scored_alphas"] = _logged_points(run / "merge") - points_before

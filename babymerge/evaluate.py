@@ -77,6 +77,7 @@ class EvalConfig:
     batch_size: int = opt(64, "sequences per forward pass")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     dtype: str = opt("float32", "model dtype for scoring", choices=tuple(DTYPES))
+    progress: bool = opt(True, "show the progress bars")
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -481,7 +482,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     model = load_model(cfg.model, resolve_device(cfg.device), DTYPES[cfg.dtype])
     check_feature_dim(model, tasks)
     t0 = time.perf_counter()
-    scores = evaluate_tasks(model, tasks, cfg.batch_size)
+    scores = evaluate_tasks(model, tasks, cfg.batch_size, cfg.progress)
     seconds = time.perf_counter() - t0
     report = {"model": str(cfg.model), "tasks": task_summary(tasks),
               "scores": {name: s["accuracy"] for name, s in scores.items()},

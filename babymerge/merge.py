@@ -101,6 +101,7 @@ class MergeConfig:
                         "afresh (by default a rerun reuses those made with the same checkpoints, "
                         "tasks, method and dtype); the same --restart command run again after an "
                         "interruption resumes the sweep it began")
+    progress: bool = opt(True, "show the evaluation's progress bars")
 
     def __post_init__(self) -> None:
         if self.lm is None:
@@ -386,7 +387,7 @@ class _Sweep:
 
     def _score(self, alpha: float | None, merge_s: float) -> dict:
         t0 = time.perf_counter()
-        result = evaluate_tasks(self.model, self.tasks, self.cfg.batch_size)
+        result = evaluate_tasks(self.model, self.tasks, self.cfg.batch_size, self.cfg.progress)
         scores = {n: r["accuracy"] for n, r in result.items()}
         return {"alpha": alpha, "vlm": self.vlm_name, "scores": scores,
                 **objective(scores, self.summary),

@@ -107,7 +107,8 @@ class TrainConfig:
                             "standardize: per-dimension z-score with the feature file's "
                             "statistics, stored in the model (a new model only)",
                             choices=("none", "standardize"))
-    resume: bool = opt(True, help="resume from OUT/resume if present")
+    resume: bool = opt(True, help="resume from OUT/resume if present; --no-resume refuses an "
+                       "OUT that holds a run instead of going on with it")
     progress: bool = opt(True, help="show progress bars")
 
     def __post_init__(self) -> None:
@@ -217,7 +218,7 @@ def _check_resumable(cfg: TrainConfig, state: dict, directory: Path) -> None:
     if diff:
         shown = "; ".join(f"--{k.replace('_', '-')}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
         raise TrainError(f"{directory} holds a run with another config ({shown}); resume with the "
-                         "same options, or pass --no-resume with a new --out")
+                         "same options, or start afresh with a new --out")
 
 
 def _publish_final(model, tokenizer, out: Path, black: torch.Tensor) -> None:

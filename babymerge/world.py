@@ -602,13 +602,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _draw_split(split: str, n: int, cfg: WorldConfig, root: Path, seed: int
+def _draw_split(split: str, n: int, cfg: WorldConfig, root: Path, seed: int, progress: bool
                 ) -> list[tuple[str, Scene]]:
     rng = random.Random(seed)
     out_dir = root / split
     out_dir.mkdir(parents=True, exist_ok=True)
     scenes = []
-    for i in tqdm(range(n), desc=f"world: {split} images", unit="img", leave=False):
+    for i in tqdm(range(n), desc=f"world: {split} images", unit="img", leave=False,
+                  disable=not progress):
         scene = sample_scene(rng)
         layout(scene, cfg.image_size, rng)
         image_id = f"{split}/{i:06d}"
@@ -620,7 +621,7 @@ def _draw_split(split: str, n: int, cfg: WorldConfig, root: Path, seed: int
     return scenes
 
 
-def generate_world(cfg: WorldConfig, out: str | Path) -> WorldPaths:
+def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> WorldPaths:
     """Write the whole world under ``out`` and return where each part is.
 
     The same config gives byte-identical text and evaluation files and identical images.
@@ -635,7 +636,8 @@ def generate_world(cfg: WorldConfig, out: str | Path) -> WorldPaths:
     seeds = {k: hash_seed(cfg.seed, k)
              for k in ("train", "eval", "captions", "corpus", "pairs", "items")}
 
-    train = _draw_split("train", cfg.train_images, cfg, paths.images, seeds["train"])
+    train = _draw_split("train", cfg.train_images, cfg, paths.images, seeds["train"],
+                        progress)
     rng = random.Random(seeds["captions"])
     caption_rows = [{"image_id": image_id, "caption": c}
                     for image_id, scene in train
@@ -667,7 +669,8 @@ def generate_world(cfg: WorldConfig, out: str | Path) -> WorldPaths:
                          "linguistics_term": term, "UID": uid, "pairID": str(len(rows))})
         _write_jsonl(paths.minimal_pairs / f"{uid}.jsonl", rows)
 
-    held_out = _draw_split("eval", cfg.eval_images, cfg, paths.images, seeds["eval"])
+    held_out = _draw_split("eval", cfg.eval_images, cfg, paths.images, seeds["eval"],
+                           progress)
     rng = random.Random(seeds["items"])
     wino, vqa, asked = [], [], Counter()
     for image_id, scene in held_out:

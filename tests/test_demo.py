@@ -1,7 +1,9 @@
 """`babymerge demo` end to end at tiny scale, and the pieces of its report."""
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import sys
 from pathlib import Path
@@ -24,9 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def demo_run(tmp_path_factory):
+    """The tiny demo with --no-progress, and what it wrote to stderr."""
     out = tmp_path_factory.mktemp("demo")
-    return demo(DemoConfig(out=out, scale="tiny", progress=False)), out
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        rep = demo(DemoConfig(out=out, scale="tiny", progress=False))
+    return rep, out, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def report(demo_run):
+    return demo_run[:2]
+
+
+def test_no_progress_draws_no_bar(demo_run):
+    # the world's, extraction's, training's and evaluation's bars, and transformers' own
+    assert "it/s" not in demo_run[2] and "/s]" not in demo_run[2], demo_run[2][-2000:]
 
 
 def test_demo_end_to_end_shows_what_the_paper_needs(report):
