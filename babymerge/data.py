@@ -61,17 +61,46 @@ class TokenizedFile:
     meta: dict
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of what maps text to ids in OUR tokenizers (trained by babymerge.tokenizer, whose
-    normalisation and pre-tokenizer are fixed): the vocabulary, the merges and the added tokens.
-    Not the whole serialised tokenizer: it carries runtime state (truncation and padding, which
-    transformers sets on the backend when called with them) and fields that tokenizers releases
-    add, and a resumed run or a token cache must not be refused or redone for either."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    content = {"vocab": sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1]),
+# Text whose ids show how a tokenizer normalises and splits, beyond its vocabulary and merges
+# (transformers rebuilds our Llama tokenizers from those two, and tokenizer_config.json's
+# add_prefix_space, legacy or another transformers release change the rest): a first word
+# (prefixed with "▁" or not), runs of spaces, a tab, punctuation, case, digits, composed and
+# decomposed accents, and characters outside any small vocabulary (byte fallback or <unk>).
+_FINGERPRINT_PROBE = 'Hello world,  the CAT\'s 3.5 dogs\tran-away! "Naïve" cafe\u0301 日本 🙂'
+
+
+def _encoder(tokenizer):
+    """A copy of the tokenizer's backend as the token cache encodes with: "<image>" in text is
+    plain characters (a corpus line must never produce a second image token: the model takes
+    exactly one per sequence), no padding or truncation (transformers leaves either set on the
+    backend after a call that asked for it)."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.encode_special_tokens = True
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
+def tokenizer_fingerprint(tokenizer, encoder=None) -> str:
+    """A hash of what the token cache and a resumed run's batches depend on: the vocabulary, the
+    merges, the added and special tokens, and the ids of a probe text (how the normaliser and
+    pre-tokenizer split it). Not the whole serialised tokenizer: it carries runtime state
+    (truncation and padding) and fields that tokenizers releases add, and a resumed run or a
+    token cache must not be refused or redone for either. ``encoder``: :func:`_encoder`'s copy,
+    when the caller has one."""
+    if encoder is None:
+        encoder = _encoder(tokenizer)
+    spec = json.loads(encoder.to_str())
+    content = {"vocab": spec["model"].get("vocab"),  # a dict (BPE, WordPiece) or a list (Unigram)
                "merges": spec["model"].get("merges", []),
-               "added": sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))}
-    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:16]
+               "added": sorted((t["id"], t["content"]) for t in spec.get("added_tokens", [])),
+               "special": [tokenizer.bos_token_id, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, tokenizer.unk_token_id],
+               "probe": encoder.encode(_FINGERPRINT_PROBE, add_special_tokens=False).ids}
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode()
+                          ).hexdigest()[:16]
 
 
 def _cache_key(path: Path, kind: str, fingerprint: str) -> str:
@@ -132,10 +161,12 @@ def tokenize_file(path: str | Path, tokenizer, cache_dir: str | Path, kind: str 
         raise DataError(f"{kind} file not found: {path}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = _cache_key(path, kind, tokenizer_fingerprint(tokenizer))
+    encoder = _encoder(tokenizer)
+    fingerprint = tokenizer_fingerprint(tokenizer, encoder)
+    key = _cache_key(path, kind, fingerprint)
     meta_path = cache_dir / f"{key}.json"
     if not meta_path.is_file():
-        _write_cache(path, tokenizer, cache_dir, key, kind, progress)
+        _write_cache(path, tokenizer, encoder, fingerprint, cache_dir, key, kind, progress)
     meta = json.loads(meta_path.read_text())
     ids = json.loads((cache_dir / f"{key}.ids.json").read_text()) if kind == "captions" else None
     return TokenizedFile(path=path, tokens=np.load(cache_dir / f"{key}.tokens.npy", mmap_mode="r"),
@@ -143,16 +174,9 @@ def tokenize_file(path: str | Path, tokenizer, cache_dir: str | Path, kind: str 
                          ids=ids, meta=meta)
 
 
-def _write_cache(path: Path, tokenizer, cache_dir: Path, key: str, kind: str,
-                 progress: bool) -> None:
-    from tokenizers import Tokenizer
-
-    # A copy that reads "<image>" in text as plain characters: a corpus line must never produce
-    # a second image token (the model takes exactly one per sequence).
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.encode_special_tokens = True
-    backend.no_padding()
-    backend.no_truncation()
+def _write_cache(path: Path, tokenizer, backend, fingerprint: str, cache_dir: Path, key: str,
+                 kind: str, progress: bool) -> None:
+    """Tokenise ``path`` with ``backend`` (:func:`_encoder`) into the cache entry ``key``."""
     eos = tokenizer.eos_token_id
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     skipped: Counter = Counter()
@@ -194,7 +218,7 @@ def _write_cache(path: Path, tokenizer, cache_dir: Path, key: str, kind: str,
         atomic_write_text(cache_dir / f"{key}.ids.json", json.dumps(ids))
     meta = {"source": str(path.resolve()), "kind": kind, "documents": len(lengths),
             "tokens": int(tokens.size), "skipped": dict(skipped),
-            "tokenizer": tokenizer_fingerprint(tokenizer), "format": CACHE_FORMAT}
+            "tokenizer": fingerprint, "format": CACHE_FORMAT}
     atomic_write_text(cache_dir / f"{key}.json", json.dumps(meta, indent=1))
 
 

@@ -94,3 +94,25 @@ def test_tokenizer_fingerprint_is_its_content_not_its_runtime_state(world, tok, 
     other = train_tokenizer(TokenizerConfig(corpus=[corpus], out=tmp_path / "tok",
                                             vocab_size=400, progress=False))["out"]
     assert tokenizer_fingerprint(load_tokenizer(other)) != before
+
+
+def test_tokenizer_fingerprint_tells_apart_tokenizers_that_split_differently(world, tok, tmp_path):
+    """Transformers rebuilds our tokenizer from its vocabulary and merges, and what else it reads
+    (here tokenizer_config.json's add_prefix_space) changes how it splits: the same vocabulary,
+    merges and added tokens with other ids for every line. A token cache or a resumed run made
+    with one must not be taken for the other."""
+    import shutil
+
+    from babymerge.data import tokenizer_fingerprint
+
+    other_dir = shutil.copytree(world["tokenizer"], tmp_path / "no_prefix_space")
+    config_path = other_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "add_prefix_space": False}))
+    other = load_tokenizer(other_dir)
+    assert other.get_vocab() == tok.get_vocab()
+    text = "the red cat sees the blue dog."
+    assert (other(text, add_special_tokens=False)["input_ids"]
+            != tok(text, add_special_tokens=False)["input_ids"])
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
+    assert tokenizer_fingerprint(load_tokenizer(world["tokenizer"])) == tokenizer_fingerprint(tok)
