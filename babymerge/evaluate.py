@@ -386,11 +386,13 @@ def score_candidates(model, task: PreparedTask, batch_size: int = 64,
     vocab) logits never exist.
     """
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     lengths = torch.tensor([len(s) for s in task.input_ids])
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     scores = torch.zeros(len(order), dtype=torch.float64)
-    features = task.features.to(device, dtype)
+    # in their stored dtype: the model casts them to its projector's dtype, after standardising
+    # them in float32 (feature_norm="standardize"); rounded to bfloat16 first, the large shared
+    # offset of the features would lose what the standardisation is there to keep
+    features = task.features.to(device)
     # the bar advances per candidate (batches cut across items) but reads in items and items/s,
     # the unit the task sizes and the pipeline's throughput are quoted in
     with tqdm(total=len(order), unit="item", unit_scale=task.num_items / max(1, len(order)),

@@ -376,7 +376,7 @@ class ImageTextModel:
         body = self.tokenizer(prompt, add_special_tokens=False,
                               split_special_tokens=True)["input_ids"] if prompt else []
         ids = torch.tensor([self.prefix + body], device=device)
-        feats = self.features([image]).to(device, next(self.model.parameters()).dtype)
+        feats = self.features([image]).to(device)  # float32: the model casts (as in scoring)
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   pixel_values=feats, max_new_tokens=max_new_tokens,
                                   do_sample=False)
