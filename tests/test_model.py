@@ -85,3 +85,47 @@ def test_feature_statistics_stay_float32_in_a_half_precision_model(tmp_path):
                            torch.device("cpu"), torch.bfloat16)
     assert [t.dtype for t in tensors] == [torch.float32, torch.bfloat16]
     assert torch.equal(tensors[0], mean)
+
+
+def test_a_bfloat16_merge_keeps_the_statistics_exact_in_its_kept_checkpoint(tmp_path):
+    """merge --dtype bfloat16: the live model, the LM's resident tensors and the kept checkpoint
+    hold the standardisation statistics in float32 (the merge interpolates a list of mixed
+    dtypes); the kept checkpoint reloads them exactly, with load_model and with transformers."""
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from babymerge.merge import MergeConfig, merge
+    from babymerge.model import IMAGE_TOKEN, load_model, set_feature_statistics
+    from evalmerge_fixtures import FEATURE_DIM, make_tokenizer, write_features, write_tasks
+
+    tok = make_tokenizer(tmp_path / "tokenizer")
+    features = write_features(tmp_path / "features.h5", [f"img{i}" for i in range(8)])
+    g = torch.Generator().manual_seed(0)
+    # not representable in bfloat16: a rounded copy anywhere on the way would show
+    mean = torch.randn(FEATURE_DIM, generator=g) * 3 + 7.5
+    std = torch.rand(FEATURE_DIM, generator=g) + 0.9
+
+    def checkpoint(name, seed):
+        model = build_model(dataclasses.replace(MODEL_PRESETS["tiny"], feature_dim=FEATURE_DIM),
+                            seed=seed, vocab_size=len(tok),
+                            image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, feature_norm="standardize")
+        set_feature_statistics(model, mean, std)
+        return save_checkpoint(model, tmp_path / name, tok)
+
+    results = merge(MergeConfig(lm=checkpoint("lm", 2), vlm=[checkpoint("vlm", 1)],
+                                features=features, task=list(write_tasks(tmp_path).values()),
+                                out=tmp_path / "out", dtype="bfloat16", alpha_grid="0.5",
+                                keep="0.5", progress=False))
+    (kept,) = results["kept"]
+    with safe_open(f"{kept}/model.safetensors", framework="pt") as f:
+        assert f.get_slice("model.feature_mean").get_dtype() == "F32"
+        assert f.get_slice("lm_head.weight").get_dtype() == "BF16"
+    params = dict(load_model(kept, dtype=torch.bfloat16).named_parameters())
+    assert torch.equal(params["model.feature_mean"], mean)
+    assert torch.equal(params["model.feature_std"], std)
+    assert params["lm_head.weight"].dtype == torch.bfloat16
+    params = dict(AutoModelForImageTextToText.from_pretrained(kept).named_parameters())
+    assert torch.equal(params["model.feature_mean"].float(), mean)
