@@ -219,7 +219,7 @@ def _list_jsonl(path: Path, image_root: Path | None, id_column: str,
                 path_column: str) -> list[ImageItem]:
     root = image_root or path.parent
     items = []
-    for line_no, line in numbered_lines(path, SourceError):
+    for line_no, line in numbered_lines(path, SourceError, universal_newlines=True):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
@@ -252,7 +252,7 @@ def _list_jsonl(path: Path, image_root: Path | None, id_column: str,
 def _list_tsv(path: Path, image_root: Path | None) -> list[ImageItem]:
     root = image_root or path.parent
     items = []
-    for line_no, line in numbered_lines(path, SourceError):
+    for line_no, line in numbered_lines(path, SourceError, universal_newlines=True):
         line = line.rstrip("\n").rstrip("\r")
         if not line.strip() or line.startswith("#"):
             continue

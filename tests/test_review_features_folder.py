@@ -1,6 +1,7 @@
 """Stage 1 folder SOURCE: image sets linked in (``images/coco -> /datasets/coco``) are listed."""
 
 import os
+from pathlib import Path
 
 from babymerge.images import list_images
 from test_features import write_images
@@ -59,3 +60,16 @@ def test_image_list_that_is_not_utf8_names_the_file_and_line(tmp_path):
     for name in ("l.tsv", "l.jsonl"):
         with pytest.raises(SourceError, match=rf"{name}:2: not UTF-8 text"):
             list_images(str(tmp_path / name))
+
+
+def test_image_list_with_classic_mac_line_ends_reads_line_by_line(tmp_path):
+    # the lists were read in text mode, where a lone CR ends a line; the shared line reader
+    # splits at line feeds, and read such a list as one line (a malformed-line error)
+    write_images(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "l.tsv").write_bytes(b"\xef\xbb\xbfa\ta.png\rb\tb.png\r")
+    (tmp_path / "l.jsonl").write_bytes(b'{"image_id": "a", "path": "a.png"}\r\r'
+                                       b'{"image_id": "b", "path": "b.png"}')
+    for name, lines in (("l.tsv", (1, 2)), ("l.jsonl", (1, 3))):
+        items = list_images(str(tmp_path / name))
+        assert [(i.id, Path(i.path).name) for i in items] == [("a", "a.png"), ("b", "b.png")]
+        assert [i.where for i in items] == [f"{tmp_path / name}:{n}" for n in lines]
