@@ -112,3 +112,16 @@ def test_profile_splits_the_triton_steps_host_time(monkeypatch):
     step(profile_projector.project_reference)
     for g_triton, w in zip(got, weights):
         torch.testing.assert_close(g_triton, w.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_host_side_cdiv_and_next_power_of_2_match_tritons():
+    """kernels/projector.py computes grids, block caps and plan keys with its own ceil division
+    and next power of two (Triton's are slow constexpr functions): they must give Triton's
+    values, or grids would miss tiles and plans be keyed apart."""
+    import triton
+
+    from kernels.projector import _cdiv, _next_power_of_2
+
+    assert [_next_power_of_2(n) for n in range(2100)] == [
+        triton.next_power_of_2(n) for n in range(2100)]
+    assert all(_cdiv(a, b) == triton.cdiv(a, b) for a in range(600) for b in (1, 3, 16, 64, 256))
