@@ -105,7 +105,8 @@ class DemoConfig:
 
     out: Path = opt(Path("demo_run"), "run folder: world, encoder, features, models, merge, report")
     scale: str = opt("small", "size of the world and the models (small: < 5 minutes on 2 CPU "
-                     "cores; tiny: the test's; base: 49 minutes on 2 busy cores)", choices=tuple(SCALES))
+                     "cores; tiny: the test's; base: 49 minutes on 2 busy cores)",
+                     choices=tuple(SCALES))
     seed: int = opt(0, "seed of the world, the encoder and both models' shared initial weights")
     device: str = opt("auto", "cpu, cuda, or auto (cuda when available)",
                       choices=("auto", "cpu", "cuda"))
