@@ -475,10 +475,11 @@ def _check_inputs(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2
 
 
 def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                      b2: torch.Tensor | None, save_z: bool, plan: str | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      b2: torch.Tensor | None, save_z: bool, plan: str | None = None,
+                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y (M, N) for x (M, K), and the pre-activation z (M, H) when ``save_z`` (for backward).
-    ``plan`` is one of FORWARD_PLANS; None measures them on CUDA (:func:`_choose`)."""
+    ``plan`` is one of FORWARD_PLANS; None measures them on CUDA (:func:`_choose`). ``out``: a
+    contiguous (M, N) tensor to write y into (returned as y)."""
     m, k = x.shape
     hidden, n = w1.shape[0], w2.shape[0]
     if plan is None:
@@ -489,7 +490,7 @@ def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
                        lambda p: projector_forward(x, w1, b1, w2, b2, save_z, plan=p))
     if plan not in FORWARD_PLANS:
         raise ValueError(f"projector_forward: plan {plan!r} is not one of {FORWARD_PLANS}")
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    y = out if out is not None else torch.empty((m, n), device=x.device, dtype=x.dtype)
     z = torch.empty((m, hidden), device=x.device, dtype=x.dtype) if save_z else None
     if m == 0:
         return y, z
@@ -622,12 +623,16 @@ class FusedProjectorFunction(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2):
         x2 = x.reshape(-1, x.shape[-1])
         save = any(ctx.needs_input_grad)
-        y, z = projector_forward(x2, w1, b1, w2, b2, save_z=save)
+        # The output is allocated in its final shape and the kernel writes a 2-D view of it: an
+        # output that is itself a view (y.reshape(...)) makes autograd refuse any in-place op on
+        # it (y.mul_, relu_, +=), which the module this replaces allows.
+        y = torch.empty((*x.shape[:-1], w2.shape[0]), device=x.device, dtype=x.dtype)
+        _, z = projector_forward(x2, w1, b1, w2, b2, save_z=save, out=y.view(-1, w2.shape[0]))
         if save:
             ctx.save_for_backward(x2, w1, w2, z)
             ctx.x_shape = x.shape
             ctx.has_biases = (b1 is not None, b2 is not None)
-        return y.reshape(*x.shape[:-1], w2.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
