@@ -35,6 +35,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 # Triton decides when a @triton.jit function is decorated whether it is interpreted; read the same
 # switch. The interpreter runs only ONE autotune config, and its tl.dot multiplies bf16 bit patterns
@@ -635,7 +636,10 @@ class FusedProjectorFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
+        # once_differentiable: the kernels' gradients carry no graph, so with create_graph=True
+        # (a gradient penalty) second derivatives would silently be zero; it makes that an error.
         x2, w1, w2, z = ctx.saved_tensors
         # Incoming gradients may be expanded or strided views; the kernels read flat memory.
         dy2 = dy.reshape(-1, w2.shape[0]).contiguous()

@@ -38,3 +38,25 @@ def test_output_can_be_modified_in_place_while_training(kernel_device, shape):
     torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=1e-5, atol=1e-5)
     for got, want in zip([x, *inputs[1:]], ref):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_double_backward_raises_instead_of_dropping_second_derivatives(kernel_device):
+    """A gradient penalty (create_graph=True) through the kernel: its backward returned gradients
+    with no graph, so the penalty's contribution to the weights' gradients was silently dropped
+    (w1.grad off by ~100 %). It must raise instead."""
+    x, w1, b1, w2, b2 = [t.detach().to(kernel_device).requires_grad_() for t in _inputs()]
+    y = project_triton(x, w1, b1, w2, b2)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
+        (y.sum() + gx.square().sum()).backward()
+
+
+def test_first_order_gradients_unchanged_with_create_graph(kernel_device):
+    """create_graph=True alone (no second derivative taken) still gives the right gradients."""
+    inputs = [t.detach().to(kernel_device).requires_grad_() for t in _inputs()]
+    ref = _clone(inputs)
+    grads = torch.autograd.grad(project_triton(*inputs).square().sum(), inputs,
+                                create_graph=True)
+    want = torch.autograd.grad(project_reference(*ref).square().sum(), ref)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g.detach(), w, rtol=1e-4, atol=1e-5)
