@@ -665,3 +665,14 @@ def project_triton(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w
     # Inference (evaluation, merge sweeps): no autograd node, no saved pre-activation.
     y, _ = projector_forward(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, save_z=False)
     return y.reshape(*x.shape[:-1], w2.shape[0])
+
+
+if INTERPRET:
+    # Dynamo cannot trace the interpreter: it inlines the interpreter's numpy emulation of the
+    # kernels and fails on fake tensors (KeyError(torch.uint64), Triton 3.9 / torch 2.13). Under
+    # torch.compile the kernel call is a graph break instead, run eagerly between the compiled
+    # graphs (autograd included). On CUDA Dynamo takes compiled @triton.jit kernels as
+    # user-defined Triton kernels; that path is left as it was (untested here: no GPU).
+    project_triton = torch.compiler.disable(
+        project_triton, reason="kernels/projector.py: the Triton interpreter (TRITON_INTERPRET=1) "
+        "cannot be traced; set BABYMERGE_KERNELS=torch to compile the torch reference")
