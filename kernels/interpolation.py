@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.interpolation_reference import check_interpolation_args
+from kernels.interpolation_reference import check_interpolation_args, distinct_indices
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -160,6 +160,9 @@ def _plan(dst: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor],
     plan = _PLAN_CACHE.get(key)
     if plan is None:
         check_interpolation_args(dst, a, b, alpha)
+        keep = distinct_indices(dst, a, b)  # a tied tensor listed twice is merged once
+        if len(keep) < len(dst):
+            dst, a, b = [dst[i] for i in keep], [a[i] for i in keep], [b[i] for i in keep]
         _check_triton_args(dst, a, b)
         plan = _build_plan(dst, a, b, block)
         if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:

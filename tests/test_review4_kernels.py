@@ -83,3 +83,34 @@ def test_torch_compile_falls_back_under_the_interpreter(monkeypatch):
     (got_grad,) = torch.autograd.grad(got.sum(), module.linear_1.weight)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_a_tied_tensor_listed_twice_is_merged_once(monkeypatch, mode):
+    """Lists built from state_dict() hold a tied weight (an LM's tied embeddings) under two names:
+    merging in place into b interpolated it twice, alpha*a + (1-alpha)*(alpha*a + (1-alpha)*b),
+    on both paths (the second merge read the first's output); on a GPU the two merges race."""
+    monkeypatch.setenv("BABYMERGE_KERNELS", mode)
+    import kernels
+
+    g = torch.Generator().manual_seed(0)
+    tied_a, tied_b, other_a, other_b = (torch.randn(7, generator=g) for _ in range(4))
+    want = [torch.lerp(tied_b, tied_a, 0.3), torch.lerp(other_b, other_a, 0.3)]
+    a, b = [tied_a, other_a, tied_a], [tied_b, other_b, tied_b]
+    kernels.interpolate_(b, a, b, 0.3)
+    torch.testing.assert_close(tied_b, want[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(other_b, want[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_dst_overlapping_another_index_is_refused(monkeypatch, mode):
+    """dst[0] is a[1]: the result depended on the order the tensors were merged in (a race on a
+    GPU); refused with an error naming both indices."""
+    monkeypatch.setenv("BABYMERGE_KERNELS", mode)
+    import kernels
+
+    x, y, z, w = (torch.randn(5) for _ in range(4))
+    with pytest.raises(ValueError, match=r"dst\[0\] overlaps a\[1\]"):
+        kernels.interpolate_([x, torch.empty(5)], [y, x], [z, w], 0.5)
+    with pytest.raises(ValueError, match=r"dst\[1\] overlaps dst\[0\]"):
+        kernels.interpolate_([x, x[1:3]], [y, y[:2].clone()], [z, z[:2].clone()], 0.5)
