@@ -114,3 +114,20 @@ def test_dst_overlapping_another_index_is_refused(monkeypatch, mode):
         kernels.interpolate_([x, torch.empty(5)], [y, x], [z, w], 0.5)
     with pytest.raises(ValueError, match=r"dst\[1\] overlaps dst\[0\]"):
         kernels.interpolate_([x, x[1:3]], [y, y[:2].clone()], [z, z[:2].clone()], 0.5)
+
+
+def test_meta_tensors_under_forced_triton_get_a_clear_error(monkeypatch):
+    """BABYMERGE_KERNELS=triton with the interpreter on and tensors on the meta device (a model
+    built with no data): project failed inside autocast's device lookup and interpolate_ with
+    'Cannot copy out of meta tensor'; both now name the device and the switch."""
+    monkeypatch.setenv("BABYMERGE_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import kernels
+
+    meta = torch.device("meta")
+    x, w1, w2 = (torch.empty(s, device=meta) for s in ((3, 8), (4, 8), (4, 4)))
+    with pytest.raises(RuntimeError, match="tensors are on meta"):
+        kernels.project(x, w1, None, w2, None)
+    with pytest.raises(RuntimeError, match="tensors are on meta"):
+        kernels.interpolate_([torch.empty(3, device=meta)], [torch.empty(3, device=meta)],
+                             [torch.empty(3, device=meta)], 0.5)
