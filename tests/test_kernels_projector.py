@@ -286,6 +286,30 @@ def test_model_trains_through_the_kernel(kernel_device, monkeypatch):
     assert kernels.dispatch.backend(kernel_device) == "triton"
 
 
+def test_compiled_model_trains_through_the_kernel(kernel_device, monkeypatch):
+    """``train --compile`` on CUDA: dynamo traces BabyLLaVA with the Triton projector inside (the
+    autograd.Function, its autotuned launches, plans by rule while tracing); loss and projector
+    gradients equal the eager torch path's. Not run in the interpreter, where the kernel call is
+    a graph break and inductor's CPU build alone outlasts the test budget."""
+    if kernel_device.type != "cuda":
+        pytest.skip("torch.compile with the Triton projector is checked on a GPU")
+    model = build_model(MODEL_PRESETS["tiny"], seed=0, **IDS).to(kernel_device)
+    ids = torch.tensor([[1, 4, 7, 8, 9], [1, 4, 10, 11, 12]], device=kernel_device)
+    feats = torch.randn(2, 1024, generator=torch.Generator().manual_seed(0)).to(kernel_device)
+    proj = model.model.multi_modal_projector
+    torch._dynamo.reset()
+    results = {}
+    for mode, run in (("torch", model), ("triton", torch.compile(model))):
+        monkeypatch.setenv("BABYMERGE_KERNELS", mode)
+        model.zero_grad()
+        out = run(input_ids=ids, pixel_values=feats, labels=ids)
+        out.loss.backward()
+        results[mode] = (out.loss.detach(), proj.linear_1.weight.grad.clone(),
+                         proj.linear_2.bias.grad.clone())
+    for got, want in zip(results["triton"], results["torch"]):
+        assert _rel_err(got, want) < 1e-4
+
+
 def test_plans_are_timed_on_the_tensors_device(kernel_device, monkeypatch):
     """do_bench records its events on the current CUDA device and allocates its L2-flush buffer
     there: tensors on cuda:1 with cuda:0 current would be timed on the wrong GPU (near-zero times,
