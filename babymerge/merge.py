@@ -40,6 +40,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -182,7 +183,10 @@ def parse_alpha_grid(text: str, allow_extrapolation: bool = False) -> list[float
         start, stop, step = (_alpha(p, flag) for p in parts)
         if step == 0 or (stop - start) * step < 0:
             raise MergeError(f"{flag}: STEP must be non-zero and point from START to STOP")
-        count = int((stop - start) / step) + 1
+        try:
+            count = int((stop - start) / step) + 1
+        except ArithmeticError:  # decimal.Overflow of an absurd STEP (1e-99999999)
+            raise MergeError(f"{flag}: STEP {step} is too small for a grid") from None
         if count > MAX_GRID_POINTS:
             raise MergeError(f"{flag}: {count} points (more than {MAX_GRID_POINTS}); check STEP")
         values = [start + i * step for i in range(count)]
@@ -190,6 +194,8 @@ def parse_alpha_grid(text: str, allow_extrapolation: bool = False) -> list[float
         values = [_alpha(p, flag) for p in text.split(",")]
     # + 0.0: a typed -0 is 0.0, not -0.0 (an alpha_-0.0/ folder and "-0.0" in the results)
     alphas = sorted(float(v) + 0.0 for v in values)
+    if not all(math.isfinite(a) for a in alphas):  # 1e400 is a finite Decimal but float inf
+        raise MergeError(f"{flag}: an alpha beyond the float range is not a finite number")
     if len(set(alphas)) != len(alphas):
         raise MergeError(f"{flag}: repeated alpha")
     _check_range(alphas, allow_extrapolation, "--alpha-grid")

@@ -4,8 +4,10 @@ word-count checkpoints) and a fine alpha grid; the alpha grid parser on absurd i
 
 from __future__ import annotations
 
+import pytest
+
 import babymerge.merge as M
-from babymerge.merge import choose, objective
+from babymerge.merge import MergeError, choose, objective, parse_alpha_grid
 
 TASKS = {"blimp": {"kind": "minimal_pairs", "chance": 0.5, "items": 1000},
          "winoground": {"kind": "winoground", "chance": 0.5, "items": 300},
@@ -32,3 +34,10 @@ def test_exact_tie_goes_to_the_smaller_alpha_despite_float_rounding():
     b = _record(0.1, "early", {"blimp": 0.9, "winoground": 3 / 300, "vqa": 298 / 300})
     assert choose([a, b], ["early", "late"])["vlm"] == "early"
     assert "1e-9" in M.RULE
+
+
+def test_alpha_grid_absurd_numbers_are_clear_errors():
+    with pytest.raises(MergeError, match="--alpha-grid"):
+        parse_alpha_grid("0:1:1e-99999999")  # was decimal.Overflow, naming nothing
+    with pytest.raises(MergeError, match="--alpha-grid.*finite"):
+        parse_alpha_grid("0,1e400", allow_extrapolation=True)  # was alpha = inf
