@@ -981,12 +981,31 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_alpha_curve(results: dict) -> bytes:
-    """PNG: one panel per task plus the rule's objective; score against alpha for every VLM, the
-    unmerged LM (alpha = 1) and VLM (alpha = 0) marked, the chosen alpha highlighted."""
+def _vlm_colors(count: int) -> list:
+    """One colour per --vlm, distinct however many: tab10 up to 10, else a sequential map in
+    training order (BabyLM's schedule gives 28 checkpoints; cycling C0..C9 drew words_1M,
+    words_20M and words_300M alike)."""
+    if count <= 10:
+        return [f"C{i}" for i in range(count)]
+    from matplotlib import colormaps
+
+    shades = colormaps["plasma"]  # dark early to light late; stops before the palest yellow
+    return [shades(0.9 * i / (count - 1)) for i in range(count)]
+
+
+def _outside_legend(fig, ax) -> None:
+    """The legend beside the panels (one entry per curve: over the curves it hid them, and
+    constrained layout shrank every panel to fit a tall one)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7,
+               ncols=1 if len(labels) <= 30 else 2)
+
+
+def _alpha_figure(results: dict):
+    """:func:`plot_alpha_curve`'s figure."""
     fig, panels, value = _panels(results)
     vlms = list(results["vlms"])
-    colors = [f"C{i % 10}" for i in range(len(vlms))]
+    colors = _vlm_colors(len(vlms))
     for ax, panel in panels:
         for vlm, color in zip(vlms, colors):
             recs = [r for r in results["records"] if r["vlm"] == vlm]
@@ -1004,27 +1023,45 @@ def plot_alpha_curve(results: dict) -> bytes:
                 mfc="none", mew=2, label=f"chosen alpha={best['alpha']}")
         _title(ax, results, panel)
         ax.set_xlabel("alpha (0 = VLM, 1 = LM)")
-    panels[0][0].legend(fontsize=7)
+    if len(vlms) > 1:
+        _outside_legend(fig, panels[0][0])
+    else:
+        panels[0][0].legend(fontsize=7)
     fig.suptitle(f"{results['method']['name']} merge: score against alpha")
-    return _png(fig)
+    return fig
 
 
-def plot_checkpoint_curve(results: dict) -> bytes:
-    """PNG for a checkpoint sweep, the paper's curves over training: score against the --vlm
-    checkpoints (in training order, :func:`order_by_training`), one line per alpha beside the
-    unmerged VLM and LM, the chosen (checkpoint, alpha) circled."""
+def plot_alpha_curve(results: dict) -> bytes:
+    """PNG: one panel per task plus the rule's objective; score against alpha for every VLM, the
+    unmerged LM (alpha = 1) and VLM (alpha = 0) marked, the chosen alpha highlighted."""
+    return _png(_alpha_figure(results))
+
+
+MAX_LEGEND_ALPHAS = 12  # more grid points get a colour bar: a legend taller than the figure
+MAX_TICK_LABELS = 12  # checkpoint names shown on the x axis; more pile up into a black smear
+
+
+def _checkpoint_figure(results: dict):
+    """:func:`plot_checkpoint_curve`'s figure."""
     fig, panels, value = _panels(results)
     vlms = list(results["vlms"])
     alphas = sorted({r["alpha"] for r in results["records"]})
     from matplotlib import colormaps  # imported here: matplotlib loads only when plotting
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     shades = colormaps["viridis"]  # alpha 0 dark to alpha 1 light, however many grid points
+    norm = Normalize(min(alphas), max(alphas) if len(alphas) > 1 else min(alphas) + 1)
+    many = len(alphas) > MAX_LEGEND_ALPHAS
     x = list(range(len(vlms)))
+    # every MAX_TICK_LABELS-th name, counted back from the last (the final model) so it is shown
+    every = -(-len(vlms) // MAX_TICK_LABELS)
+    tick_labels = [v if (len(vlms) - 1 - i) % every == 0 else "" for i, v in enumerate(vlms)]
     for ax, panel in panels:
-        for k, alpha in enumerate(alphas):
+        for alpha in alphas:
             by_vlm = {r["vlm"]: r for r in results["records"] if r["alpha"] == alpha}
             ax.plot(x, [value(by_vlm[v]["scores"], panel) for v in vlms], "o-", ms=3, lw=1,
-                    color=shades(k / max(1, len(alphas) - 1)), label=f"alpha={alpha}")
+                    color=shades(norm(alpha)), label=None if many else f"alpha={alpha}")
         for which, style in (("vlm", "*--"), ("lm", "s--")):
             ax.plot(x, [value(results["endpoints"][v][which], panel) for v in vlms], style,
                     color="black" if which == "vlm" else "grey", ms=7, mfc="none",
@@ -1034,9 +1071,19 @@ def plot_checkpoint_curve(results: dict) -> bytes:
         ax.plot([vlms.index(best["vlm"])], [value(best["scores"], panel)], "o", color="crimson",
                 ms=10, mfc="none", mew=2, label="chosen")
         _title(ax, results, panel)
-        ax.set_xticks(x, vlms, rotation=30, ha="right", fontsize=7)
+        ax.set_xticks(x, tick_labels, rotation=30, ha="right", fontsize=7)
         ax.set_xlabel("VLM checkpoint (training order)")
     # one line per grid point: the legend goes beside the panels, not over the curves
-    fig.legend(*panels[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    _outside_legend(fig, panels[0][0])
+    if many:
+        fig.colorbar(ScalarMappable(norm=norm, cmap=shades), ax=[ax for ax, _ in panels],
+                     label="alpha (0 = VLM, 1 = LM)", shrink=0.6)
     fig.suptitle(f"{results['method']['name']} merge: score over the VLM checkpoints")
-    return _png(fig)
+    return fig
+
+
+def plot_checkpoint_curve(results: dict) -> bytes:
+    """PNG for a checkpoint sweep, the paper's curves over training: score against the --vlm
+    checkpoints (in training order, :func:`order_by_training`), one line per alpha beside the
+    unmerged VLM and LM, the chosen (checkpoint, alpha) circled."""
+    return _png(_checkpoint_figure(results))

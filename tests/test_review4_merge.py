@@ -4,8 +4,11 @@ word-count checkpoints) and a fine alpha grid; the alpha grid parser on absurd i
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+import babymerge.merge as M
 import babymerge.merge as M
 from babymerge.merge import MergeError, choose, objective, parse_alpha_grid
 
@@ -36,8 +39,65 @@ def test_exact_tie_goes_to_the_smaller_alpha_despite_float_rounding():
     assert "1e-9" in M.RULE
 
 
+def _sweep(n_vlms: int, alphas: list[float]) -> dict:
+    rnd = random.Random(0)
+    vlms = [f"words_{k}M" for k in range(1, n_vlms)] + ["vlm"]
+    records, ends = [], {}
+    for i, v in enumerate(vlms):
+        for a in alphas:
+            s = {t: min(1.0, info["chance"] + 0.3 * (i + 1) / n_vlms * (1 - abs(a - 0.3))
+                        + rnd.random() * 0.02) for t, info in TASKS.items()}
+            records.append(_record(a, v, s))
+        ends[v] = {"vlm": records[-len(alphas)]["scores"], "lm": {t: 0.6 for t in TASKS}}
+    best = choose(records, vlms)
+    return {"tasks": TASKS, "records": records, "chosen_alpha": best["alpha"],
+            "chosen_vlm": best["vlm"], "method": {"name": "linear", "reference": "-"},
+            "vlms": {v: v for v in vlms}, "endpoints": ends}
+
+
+def _curve_lines(ax, labels):
+    return [line for line in ax.get_lines() if line.get_label() in labels]
+
+
+def test_alpha_curve_tells_28_checkpoints_apart():
+    # BabyLM's schedule gives 28 word-count checkpoints: with colours cycling through C0..C9,
+    # words_1M, words_20M and words_300M were drawn alike, and their legend inside the first
+    # panel grew until constrained layout squashed every panel to a strip
+    results = _sweep(28, parse_alpha_grid("0:1:0.1"))
+    fig = M._alpha_figure(results)
+    vlms = list(results["vlms"])
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        lines = _curve_lines(ax, set(vlms))
+        assert len(lines) == 28 or not lines
+        assert len({tuple(map(float, _rgba(line.get_color()))) for line in lines}) == len(lines)
+        assert ax.get_legend() is None  # the legend is beside the panels, not over a curve
+    assert fig.legends
+
+
+def test_checkpoint_curve_labels_do_not_pile_up():
+    results = _sweep(28, parse_alpha_grid("0:1:0.01"))
+    fig = M._checkpoint_figure(results)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        if not ax.get_visible() or not ax.get_xticks().size:
+            continue
+        shown = [t for t in ax.get_xticklabels() if t.get_text()]
+        assert len(shown) <= 12, len(shown)
+        assert shown[-1].get_text() == "vlm"  # the final model is always named
+    # 101 grid points: a colour bar for alpha, not a 104-entry legend taller than the figure
+    entries = sum(len(leg.get_texts()) for leg in fig.legends)
+    assert entries <= 12, entries
+
+
 def test_alpha_grid_absurd_numbers_are_clear_errors():
     with pytest.raises(MergeError, match="--alpha-grid"):
         parse_alpha_grid("0:1:1e-99999999")  # was decimal.Overflow, naming nothing
     with pytest.raises(MergeError, match="--alpha-grid.*finite"):
         parse_alpha_grid("0,1e400", allow_extrapolation=True)  # was alpha = inf
+
+
+def _rgba(color):
+    from matplotlib.colors import to_rgba
+    return to_rgba(color)
