@@ -968,6 +968,11 @@ def _title(ax, results: dict, panel: str) -> None:
                    label="chance")
         ax.set_title(f"{panel} ({results['tasks'][panel]['kind']})")
     else:
+        # the objective of a model at chance on every task: without it the panel alone does not
+        # say whether a merge's objective is anything above guessing
+        chance = objective({n: t["chance"] for n, t in results["tasks"].items()},
+                           results["tasks"])["objective"]
+        ax.axhline(chance, color="grey", ls="--", lw=0.8)
         # the rule in brief, so the figure says why the circled point is the chosen one
         ax.set_title("objective = mean(grammar, multimodal)\n"
                      "chosen: its max, ties to smaller alpha", fontsize=9)

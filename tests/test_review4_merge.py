@@ -101,3 +101,16 @@ def test_alpha_grid_absurd_numbers_are_clear_errors():
 def _rgba(color):
     from matplotlib.colors import to_rgba
     return to_rgba(color)
+
+
+def test_objective_panel_has_its_chance_line():
+    # every task panel drew its chance line; the objective panel, the one the choice is read
+    # from, had none: mean(0.5, mean(0.5, 0.125)) = 0.40625 for these tasks
+    results = _sweep(2, [0.0, 0.5, 1.0])
+    for figure in (M._alpha_figure, M._checkpoint_figure):
+        fig = figure(results)
+        ax = next(a for a in fig.axes if a.get_title().startswith("objective"))
+        flat = [line.get_ydata()[0] for line in ax.get_lines()
+                if line.get_linestyle() == "--" and len(set(line.get_ydata())) == 1
+                and line.get_color() == "grey"]
+        assert 0.40625 in flat, flat
