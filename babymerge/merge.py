@@ -930,12 +930,15 @@ def results_markdown(results: dict) -> str:
         cells = [f"**{v:.4f}**" if chosen else f"{v:.4f}" for v in vals]
         lines.append(f"| {r['vlm']} | {r['alpha']}{' (chosen)' if chosen else ''} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "## Unmerged endpoints", "", "| vlm | model | " + " | ".join(tasks) + " |",
-              "|---|---|" + "---|" * len(tasks)]
+    # with the rule's means too: the chosen alpha is the best GRID point, and without them the
+    # table did not show when the unmerged VLM (off a grid like 0.3,0.5,0.8) scores higher
+    lines += ["", "## Unmerged endpoints", "", "| vlm | model | " + " | ".join(cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
     for vlm, ends in results["endpoints"].items():
         for which in ("vlm", "lm"):
+            vals = {**ends[which], **objective(ends[which], results["tasks"])}
             lines.append(f"| {vlm} | {which.upper()} | "
-                         + " | ".join(f"{ends[which][t]:.4f}" for t in tasks) + " |")
+                         + " | ".join(f"{vals[c]:.4f}" for c in cols) + " |")
     if results["kept"]:
         lines += ["", "## Kept checkpoints", ""] + [f"- `{k}`" for k in results["kept"]]
     return "\n".join(lines) + "\n"

@@ -114,3 +114,16 @@ def test_objective_panel_has_its_chance_line():
                 if line.get_linestyle() == "--" and len(set(line.get_ydata())) == 1
                 and line.get_color() == "grey"]
         assert 0.40625 in flat, flat
+
+
+def test_results_md_endpoints_carry_the_objective():
+    # paper grid 0.3,0.5,0.8: the chosen alpha is the best grid point, and the unmerged VLM may
+    # beat it on the rule's objective; results.md showed the endpoints' task scores only
+    results = _sweep(1, [0.3, 0.5, 0.8])
+    results.update(rule="-", lm="lm", kept=[])
+    results["endpoints"]["vlm"]["vlm"] = {"blimp": 0.9, "winoground": 0.7, "vqa": 0.5}
+    md = M.results_markdown(results)
+    section = md.split("## Unmerged endpoints")[1]
+    head = "| vlm | model | blimp | winoground | vqa | grammar | multimodal | objective |"
+    assert head in section
+    assert "| vlm | VLM | 0.9000 | 0.7000 | 0.5000 | 0.9000 | 0.6000 | 0.7500 |" in section
