@@ -1,6 +1,7 @@
 """Review of ``babymerge merge``'s choice and report: the rule's tie-break on objectives equal in
 exact arithmetic but not in float; the plots legible with a real checkpoint sweep (BabyLM's 28
-word-count checkpoints) and a fine alpha grid; the alpha grid parser on absurd input."""
+word-count checkpoints) and a fine alpha grid, with a chance line on the objective panel; the
+unmerged endpoints' objective in results.md; the alpha grid parser on absurd input."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import random
 
 import pytest
 
-import babymerge.merge as M
 import babymerge.merge as M
 from babymerge.merge import MergeError, choose, objective, parse_alpha_grid
 
