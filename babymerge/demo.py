@@ -28,6 +28,7 @@ import click
 
 from babymerge.config import InputError, atomic_write_text, opt, save_config
 from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
+from babymerge.evaluate import GRAMMAR_KINDS, MULTIMODAL_KINDS
 from babymerge.merge import MergeConfig, merge, objective, read_metrics
 from babymerge.tokenizer import TokenizerConfig, train_tokenizer
 from babymerge.train import RESUME_DIR, TrainConfig, read_resume_state, train
@@ -187,6 +188,16 @@ def _train_throughput(run_dir: Path) -> dict:
             "final_loss": last["loss"]}
 
 
+def _variance(record: dict, tasks: dict[str, dict], kinds) -> float:
+    """Sampling variance of a record's grammar or multimodal score, the plain mean of its tasks'
+    accuracies (merge.objective): each accuracy a proportion over its task's items, so a task of
+    746 items counts for more noise than one of 25,000 (pooling the items would not). The 1e-6
+    floor keeps a perfect score from claiming no noise at all."""
+    names = [n for n, t in tasks.items() if t["kind"] in kinds]
+    return sum(max(record["scores"][n] * (1 - record["scores"][n]), 1e-6)
+               / max(tasks[n]["items"], 1) for n in names) / len(names) ** 2
+
+
 def finding(results: dict) -> tuple[bool, str]:
     """Whether the paper's finding holds on this run, as one sentence.
 
@@ -204,17 +215,15 @@ def finding(results: dict) -> tuple[bool, str]:
     if "grammar" not in vlm or "multimodal" not in vlm:
         return False, ("The paper's finding cannot be checked: grammar and multimodal tasks are "
                        "both needed.")
-    mm_items = sum(t["items"] for t in tasks.values() if t["kind"] != "minimal_pairs")
     p = vlm["multimodal"]
-    se = math.sqrt(max(p * (1 - p), 1e-6) / max(mm_items, 1))
-    g_items = sum(t["items"] for t in tasks.values() if t["kind"] == "minimal_pairs")
+    se = math.sqrt(_variance(vlm, tasks, MULTIMODAL_KINDS))
 
-    def margin(a: float, b: float) -> float:
-        """Two standard errors of the difference of two grammar scores on the same items."""
-        return 2 * math.sqrt((max(a * (1 - a), 1e-6) + max(b * (1 - b), 1e-6))
-                             / max(g_items, 1))
+    def margin(a: dict, b: dict) -> float:
+        """Two standard errors of the difference of two records' grammar scores."""
+        return 2 * math.sqrt(_variance(a, tasks, GRAMMAR_KINDS)
+                             + _variance(b, tasks, GRAMMAR_KINDS))
 
-    g_margin = margin(vlm["grammar"], lm["grammar"])
+    g_margin = margin(vlm, lm)
     if vlm["grammar"] >= lm["grammar"] - g_margin:
         if vlm["grammar"] < lm["grammar"]:
             return False, (f"The paper's finding cannot be seen on this run: the VLM and the LM "
@@ -224,7 +233,7 @@ def finding(results: dict) -> tuple[bool, str]:
         return False, (f"The paper's finding does not hold on this run: the VLM is not weaker on "
                        f"grammar than the LM ({vlm['grammar']:.3f} vs {lm['grammar']:.3f}).")
     better = [r for a, r in sorted(recs.items()) if 0 < a < 1
-              and r["grammar"] > vlm["grammar"] + margin(r["grammar"], vlm["grammar"])
+              and r["grammar"] > vlm["grammar"] + margin(r, vlm)
               and r["multimodal"] >= p - se]
     if not better:
         return False, (f"The paper's finding holds only in part on this run: the VLM is weaker on "

@@ -97,7 +97,8 @@ def _results(grammar, multimodal, g_items=400, mm_items=400, alphas=(0.0, 0.5, 1
     """results.json of a three-point sweep: VLM, one merge, LM."""
     tasks = {"g": {"kind": "minimal_pairs", "chance": 0.5, "items": g_items},
              "w": {"kind": "winoground", "chance": 0.5, "items": mm_items}}
-    return {"tasks": tasks, "records": [{"alpha": a, "grammar": g, "multimodal": m}
+    return {"tasks": tasks, "records": [{"alpha": a, "grammar": g, "multimodal": m,
+                                         "scores": {"g": g, "w": m}}
                                         for a, g, m in zip(alphas, grammar, multimodal)]}
 
 
@@ -109,6 +110,26 @@ def test_finding_sentence_follows_the_scores():
     # the merge improves grammar but loses far more than one standard error of multimodal score
     holds, text = finding(_results((0.60, 0.70, 0.75), (0.70, 0.55, 0.55)))
     assert not holds and "only in part" in text
+
+
+def test_finding_weighs_each_tasks_noise_by_its_own_size():
+    """The multimodal score is the plain mean of the task accuracies, so its standard error comes
+    from each task's own size: a 746-item Winoground-style set is the noisy one beside 25,230
+    VQA items. Pooling the items made it ~3x too small (0.0031 instead of 0.0091) and called a
+    merge 0.006 below the VLM a multimodal loss."""
+    tasks = {"g": {"kind": "minimal_pairs", "chance": 0.5, "items": 4000},
+             "w": {"kind": "winoground", "chance": 0.5, "items": 746},
+             "v": {"kind": "vqa", "chance": 0.25, "items": 25230}}
+
+    def record(alpha, g, w, v):
+        return {"alpha": alpha, "grammar": g, "multimodal": (w + v) / 2,
+                "scores": {"g": g, "w": w, "v": v}}
+
+    results = {"tasks": tasks, "records": [record(0.0, 0.60, 0.600, 0.500),
+                                           record(0.5, 0.70, 0.588, 0.500),
+                                           record(1.0, 0.75, 0.500, 0.300)]}
+    holds, text = finding(results)
+    assert holds and "+- 0.009" in text, text
 
 
 def test_cli_and_bad_scale():
