@@ -270,20 +270,25 @@ def test_model_trains_through_the_kernel(kernel_device, monkeypatch):
     """BabyLLaVA's image path with the Triton projector: logits and projector gradients equal the
     torch path's (babymerge/model.py calls kernels.project)."""
     model = build_model(MODEL_PRESETS["tiny"], seed=0, **IDS).to(kernel_device)
-    ids = torch.tensor([[1, 4, 7, 8, 9], [1, 4, 10, 11, 12]], device=kernel_device)
-    feats = torch.randn(2, 1024, generator=torch.Generator().manual_seed(0)).to(kernel_device)
-    proj = model.model.multi_modal_projector
-    results = {}
-    for mode in ("torch", "triton"):
-        monkeypatch.setenv("BABYMERGE_KERNELS", mode)
-        model.zero_grad()
-        out = model(input_ids=ids, pixel_values=feats, labels=ids)
-        out.loss.backward()
-        results[mode] = (out.logits.detach(), proj.linear_1.weight.grad.clone(),
-                         proj.linear_2.bias.grad.clone())
+    results = {mode: _train_step(model, model, mode, monkeypatch) for mode in ("torch", "triton")}
     for got, want in zip(results["triton"], results["torch"]):
         assert _rel_err(got, want) < 1e-4
     assert kernels.dispatch.backend(kernel_device) == "triton"
+
+
+def _train_step(model, run, mode: str, monkeypatch) -> tuple[torch.Tensor, ...]:
+    """One training step of ``model`` through ``run`` (the model or its compiled form) on a
+    two-caption batch with image features, kernels per ``mode``: logits and projector grads."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 4, 7, 8, 9], [1, 4, 10, 11, 12]], device=device)
+    feats = torch.randn(2, 1024, generator=torch.Generator().manual_seed(0)).to(device)
+    proj = model.model.multi_modal_projector
+    monkeypatch.setenv("BABYMERGE_KERNELS", mode)
+    model.zero_grad()
+    out = run(input_ids=ids, pixel_values=feats, labels=ids)
+    out.loss.backward()
+    return (out.logits.detach(), proj.linear_1.weight.grad.clone(),
+            proj.linear_2.bias.grad.clone())
 
 
 def test_compiled_model_trains_through_the_kernel(kernel_device, monkeypatch):
@@ -294,20 +299,11 @@ def test_compiled_model_trains_through_the_kernel(kernel_device, monkeypatch):
     if kernel_device.type != "cuda":
         pytest.skip("torch.compile with the Triton projector is checked on a GPU")
     model = build_model(MODEL_PRESETS["tiny"], seed=0, **IDS).to(kernel_device)
-    ids = torch.tensor([[1, 4, 7, 8, 9], [1, 4, 10, 11, 12]], device=kernel_device)
-    feats = torch.randn(2, 1024, generator=torch.Generator().manual_seed(0)).to(kernel_device)
-    proj = model.model.multi_modal_projector
     torch._dynamo.reset()
-    results = {}
-    for mode, run in (("torch", model), ("triton", torch.compile(model))):
-        monkeypatch.setenv("BABYMERGE_KERNELS", mode)
-        model.zero_grad()
-        out = run(input_ids=ids, pixel_values=feats, labels=ids)
-        out.loss.backward()
-        results[mode] = (out.loss.detach(), proj.linear_1.weight.grad.clone(),
-                         proj.linear_2.bias.grad.clone())
-    for got, want in zip(results["triton"], results["torch"]):
-        assert _rel_err(got, want) < 1e-4
+    want = _train_step(model, model, "torch", monkeypatch)
+    got = _train_step(model, torch.compile(model), "triton", monkeypatch)
+    for g, w in zip(got, want):
+        assert _rel_err(g, w) < 1e-4
 
 
 def test_plans_are_timed_on_the_tensors_device(kernel_device, monkeypatch):
