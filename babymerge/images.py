@@ -360,8 +360,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Transparency is composited onto white (what transformers' ``convert_to_rgb`` does); 16-bit
     images are scaled to 8 bits (PIL's ``convert`` would clip everything above 255 to white); CMYK,
     palette, grayscale and 1-bit go through PIL's conversion. EXIF orientation is not applied
-    here, as the processor does not apply it to the images it is given; it is applied when bytes
-    are decoded (:meth:`Preprocess.open`), as by the loaders those images come from.
+    here: the callers apply :func:`upright` first, to decoded bytes (:meth:`Preprocess.open`) as
+    to PIL images given to :meth:`babymerge.features.ImageEncoder.encode`, as the loaders the
+    images come from do.
     """
     if image.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float64)
