@@ -45,12 +45,13 @@ def test_init_from_keeps_feature_statistics_out_of_the_optimizer(world, tmp_path
 
 
 def test_resume_after_a_torn_metrics_line(world, tmp_path):
-    # a node that dies mid-write leaves a partial last line (or NUL bytes after a power loss);
-    # resuming read every line as JSON and stopped with a JSONDecodeError
+    # a node that dies mid-write leaves a partial last line (or NUL bytes after a power loss),
+    # possibly cut inside a multi-byte character (not UTF-8 then); resuming read every line as
+    # JSON and stopped with a JSONDecodeError
     out = tmp_path / "torn"
     train(config(world, out, feature_norm="none", max_steps=4))
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write('{"step": 6, "epoch": 0, "lo\x00\x00')
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 6, "epoch": 0, "lo\x00\x00 \xe2\x82')
     train(config(world, out, feature_norm="none"))
     lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     steps = [json.loads(line)["step"] for line in lines]
