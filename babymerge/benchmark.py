@@ -84,6 +84,16 @@ def environment(device: torch.device) -> dict:
             "triton": triton_version}
 
 
+def train_flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token of a BabyLLaVA ``model`` at ``seq_len``, nanoGPT's estimate:
+    ``6N`` for the N non-embedding parameters plus ``12·L·H·Q·T`` for attention (L layers, H heads
+    of size Q, T tokens)."""
+    text = model.config.text_config
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    head_dim = text.hidden_size // text.num_attention_heads
+    return 6 * n + 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so a host clock times it (nothing to wait for on CPU)."""
     if device.type == "cuda":

@@ -9,7 +9,8 @@ Baselines measured in the same run, so the pipeline's overhead is visible:
 
 On CUDA (``--device auto`` finds it) the stages run there, as ``babymerge demo`` does, and the
 train stages and the bare step report their model FLOP utilisation (``6N + 12·L·H·Q·T`` FLOPs per
-token, as scripts/bench_train.py) against the device's bf16 peak.
+token: babymerge.benchmark.train_flops_per_token, as in scripts/bench_train.py) against the
+device's bf16 peak.
 
     python scripts/bench_pipeline.py --quick          # ~1 minute on 2 CPU cores
     python scripts/bench_pipeline.py --scale small    # the README demo's size
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from babymerge.benchmark import encoder_images_per_s, environment, peak_flops, synchronize
+from babymerge.benchmark import (encoder_images_per_s, environment, peak_flops, synchronize,
+                                 train_flops_per_token)
 from babymerge.demo import SCALES, DemoConfig, Scale, run_demo
 from babymerge.model import MODEL_PRESETS, build_model
 from babymerge.world import WorldConfig
@@ -38,14 +40,6 @@ QUICK = dataclasses.replace(
     SCALES["tiny"], world=WorldConfig(train_images=200, eval_images=40, captions_per_image=2,
                                       text_words=6_000, pairs_per_phenomenon=10),
     lm_epochs=1, vlm_epochs=1, warmup_steps=5)
-
-
-def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token, nanoGPT's estimate (the one scripts/bench_train.py uses)."""
-    text = model.config.text_config
-    n = sum(p.numel() for n_, p in model.named_parameters() if "embed_tokens" not in n_)
-    head_dim = text.hidden_size // text.num_attention_heads
-    return 6 * n + 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
 
 
 def train_step_baseline(scale: Scale, vocab: int, feature_dim: int,
@@ -77,7 +71,8 @@ def train_step_baseline(scale: Scale, vocab: int, feature_dim: int,
     for _ in range(steps):
         step()
     synchronize(device)
-    return steps * ids.numel() / (time.perf_counter() - t0), flops_per_token(model, scale.seq_len)
+    rate = steps * ids.numel() / (time.perf_counter() - t0)
+    return rate, train_flops_per_token(model, scale.seq_len)
 
 
 def main(argv: list[str] | None = None) -> None:

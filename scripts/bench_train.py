@@ -33,7 +33,8 @@ import h5py
 import numpy as np
 import torch
 
-from babymerge.benchmark import environment, peak_flops, synchronize
+from babymerge.benchmark import (environment, peak_flops, synchronize,
+                                 train_flops_per_token)
 from babymerge.data import CAPTIONS, TEXT, load_captions, load_text
 from babymerge.featurefile import BLACK, FAILED, FEATURES, IDS, STR_DTYPE, FeatureTable
 from babymerge.features import load_encoder, save_random_dinov2
@@ -53,13 +54,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     return p.parse_args()
-
-
-def flops_per_token(model, seq_len: int) -> float:
-    text = model.config.text_config
-    n = sum(p.numel() for n_, p in model.named_parameters() if "embed_tokens" not in n_)
-    head_dim = text.hidden_size // text.num_attention_heads
-    return 6 * n + 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
 
 
 def make_data(root: Path, n_images: int, dim: int, rng: np.random.Generator):
@@ -214,7 +208,7 @@ def main() -> None:
             results[name] = {"step_ms": round(1000 * total / steps, 3),
                              "feature_ms": round(1000 * sum(e for _, e in times) / steps, 3),
                              "tokens_per_s": round(batch * seq_len * steps / total, 1)}
-        fpt = flops_per_token(model, seq_len)
+        fpt = train_flops_per_token(model, seq_len)
         peak = peak_flops(device)
         mfu = ({k: round(fpt * results[k]["tokens_per_s"] / peak, 4) for k in results}
                if peak else None)
