@@ -50,7 +50,10 @@ def export(cfg: ExportConfig) -> Path:
     except TokenizerError as e:
         raise ExportError(f"{cfg.checkpoint}: {e}") from e
     model = load_model(cfg.checkpoint)
-    out = export_language_model(model, cfg.out, tokenizer, black_feature=black)
+    try:
+        out = export_language_model(model, cfg.out, tokenizer, black_feature=black)
+    except ValueError as e:  # a checkpoint export_language_model cannot write (tied LM head)
+        raise ExportError(f"{cfg.checkpoint}: {e}") from e
     note = {"source": str(cfg.checkpoint.resolve()),
             "prefix_ids": image_prefix_ids(tokenizer),
             "prefix": f"{tokenizer.bos_token} {IMAGE_TOKEN}",

@@ -47,3 +47,19 @@ def test_export_refuses_a_checkpoint_without_its_black_feature(tmp_path):
         export(ExportConfig(checkpoint=tmp_path / "ck", out=tmp_path / "out"))
     with pytest.raises(ExportError, match="not a checkpoint directory"):
         export(ExportConfig(checkpoint=tmp_path, out=tmp_path / "out"))
+
+
+def test_export_refuses_a_tied_head_naming_the_checkpoint(world, tmp_path):
+    """A checkpoint whose LM head is tied to the embeddings (not babymerge's own; another tool's)
+    cannot take the black feature in its <image> row: an export error naming the checkpoint,
+    which the CLI prints without a traceback, and nothing written."""
+    tok = load_tokenizer(world["tokenizer"])
+    model = build_model(MODEL_PRESETS["tiny"], seed=0, vocab_size=len(tok),
+                        image_token_id=image_prefix_ids(tok)[1], pad_token_id=tok.pad_token_id,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model.config.text_config.tie_word_embeddings = True
+    save_checkpoint(model, tmp_path / "ck", tok)
+    save_black_feature(tmp_path / "ck", torch.zeros(1024))
+    with pytest.raises(ExportError, match=r"ck: export: this checkpoint ties its LM head"):
+        export(ExportConfig(checkpoint=tmp_path / "ck", out=tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
