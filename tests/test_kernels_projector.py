@@ -107,6 +107,29 @@ def test_two_kernel_forward_and_split_weight_grads(kernel_device, dtype, monkeyp
     assert _rel_err(dx, dx_ref) <= tol
 
 
+def test_no_weight_gradients_no_split(kernel_device, monkeypatch):
+    """A backward asked for dx only has no reduction over M to split: the grads kernel launches
+    with SPLIT_R=1 even under an explicit split (a split there only compiled and autotuned
+    another kernel variant and allocated an empty workspace). Its launch is spied on; the dx
+    values are the test above's."""
+    from kernels import projector
+
+    launched = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs["SPLIT_R"])
+
+    monkeypatch.setattr(projector, "_projector_bwd_grads_kernel", Spy())
+    x, w1, b1, w2, b2 = (t.detach() for t in _inputs(67, 32, 16, 16, torch.float32,
+                                                      kernel_device))
+    _, z = projector.projector_forward(x, w1, b1, w2, b2, save_z=True, plan="two_gemm")
+    dy = torch.ones(67, 16, device=kernel_device)
+    grads = projector.projector_backward(dy, x, w1, w2, z, (True, False, False, False, False),
+                                         True, True, split=4)
+    assert launched == [1] and grads[1:] == (None,) * 4
+
+
 def test_measured_plans_pick_the_fastest_once(kernel_device, monkeypatch):
     """Where plans are measured (CUDA), every candidate runs on the real inputs, the fastest is
     kept per shape bucket and reused without timing again; the gradients stay right whichever
