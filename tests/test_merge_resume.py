@@ -307,3 +307,22 @@ def test_a_damaged_log_line_is_named_and_kept_until_restart(world, tmp_path, spy
     merge(config(world, out, restart=True, **kw))
     assert spy.scored == 2 and "discarding 3 record(s)" in capsys.readouterr().out
     assert len(metrics.read_text().splitlines()) == 2
+
+
+def test_save_checkpoint_itself_removes_killed_saves(tmp_path):
+    """merge's own cleanup of a killed save's temporary folder moved into save_checkpoint, so
+    every caller gets it (train's resume/ and word-count checkpoints too); the folder name is
+    matched literally (a name with glob characters), and another checkpoint's folders stay."""
+    import torch
+
+    from babymerge.model import save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    model.save_pretrained = lambda path, safe_serialization: (Path(path) / "w").write_text("w")
+    for name, stale, other in (("resume", ".resume.k1ll3d", ".resume_old.keep"),
+                               ("a[1]", ".a[1].k1ll3d", ".a1.keep")):
+        (tmp_path / stale).mkdir()
+        (tmp_path / other).mkdir()
+        save_checkpoint(model, tmp_path / name)
+        assert not (tmp_path / stale).exists() and (tmp_path / other).is_dir()
+        assert (tmp_path / name / "w").read_text() == "w"
