@@ -73,3 +73,27 @@ def test_image_list_with_classic_mac_line_ends_reads_line_by_line(tmp_path):
         items = list_images(str(tmp_path / name))
         assert [(i.id, Path(i.path).name) for i in items] == [("a", "a.png"), ("b", "b.png")]
         assert [i.where for i in items] == [f"{tmp_path / name}:{n}" for n in lines]
+
+
+def test_listing_a_folder_stats_only_its_links(tmp_path, monkeypatch):
+    # the directory listing says which entries are files: a stat per image (Path.is_file) was
+    # a network round trip per image of a million-image folder before any work
+    write_images(tmp_path / "store", ["c.png"])
+    names = [f"{i}.png" for i in range(6)] + [f"sub/{i}.jpg" for i in range(4)]
+    write_images(tmp_path / "images", names)
+    os.symlink(tmp_path / "store", tmp_path / "images" / "linked")
+    os.symlink(tmp_path / "store" / "c.png", tmp_path / "images" / "one.png")
+    stats = []
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        stats.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    items = list_images(str(tmp_path / "images"))
+    monkeypatch.undo()
+    assert len(items) == len(names) + 2 and {"linked/c", "one"} <= {i.id for i in items}
+    # (the SOURCE itself is stat'ed to tell its kind, and the file link to tell where it goes)
+    image_stats = [p for p in stats if p.endswith((".png", ".jpg")) and not p.endswith("one.png")]
+    assert image_stats == []
