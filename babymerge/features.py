@@ -492,12 +492,12 @@ def extract_features(cfg: ExtractConfig) -> dict:
     # model's config, and a saved VLM must find its encoder from any working directory.
     encoder_name = (str(Path(cfg.encoder).resolve()) if Path(cfg.encoder).is_dir()
                     else cfg.encoder)
+    run_config = {**config_to_dict(cfg), "precision_resolved": precision,
+                  "decode_resolved": decode, "shard_resolved": f"{rank}/{world}",
+                  "versions": _versions()}  # with the sources it holds, once they are read
     attrs = {"encoder": encoder_name, "layer": LAYER, "pooling": POOLING,
              "image_size": encoder.image_size, "dtype": cfg.dtype,
-             "babymerge_version": __version__,
-             "config": json.dumps({**config_to_dict(cfg), "precision_resolved": precision,
-                                   "decode_resolved": decode,
-                                   "shard_resolved": f"{rank}/{world}", "versions": _versions()})}
+             "babymerge_version": __version__}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     parts_dir = out.with_name(out.name + ".partial")
@@ -514,8 +514,7 @@ def extract_features(cfg: ExtractConfig) -> dict:
         keys = _source_keys(cfg.source)
         if sources and not keys <= sources:
             _warn_foreign_ids(items, done | set(failed_before), cfg.source, out, sources)
-        config = json.loads(attrs["config"])
-        attrs["config"] = json.dumps({**config, "sources": sorted(sources | keys)})
+        attrs["config"] = json.dumps({**run_config, "sources": sorted(sources | keys)})
         if not out.exists():
             _write_table(out, [], np.zeros((0, black.shape[0]), storage), {}, black, attrs)
         # An image that could not be read (a missing file, an I/O error, a shard cut short) says
