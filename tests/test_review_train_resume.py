@@ -71,6 +71,22 @@ def test_resume_refuses_data_that_changed(world, tmp_path):
         train(config(world, out, text=[corpus], feature_norm="none"))
 
 
+def test_resume_refuses_captions_that_changed(world, tmp_path):
+    # as many captions as before, one of them longer: only the caption token count tells
+    lines = world["captions"].read_text(encoding="utf-8").splitlines()
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "changed"
+    vlm = dict(kind="vlm", text=[], captions=[captions], feature_norm="none")
+    train(config(world, out, max_steps=2, **vlm))
+    first = json.loads(lines[0])
+    first["caption"] += " the red cat sees the blue dog."
+    captions.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n", encoding="utf-8")
+    with pytest.raises(TrainError, match=r"data changed since the run was saved "
+                                         r"\(caption_tokens: \d+ -> \d+\)"):
+        train(config(world, out, **vlm))
+
+
 def test_init_from_refuses_another_tokenizer_of_the_same_size(world, tmp_path):
     # a retrained tokenizer keeps --vocab-size, so only the sizes were compared: the model went
     # on with every embedding row meaning another token
