@@ -15,6 +15,7 @@ Every step is the real stage function with its own config (nothing here re-imple
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,9 +28,10 @@ from typing import Iterator
 import click
 
 from babymerge.config import InputError, atomic_write_text, opt, save_config
-from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
 from babymerge.evaluate import GRAMMAR_KINDS, MULTIMODAL_KINDS
+from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
 from babymerge.merge import MergeConfig, merge, objective, read_metrics
+from babymerge.model import transformers_bars_off
 from babymerge.tokenizer import TokenizerConfig, train_tokenizer
 from babymerge.train import RESUME_DIR, TrainConfig, read_resume_state, train
 from babymerge.world import WorldConfig, generate_world
@@ -290,18 +292,9 @@ def _check_same_demo(path: Path, cfg: DemoConfig, scale: Scale) -> None:
 
 def demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline in ``cfg.out``; print and write the report; return its content."""
-    if cfg.progress:
-        return run_demo(cfg, SCALES[cfg.scale])
-    from transformers.utils import logging as hf_logging
-
     # --no-progress: transformers' bars (loading and writing checkpoints) are silenced as well
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with contextlib.nullcontext() if cfg.progress else transformers_bars_off():
         return run_demo(cfg, SCALES[cfg.scale])
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def run_demo(cfg: DemoConfig, scale: Scale) -> dict:

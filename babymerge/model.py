@@ -14,10 +14,11 @@ know transformers.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 from pathlib import Path
@@ -238,6 +239,21 @@ def recover_checkpoint(directory: str | Path) -> bool:
     except FileNotFoundError:  # another rank of the same run restored it first
         return False
     return True
+
+
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' own progress bars (loading and writing checkpoints) hidden for the block,
+    then restored as they were: a stage's one bar is the one that says anything."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=None,

@@ -40,7 +40,7 @@ from babymerge.data import (CAPTIONS, ORDERS, TEXT, EpochPlan, load_captions, lo
 from babymerge.featurefile import FeatureFileError, FeatureTable, feature_statistics
 from babymerge.model import (MODEL_PRESETS, BabyLlavaForConditionalGeneration, build_model,
                              recover_checkpoint, save_black_feature, save_checkpoint,
-                             set_feature_statistics)
+                             set_feature_statistics, transformers_bars_off)
 from babymerge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -330,18 +330,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 def train(cfg: TrainConfig) -> Path:
     """Train per ``cfg``; returns ``cfg.out``, the final HF checkpoint directory."""
-    from transformers.utils import logging as hf_logging
-
     # transformers draws a bar per checkpoint write; ours is the one that matters.
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    world = distributed.setup(cfg.device)
-    try:
-        return _train(cfg, world)
-    finally:
-        distributed.teardown(world)
-        if bars:
-            hf_logging.enable_progress_bar()
+    with transformers_bars_off():
+        world = distributed.setup(cfg.device)
+        try:
+            return _train(cfg, world)
+        finally:
+            distributed.teardown(world)
 
 
 def _train(cfg: TrainConfig, world: distributed.World) -> Path:
