@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-import kernels
+from babymerge import kernels
 
 MERGE_METHODS: dict[str, type["MergeMethod"]] = {}
 

@@ -30,7 +30,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
                           LlavaModel)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import kernels
+from babymerge import kernels
 
 IMAGE_TOKEN = "<image>"
 # The /black feature a model was trained with (text-only inputs carry it), saved in its checkpoint

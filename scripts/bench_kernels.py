@@ -30,7 +30,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 from babymerge.benchmark import environment, peak_flops  # noqa: E402
 from babymerge.model import MODEL_PRESETS, build_model  # noqa: E402
-from kernels.projector_reference import project_reference  # noqa: E402
+from babymerge.kernels.projector_reference import project_reference  # noqa: E402
 
 IDS = dict(vocab_size=30000, image_token_id=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -103,7 +103,7 @@ def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: 
         torch._dynamo.reset()
         paths["torch_compile"] = torch.compile(project_reference, dynamic=False)
     if device.type == "cuda":
-        from kernels.projector import project_triton
+        from babymerge.kernels.projector import project_triton
         paths["triton"] = project_triton
     peak = peak_flops(device, dtype)
     rows = []
@@ -144,7 +144,7 @@ def triton_breakdown(x, weights, dy, device, reps: int) -> dict:
     projector measured as fastest, and the block sizes the autotuner chose."""
     import triton
 
-    from kernels import projector as kp
+    from babymerge.kernels import projector as kp
 
     w1, b1, w2, b2 = (w.detach() for w in weights)
     _, z = kp.projector_forward(x, w1, b1, w2, b2, save_z=True)
@@ -191,7 +191,7 @@ def bench_merge(device, dtype, preset: str, reps: int) -> dict:
     result = {"preset": preset, "tensors": len(shapes), "params": elems,
               "dtype": str(dtype).removeprefix("torch."), "bytes_moved": moved}
     if device.type == "cuda":
-        from kernels.interpolation import interpolate_triton_
+        from babymerge.kernels.interpolation import interpolate_triton_
         paths["triton"] = lambda: interpolate_triton_(dst, a, b, alpha)
         for block in (1024, 2048, 4096, 8192, 16384):
             for warps in (4, 8):

@@ -23,7 +23,7 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-import kernels
+from babymerge import kernels
 from babymerge.benchmark import environment, peak_bandwidth, synchronize
 from babymerge.model import MODEL_PRESETS, build_model
 

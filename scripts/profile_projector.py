@@ -22,9 +22,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from babymerge.benchmark import environment
-from kernels import projector
-from kernels.projector import project_triton
-from kernels.projector_reference import project_reference
+from babymerge.kernels import projector
+from babymerge.kernels.projector import project_triton
+from babymerge.kernels.projector_reference import project_reference
 
 
 def host_us_per_call(fn, calls: int = 200) -> float:
@@ -123,7 +123,7 @@ def main() -> None:
             w.grad = None
         fn(x, *weights).backward(dy)
 
-    from kernels import interpolation
+    from babymerge.kernels import interpolation
 
     one = [torch.zeros(1, device=device)]
     report = {"benchmark": "profile_projector", **environment(device), "rows": args.rows,

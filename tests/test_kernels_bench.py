@@ -15,7 +15,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 def bench_kernels(monkeypatch):
     """The script as a module; it refuses to import under the interpreter (meaningless timings),
     which conftest turns on, so import it with the switch off and put the switch back."""
-    import kernels.projector  # noqa: F401  (its kernels decide at import whether they are interpreted)
+    import babymerge.kernels.projector  # noqa: F401  (its kernels decide at import whether they are interpreted)
 
     monkeypatch.syspath_prepend(str(SCRIPTS))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -88,7 +88,7 @@ def test_profile_splits_the_triton_steps_host_time(monkeypatch):
     import torch
 
     import profile_projector
-    from kernels import projector
+    from babymerge.kernels import projector
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # CPU tensors: nothing queued
     names = profile_projector._CountedLaunches.KERNELS
@@ -115,12 +115,12 @@ def test_profile_splits_the_triton_steps_host_time(monkeypatch):
 
 
 def test_host_side_cdiv_and_next_power_of_2_match_tritons():
-    """kernels/projector.py computes grids, block caps and plan keys with its own ceil division
+    """babymerge/kernels/projector.py computes grids, block caps and plan keys with its own ceil division
     and next power of two (Triton's are slow constexpr functions): they must give Triton's
     values, or grids would miss tiles and plans be keyed apart."""
     import triton
 
-    from kernels.projector import _cdiv, _next_power_of_2
+    from babymerge.kernels.projector import _cdiv, _next_power_of_2
 
     assert [_next_power_of_2(n) for n in range(2100)] == [
         triton.next_power_of_2(n) for n in range(2100)]

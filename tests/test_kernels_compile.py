@@ -9,10 +9,10 @@ import sys
 
 def test_kernels_compile_for_sm90():
     """Each kernel's largest autotune config in bf16 (the default training dtype) lowers to a cubin
-    and fits H100 shared memory. ``python -m kernels.gpu_compile --all-configs --dtypes
+    and fits H100 shared memory. ``python -m babymerge.kernels.gpu_compile --all-configs --dtypes
     bf16,fp32,fp16`` checks every config by hand."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run([sys.executable, "-m", "kernels.gpu_compile", "--arch", "90",
+    done = subprocess.run([sys.executable, "-m", "babymerge.kernels.gpu_compile", "--arch", "90",
                            "--dtypes", "bf16"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.stdout, done.stderr[-3000:]

@@ -1,14 +1,14 @@
-"""Fused interpolation merge (kernels/interpolation.py) against its torch reference, on a real
-model's parameter list, and the dispatch rules (kernels/dispatch.py)."""
+"""Fused interpolation merge (babymerge/kernels/interpolation.py) against its torch reference, on a real
+model's parameter list, and the dispatch rules (babymerge/kernels/dispatch.py)."""
 
 import pytest
 import torch
 
-import kernels
+from babymerge import kernels
 from babymerge.model import MODEL_PRESETS, build_model
-from kernels.dispatch import backend
-from kernels.interpolation import interpolate_triton_
-from kernels.interpolation_reference import interpolate_reference_
+from babymerge.kernels.dispatch import backend
+from babymerge.kernels.interpolation import interpolate_triton_
+from babymerge.kernels.interpolation_reference import interpolate_reference_
 
 IDS = dict(vocab_size=50, image_token_id=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 

@@ -1,4 +1,4 @@
-"""Fused projector (kernels/projector.py) against its torch reference: output and every gradient,
+"""Fused projector (babymerge/kernels/projector.py) against its torch reference: output and every gradient,
 every dtype, shapes that are not multiples of any block, on the CPU interpreter (default run) and
 on a GPU (``-m gpu``, interpreter off)."""
 
@@ -9,11 +9,11 @@ import torch
 from transformers import LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-import kernels
+from babymerge import kernels
 from babymerge.model import MODEL_PRESETS, build_model
-from kernels.modules import FusedProjector
-from kernels.projector import project_triton
-from kernels.projector_reference import project_reference
+from babymerge.kernels.modules import FusedProjector
+from babymerge.kernels.projector import project_triton
+from babymerge.kernels.projector_reference import project_reference
 
 # Max error relative to max |reference|, the reference being fp32 maths on the same (rounded)
 # inputs. fp32: only summation order differs. fp16: z, gelu(z), da and dz are each rounded to fp16
@@ -81,7 +81,7 @@ def test_every_dtype(kernel_device, dtype):
 def test_two_kernel_forward_and_split_weight_grads(kernel_device, dtype, monkeypatch):
     """The large-M plan at a small M: the forward as two GEMM launches (z, then gelu(z) W2^T),
     and weight gradients reduced in 4 row slices (the last one empty) summed on the host."""
-    from kernels import projector
+    from babymerge.kernels import projector
 
     # On CUDA plans are measured, which would ignore these rules (and at 67 rows try no split):
     # pin the rules so the GPU run checks the compiled two-GEMM forward and split reduction too.
@@ -112,7 +112,7 @@ def test_no_weight_gradients_no_split(kernel_device, monkeypatch):
     with SPLIT_R=1 even under an explicit split (a split there only compiled and autotuned
     another kernel variant and allocated an empty workspace). Its launch is spied on; the dx
     values are the test above's."""
-    from kernels import projector
+    from babymerge.kernels import projector
 
     launched = []
 
@@ -135,7 +135,7 @@ def test_measured_plans_pick_the_fastest_once(kernel_device, monkeypatch):
     kept per shape bucket and reused without timing again; the gradients stay right whichever
     plan wins. Timings are scripted: the first call times each forward plan, the backward each
     split (1, 2, 4 at 67 rows with 16-row slices allowed)."""
-    from kernels import projector
+    from babymerge.kernels import projector
 
     monkeypatch.setattr(projector, "_MEASURED_PLANS", {})
     monkeypatch.setattr(projector, "MIN_ROWS_PER_WEIGHT_GRAD_SPLIT", 16)
@@ -163,7 +163,7 @@ def test_measured_plans_pick_the_fastest_once(kernel_device, monkeypatch):
 def test_plan_timing_out_of_memory_falls_back_to_the_rule(kernel_device, monkeypatch):
     """do_bench allocates a 256 MB L2-flush buffer and every candidate's outputs: on a nearly full
     GPU the first step of a new shape must not fail for want of room to time plans."""
-    from kernels import projector
+    from babymerge.kernels import projector
 
     monkeypatch.setattr(projector, "_MEASURED_PLANS", {})
     monkeypatch.setattr(projector, "_plans_are_measured", lambda device: True)
@@ -183,7 +183,7 @@ def test_plan_switch(kernel_device, monkeypatch):
     """BABYMERGE_PROJECTOR_PLAN=rule pins the rules (no timing, even on CUDA); a typo is an
     error naming the variable; plans are never timed in the interpreter, under torch.compile's
     tracing or during CUDA graph capture."""
-    from kernels import projector
+    from babymerge.kernels import projector
 
     monkeypatch.setenv(projector.PLAN_ENV_VAR, "rule")
     assert not projector._plans_are_measured(torch.device("cuda"))
@@ -214,7 +214,7 @@ def test_paper_shape_gpu(kernel_device, dtype, rows, monkeypatch):
     The rules pin those plans: measured plans would test only whichever timed fastest."""
     if kernel_device.type != "cuda":
         pytest.skip("paper-size shape only on the GPU (minutes in the interpreter)")
-    from kernels import projector
+    from babymerge.kernels import projector
 
     monkeypatch.setenv(projector.PLAN_ENV_VAR, "rule")
     want = {1000: ("fused", 1), 4099: ("two_gemm", 1), 16411: ("two_gemm", 4)}[rows]
@@ -333,7 +333,7 @@ def test_plans_are_timed_on_the_tensors_device(kernel_device, monkeypatch):
     """do_bench records its events on the current CUDA device and allocates its L2-flush buffer
     there: tensors on cuda:1 with cuda:0 current would be timed on the wrong GPU (near-zero times,
     a random plan) with 256 MB taken on GPU 0. The timing must run inside the tensors' device."""
-    from kernels import projector
+    from babymerge.kernels import projector
 
     inside = []
 
@@ -369,7 +369,7 @@ def test_plan_timing_counts_host_time(monkeypatch):
     call, behind which that much host time per call vanished. CUDA events are faked with the
     host clock here: the GPU side is idle, so host time is all there is to see. The clock is
     simulated (each call advances it 1 ms), so the figure does not depend on the machine's load."""
-    from kernels import projector
+    from babymerge.kernels import projector
 
     clock = [0.0]  # host milliseconds
 

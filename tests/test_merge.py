@@ -318,7 +318,7 @@ def test_sweep_overwrites_the_live_parameters_through_the_dispatch_point(world, 
                                                                           monkeypatch):
     """Every alpha goes through kernels.interpolate_ into the loaded model's own parameter
     storages (no new model, no state dict), reading the two resident endpoints."""
-    import kernels
+    from babymerge import kernels
 
     import babymerge.merge as merge_module
 

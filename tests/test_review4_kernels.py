@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
-from kernels.modules import FusedProjector
-from kernels.projector import project_triton
-from kernels.projector_reference import project_reference
+from babymerge.kernels.modules import FusedProjector
+from babymerge.kernels.projector import project_triton
+from babymerge.kernels.projector_reference import project_reference
 
 
 def _inputs(m=6, k=32, h=16, n=16, seed=0):
@@ -94,7 +94,7 @@ def test_a_tied_tensor_listed_twice_is_merged_once(monkeypatch, mode):
     if mode == "triton" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("CPU tensors on the Triton path need TRITON_INTERPRET=1")
     monkeypatch.setenv("BABYMERGE_KERNELS", mode)
-    import kernels
+    from babymerge import kernels
 
     g = torch.Generator().manual_seed(0)
     tied_a, tied_b, other_a, other_b = (torch.randn(7, generator=g) for _ in range(4))
@@ -112,7 +112,7 @@ def test_dst_overlapping_another_index_is_refused(monkeypatch, mode):
     if mode == "triton" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("CPU tensors on the Triton path need TRITON_INTERPRET=1")
     monkeypatch.setenv("BABYMERGE_KERNELS", mode)
-    import kernels
+    from babymerge import kernels
 
     x, y, z, w = (torch.randn(5) for _ in range(4))
     with pytest.raises(ValueError, match=r"dst\[0\] overlaps a\[1\]"):
@@ -127,7 +127,7 @@ def test_meta_tensors_under_forced_triton_get_a_clear_error(monkeypatch):
     'Cannot copy out of meta tensor'; both now name the device and the switch."""
     monkeypatch.setenv("BABYMERGE_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import kernels
+    from babymerge import kernels
 
     meta = torch.device("meta")
     x, w1, w2 = (torch.empty(s, device=meta) for s in ((3, 8), (4, 8), (4, 4)))

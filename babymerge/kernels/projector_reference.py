@@ -1,4 +1,4 @@
-"""PyTorch reference for the fused projector (kernels/projector.py): the CPU path and the oracle the
+"""PyTorch reference for the fused projector (babymerge/kernels/projector.py): the CPU path and the oracle the
 Triton kernels are tested against. Same maths as transformers' ``LlavaMultiModalProjector`` with
 ``projector_hidden_act="gelu"`` (exact erf GELU)."""
 

@@ -4,7 +4,7 @@
 ``BABYMERGE_KERNELS=torch`` forces the reference everywhere (a debugging switch, or a GPU without a
 working Triton); ``BABYMERGE_KERNELS=triton`` forces the kernels, which needs CUDA tensors or the
 CPU interpreter (``TRITON_INTERPRET=1``, how the tests run them). The Triton modules are imported on
-first use, so ``import kernels`` needs neither a GPU nor Triton.
+first use, so ``import babymerge.kernels`` needs neither a GPU nor Triton.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from kernels.interpolation_reference import interpolate_reference_
-from kernels.projector_reference import project_reference
+from babymerge.kernels.interpolation_reference import interpolate_reference_
+from babymerge.kernels.projector_reference import project_reference
 
 ENV_VAR = "BABYMERGE_KERNELS"
 MODES = ("auto", "torch", "triton")
@@ -46,7 +46,7 @@ def project(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
             b2: torch.Tensor | None) -> torch.Tensor:
     """``W2 gelu(W1 x + b1) + b2`` over the last dim of ``x``, exact (erf) GELU; differentiable."""
     if backend(x.device) == "triton":
-        from kernels.projector import project_triton
+        from babymerge.kernels.projector import project_triton
 
         return project_triton(x, w1, b1, w2, b2)
     return project_reference(x, w1, b1, w2, b2)
@@ -64,7 +64,7 @@ def interpolate_(dst: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.T
         return
     device = (dst or a or b)[0].device
     if backend(device) == "triton":
-        from kernels.interpolation import interpolate_triton_
+        from babymerge.kernels.interpolation import interpolate_triton_
 
         interpolate_triton_(dst, a, b, alpha)
     else:

@@ -1,4 +1,4 @@
-"""PyTorch reference for the fused interpolation merge (kernels/interpolation.py): the CPU path, the
+"""PyTorch reference for the fused interpolation merge (babymerge/kernels/interpolation.py): the CPU path, the
 oracle of the Triton kernel's tests, and the validation both paths share.
 
 ``dst[i] = alpha * a[i] + (1 - alpha) * b[i]`` is ``torch.lerp(b[i], a[i], alpha)``: lerp computes

@@ -7,7 +7,7 @@ reports the shared memory each config needs, against the device's limit, the reg
 spills per thread (``ptxas -v``), and counts of the PTX instructions the kernels' speed rests on
 (tensor-core MMAs, 128-bit loads and stores).
 
-    TRITON_INTERPRET=0 python -m kernels.gpu_compile [--arch 90] [--all-configs] \
+    TRITON_INTERPRET=0 python -m babymerge.kernels.gpu_compile [--arch 90] [--all-configs] \
         [--dtypes bf16,fp32]
 
 Prints one JSON object; exits 1 if any compile fails. Must run with the interpreter off (in its own
@@ -46,8 +46,8 @@ def _specs(dtype: str, all_configs: bool):
     """(kernel name, jit function, signature, constexprs, options, attrs) per launch to check.
     Without ``all_configs`` only each kernel's config with the largest tiles (the one most likely
     to exceed shared memory or registers)."""
-    from kernels import interpolation as I
-    from kernels import projector as P
+    from babymerge.kernels import interpolation as I
+    from babymerge.kernels import projector as P
 
     from triton.runtime.jit import JITFunction
 

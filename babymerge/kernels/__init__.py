@@ -1,8 +1,8 @@
 """babymerge's Triton kernels, each beside its PyTorch reference.
 
-Not the Hugging Face ``kernels`` hub package: this distribution is ``babymerge`` and has no
-``kernels`` dist metadata, so ``transformers.utils.is_kernels_available()`` stays False
-(tests/test_kernels_package.py checks it).
+Imported as ``babymerge.kernels`` only: ``kernels`` at the top level is Hugging Face's hub-kernels
+package, which transformers >= 5.25 requires and imports (tests/test_packaging.py checks that the two
+never meet).
 
 Public dispatch points (CUDA tensors -> Triton, anything else -> torch; ``BABYMERGE_KERNELS=
 torch|triton|auto`` forces a path):
@@ -19,7 +19,7 @@ On a GPU: ``TRITON_INTERPRET=0 pytest -m gpu tests/test_kernels_*.py`` and
 ``python scripts/bench_kernels.py``.
 """
 
-from kernels.dispatch import interpolate, interpolate_, project
-from kernels.modules import FusedProjector
+from babymerge.kernels.dispatch import interpolate, interpolate_, project
+from babymerge.kernels.modules import FusedProjector
 
 __all__ = ["project", "interpolate_", "interpolate", "FusedProjector"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.dispatch import project
+from babymerge.kernels.dispatch import project
 
 
 class FusedProjector(nn.Module):
     """Drop-in for transformers' ``LlavaMultiModalProjector`` with ``projector_hidden_act="gelu"``:
     the same parameter names and shapes (``linear_1``, ``linear_2``), so checkpoints load either
-    way; forward runs :func:`kernels.project` (the fused Triton kernel on CUDA)."""
+    way; forward runs :func:`babymerge.kernels.project` (the fused Triton kernel on CUDA)."""
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
                  bias: bool = True):

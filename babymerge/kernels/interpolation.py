@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.interpolation_reference import check_interpolation_args, distinct_indices
+from babymerge.kernels.interpolation_reference import check_interpolation_args, distinct_indices
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
