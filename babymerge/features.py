@@ -211,14 +211,17 @@ def load_encoder(name_or_path: str | Path, device: str | torch.device = "cpu",
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+    from babymerge.model import transformers_bars_off
+
     name = str(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name)
-        if config.model_type not in ("dinov2", "dinov2_with_registers"):
-            raise EncoderError(f"--encoder {name}: model_type {config.model_type!r} is not "
-                               "dinov2 or dinov2_with_registers")
-        model = AutoModel.from_pretrained(name, dtype=torch.float32)
-        proc = AutoImageProcessor.from_pretrained(name).to_dict()
+        with transformers_bars_off():
+            config = AutoConfig.from_pretrained(name)
+            if config.model_type not in ("dinov2", "dinov2_with_registers"):
+                raise EncoderError(f"--encoder {name}: model_type {config.model_type!r} is not "
+                                   "dinov2 or dinov2_with_registers")
+            model = AutoModel.from_pretrained(name, dtype=torch.float32)
+            proc = AutoImageProcessor.from_pretrained(name).to_dict()
     except OSError as e:
         raise EncoderError(f"--encoder {name}: cannot load ({e}); offline, pass a local "
                            "directory") from e

@@ -212,6 +212,23 @@ def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.rsplit(".", 1)[-1] in FLOAT32_PARAMETERS else dtype
 
 
+@contextlib.contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """transformers' own progress bars (loading and writing checkpoints) hidden for the block,
+    then restored as they were: a stage's one bar is the one that says anything, and
+    ``--no-progress`` must leave none. Also a decorator (``@transformers_bars_off()``)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@transformers_bars_off()
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> BabyLlavaForConditionalGeneration:
     """Load a BabyLLaVA checkpoint directory (safetensors only) in ``dtype``, bar
@@ -241,21 +258,7 @@ def recover_checkpoint(directory: str | Path) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def transformers_bars_off() -> Iterator[None]:
-    """transformers' own progress bars (loading and writing checkpoints) hidden for the block,
-    then restored as they were: a stage's one bar is the one that says anything."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
+@transformers_bars_off()
 def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=None,
                     extra_files: dict[str, str] | None = None,
                     write_extra: Callable[[Path], None] | None = None) -> Path:

@@ -194,3 +194,13 @@ def test_progress_bar_counts_items(world, capsys):
     empty = pack_task(parse_task_spec("vqa:none.jsonl"), [1, 4], [[]], [[]], ["none"], [0],
                       task.features)
     assert score_candidates(load_model(world.vlm), empty, progress=True).numel() == 0
+
+
+def test_no_progress_is_silent(world, tmp_path, capfd):
+    """--no-progress leaves nothing on stderr: neither our bars nor transformers' own."""
+    result = CliRunner().invoke(main, ["eval", str(world.vlm), *sum((["--task", s] for s in
+                                       world.specs.values()), []), "--features",
+                                       str(world.features), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    err = capfd.readouterr().err + result.stderr  # tqdm writes to the runner's stderr
+    assert "it/s" not in err and "%|" not in err, err

@@ -344,3 +344,16 @@ def test_sweep_overwrites_the_live_parameters_through_the_dispatch_point(world, 
     assert len(calls[0][0]) == len(list(models[0].parameters()))
     assert all(c[1] == calls[0][1] for c in calls)  # the same resident endpoints every time
     assert not set(calls[0][1]) & live  # endpoints are copies, not the live tensors
+
+
+def test_no_progress_is_silent(world, tmp_path, capfd):
+    """--no-progress leaves no bar on stderr, kept checkpoints' writes included."""
+    result = CliRunner().invoke(main, ["merge", "--lm", str(world.lm), "--vlm", str(world.vlm),
+                                       *sum((["--task", s] for s in world.specs.values()), []),
+                                       "--features", str(world.features), "--alpha-grid", "0,1",
+                                       "--keep", "0,1", "--out", str(tmp_path / "m"),
+                                       "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m" / "alpha_1.0").is_dir()
+    err = capfd.readouterr().err + result.stderr  # tqdm writes to the runner's stderr
+    assert "it/s" not in err and "%|" not in err, err

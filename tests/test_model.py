@@ -129,3 +129,18 @@ def test_a_bfloat16_merge_keeps_the_statistics_exact_in_its_kept_checkpoint(tmp_
     assert params["lm_head.weight"].dtype == torch.bfloat16
     params = dict(AutoModelForImageTextToText.from_pretrained(kept).named_parameters())
     assert torch.equal(params["model.feature_mean"].float(), mean)
+
+
+def test_loading_and_saving_checkpoints_draw_no_transformers_bar(tmp_path, capfd):
+    """transformers 5 draws 'Loading weights' and 'Writing model shards' bars; every stage's
+    --no-progress must be silent, so babymerge's own loads and saves never show them."""
+    from babymerge.model import load_model, save_checkpoint
+    from transformers.utils import logging as hf_logging
+
+    model = build_model(MODEL_PRESETS["tiny"], seed=0, vocab_size=50, image_token_id=4,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    save_checkpoint(model, tmp_path / "ck")
+    load_model(tmp_path / "ck")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert hf_logging.is_progress_bar_enabled()  # restored for the caller's own transformers use
