@@ -2,8 +2,8 @@
 
 A SOURCE is listed into :class:`ImageItem` s (an id and where its bytes live) in the main process,
 before any work, so duplicate ids and malformed lists fail fast with the file and line. Decoding
-happens in DataLoader workers (:class:`ImageDataset`): bytes -> PIL (JPEG drafted down to the size
-needed) -> RGB done right for every mode -> resized with torch's uint8 antialiased kernel (the same
+happens in DataLoader workers (:class:`ImageDataset`): bytes -> PIL (exact; with ``--jpeg-draft`` JPEGs are
+drafted down to the size needed) -> RGB done right for every mode -> resized with torch's uint8 antialiased kernel (the same
 bicubic as PIL, ~5x faster) -> centre crop, returned as uint8 so that pinned host->device copies
 are 4x smaller than float. Rescale and normalise happen on the device (:mod:`babymerge.features`).
 With ``--decode gpu`` (which ``auto`` picks on CUDA with torchvision and few decode workers),
@@ -446,7 +446,8 @@ class Preprocess:
     crop_width: int
     interpolation: str = "bicubic"
     max_pixels: int = DEFAULT_MAX_PIXELS
-    jpeg_draft: bool = True
+    # Off by default: drafting changes the features (ExtractConfig.jpeg_draft says by how much).
+    jpeg_draft: bool = False
     # Workers pass the JPEGs that :meth:`gpu_decodable` accepts on undecoded, for nvJPEG.
     defer_jpeg: bool = False
 

@@ -162,7 +162,7 @@ def naive(files: list[Path], encoder: str, device: torch.device, batch_size: int
 
 def preprocess_rates(files: list[Path], encoder: str) -> dict:
     """Images/s of decode + preprocessing alone, one process: the processor on PIL images vs our
-    worker path (draft, uint8 resize, crop) on bytes. This is what bounds the DataLoader per
+    worker path (exact decode unless --jpeg-draft, uint8 resize, crop) on bytes. This is what bounds the DataLoader per
     core."""
     from transformers import AutoImageProcessor
 
