@@ -178,24 +178,24 @@ def test_collate_keeps_deferred_jpegs_apart(tmp_path, encoder_dir):
 def test_feature_file_does_not_depend_on_where_jpegs_decode(tmp_path, encoder_dir, monkeypatch):
     """The whole extraction with deferral on (decode stand-in on CPU) equals the worker run
     without drafting: same ids in the same order, same features, same /failed. Deferral turns
-    drafting off for the whole file, so the large progressive JPEG left to the workers is not
-    drafted either (the default --jpeg-draft would change its feature)."""
+    drafting off for the whole file, even under --jpeg-draft, so the large progressive JPEG left
+    to the workers is not drafted either (drafting would change its feature)."""
     rng = np.random.default_rng(4)
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(7):
         smooth_image(rng, 60 + 4 * i, 80).save(folder / f"a{i}.jpg")
     smooth_image(rng, 50, 70).save(folder / "p.jpg", progressive=True)
-    smooth_image(rng, 300, 400).save(folder / "big.jpg", progressive=True)  # drafted by default
+    smooth_image(rng, 300, 400).save(folder / "big.jpg", progressive=True)  # drafted if asked
     smooth_image(rng, 50, 70).save(folder / "c.png")
     (folder / "z.jpg").write_bytes(b"")
     kw = dict(source=str(folder), encoder=str(encoder_dir), num_workers=0, batch_size=4)
-    extract_features(ExtractConfig(out=tmp_path / "workers.h5", jpeg_draft=False, **kw))
-    extract_features(ExtractConfig(out=tmp_path / "drafted.h5", **kw))
+    extract_features(ExtractConfig(out=tmp_path / "workers.h5", **kw))
+    extract_features(ExtractConfig(out=tmp_path / "drafted.h5", jpeg_draft=True, **kw))
     monkeypatch.setattr(features, "resolve_decode", lambda decode, device, workers: "gpu")
     monkeypatch.setattr(features, "GpuJpegDecoder",
                         lambda preprocess, device: GpuJpegDecoder(preprocess, device, pil_decode))
-    extract_features(ExtractConfig(out=tmp_path / "gpu.h5", **kw))
+    extract_features(ExtractConfig(out=tmp_path / "gpu.h5", jpeg_draft=True, **kw))
     with (h5py.File(tmp_path / "workers.h5") as a, h5py.File(tmp_path / "gpu.h5") as b,
           h5py.File(tmp_path / "drafted.h5") as d):
         assert list(a[IDS][:]) == list(b[IDS][:]) and len(a[IDS]) == 10

@@ -61,19 +61,22 @@ def test_hub_kernels_package_is_the_one_imported_from_the_repository_root():
     integration must still import Hugging Face's ``kernels`` there, and our kernels stay reachable
     as ``babymerge.kernels``."""
     code = (
-        "import os, site, sys, kernels, transformers\n"
+        "import importlib.util, os, site, sys, transformers\n"
         "import transformers.integrations.hub_kernels as hk\n"
         "from transformers.utils import is_kernels_available\n"
         "import babymerge.kernels as ours\n"
-        "root = os.path.realpath(sys.argv[1])\n"
+        "assert ours.__name__ == 'babymerge.kernels' and callable(ours.interpolate_)\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "if spec is None:  # transformers < 5.25 does not require the hub package\n"
+        "    assert not is_kernels_available(); sys.exit(0)\n"
+        "import kernels\n"
         "hub = os.path.realpath(kernels.__file__)\n"
+        "root = os.path.realpath(sys.argv[1])\n"
         "assert not hub.startswith(os.path.join(root, 'kernels') + os.sep), hub\n"
         "assert any(hub.startswith(os.path.realpath(d) + os.sep) for d in site.getsitepackages())"
         ", hub\n"
         "assert hasattr(kernels, 'CUDAProperties'), 'not the hub package: ' + hub\n"
         "assert is_kernels_available()\n"
-        "assert callable(ours.project) and callable(ours.interpolate_)\n"
-        "assert ours.__name__ == 'babymerge.kernels'\n"
     )
     done = subprocess.run([sys.executable, "-c", code, str(REPO)], cwd=REPO, env=_clean_env(),
                           capture_output=True, text=True, timeout=300)
@@ -107,3 +110,52 @@ def test_wheel_installs_babymerge_kernels_and_no_top_level_kernels(tmp_path):
     assert source <= ours, source - ours
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["babymerge"]
+
+
+def _readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = text.split("```bash\n")[1:3]
+    return [block.split("\n```")[0].strip() for block in blocks]
+
+
+def test_both_readme_commands_and_ci_install_the_tested_set():
+    """The README's two first commands and .ci/run install through requirements/ci.txt, and
+    .ci/run runs exactly the README's test command."""
+    demo, tests = _readme_commands()
+    assert demo.endswith("babymerge demo --out demo_run") and tests.endswith("python -m pytest -q")
+    for command in (demo, tests):
+        assert "pip install -q torch==2.13.0 && pip install -q -c requirements/ci.txt -e " in command
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    assert ci == tests
+
+
+def test_the_lock_pins_every_dependency_inside_the_pyproject_ranges():
+    """Each requirement of pyproject.toml that applies here (tests extra included, torch aside:
+    the commands pin it) is pinned exactly once in requirements/ci.txt, inside its range; a lock
+    outside a range would make the install fail, one without a pin would float."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]
+              ["test"]]
+    pins: dict[str, str] = {}
+    for line in (REPO / "requirements" / "ci.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, pinned = line.partition("==")
+            assert pinned, f"requirements/ci.txt: {line!r} is not an exact pin"
+            assert canonicalize_name(name) not in pins, f"{name} pinned twice"
+            pins[canonicalize_name(name)] = pinned.strip()
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        if (req.marker and not req.marker.evaluate()) or name == "torch":
+            continue
+        assert name in pins, f"{req.name} is not pinned in requirements/ci.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"requirements/ci.txt pins {req.name}=={pins[name]}, outside pyproject's {req}")
+    assert "torch" not in pins  # pinned by the commands, so a GPU user keeps their CUDA build
