@@ -30,7 +30,9 @@ import click
 from babymerge.config import InputError, atomic_write_text, opt, save_config
 from babymerge.evaluate import GRAMMAR_KINDS, MULTIMODAL_KINDS
 from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
-from babymerge.merge import MergeConfig, merge, objective, read_metrics
+from babymerge.merge import MergeConfig, merge
+from babymerge.merge_report import objective
+from babymerge.merge_resume import read_metrics
 from babymerge.model import transformers_bars_off
 from babymerge.tokenizer import TokenizerConfig, train_tokenizer
 from babymerge.train import RESUME_DIR, TrainConfig, read_resume_state, train

@@ -2,20 +2,20 @@
 
 A SOURCE is listed into :class:`ImageItem` s (an id and where its bytes live) in the main process,
 before any work, so duplicate ids and malformed lists fail fast with the file and line. Decoding
-happens in DataLoader workers (:class:`ImageDataset`): bytes -> PIL (exact; with ``--jpeg-draft`` JPEGs are
-drafted down to the size needed) -> RGB done right for every mode -> resized with torch's uint8 antialiased kernel (the same
-bicubic as PIL, ~5x faster) -> centre crop, returned as uint8 so that pinned host->device copies
-are 4x smaller than float. Rescale and normalise happen on the device (:mod:`babymerge.features`).
-With ``--decode gpu`` (which ``auto`` picks on CUDA with torchvision and few decode workers),
-ordinary JPEGs skip the worker decode: workers check the header and pass the bytes on, and
-:class:`GpuJpegDecoder` decodes them with nvJPEG and resizes on the device.
+happens in DataLoader workers (:class:`ImageDataset`): bytes -> PIL (exact; with ``--jpeg-draft``
+JPEGs are drafted down to the size needed) -> RGB done right for every mode -> resized with torch's
+uint8 antialiased kernel (the same bicubic as PIL, ~5x faster) -> centre crop, returned as uint8 so
+that pinned host->device copies are 4x smaller than float. Rescale and normalise happen on the
+device (:mod:`babymerge.features`). With ``--decode gpu`` (which ``auto`` picks on CUDA with
+torchvision and few decode workers), ordinary JPEGs skip the worker decode: workers check the header
+and pass the bytes on, and :class:`GpuJpegDecoder` decodes them with nvJPEG and resizes on the
+device.
 
 Why not ``datasets``' imagefolder / webdataset builders: they copy every image's bytes into an Arrow
 cache first (a second copy of a 60 GB image set), decode in the main process, and stop at the first
 bad file; reading by path or tar offset in workers needs none of that, and records bad files.
 ``datasets`` is used where it fits: a dataset already saved as Arrow (``save_to_disk``) is
-memory-mapped and read in place, each worker mapping it once.
-"""
+memory-mapped and read in place, each worker mapping it once."""
 
 from __future__ import annotations
 

@@ -162,8 +162,8 @@ def naive(files: list[Path], encoder: str, device: torch.device, batch_size: int
 
 def preprocess_rates(files: list[Path], encoder: str) -> dict:
     """Images/s of decode + preprocessing alone, one process: the processor on PIL images vs our
-    worker path (exact decode unless --jpeg-draft, uint8 resize, crop) on bytes. This is what bounds the DataLoader per
-    core."""
+    worker path (exact decode unless --jpeg-draft, uint8 resize, crop) on bytes. This is what
+    bounds the DataLoader per core."""
     from transformers import AutoImageProcessor
 
     from babymerge.features import load_encoder

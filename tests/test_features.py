@@ -330,9 +330,10 @@ def test_default_extraction_matches_the_reference_on_large_jpegs(tmp_path):
 
 
 def test_jpeg_draft_stays_close_to_full_decode(tmp_path):
-    """``--jpeg-draft`` (opt-in) lets libjpeg decode a 1280x960 photo at 640x480 (DCT scaling) before the
-    resize to 341x256. Measured: mean error 0.5 grey level, max 5, against the processor on the
-    full decode; without the draft max 1 grey level. The test bounds the mean at 1 grey level."""
+    """``--jpeg-draft`` (opt-in) lets libjpeg decode a 1280x960 photo at 640x480 (DCT scaling)
+    before the resize to 341x256. Measured: mean error 0.5 grey level, max 5, against the processor
+    on the full decode; without the draft max 1 grey level. The test bounds the mean at 1 grey
+    level."""
     import io
     from dataclasses import replace
 

@@ -115,8 +115,8 @@ def test_profile_splits_the_triton_steps_host_time(monkeypatch):
 
 
 def test_host_side_cdiv_and_next_power_of_2_match_tritons():
-    """babymerge/kernels/projector.py computes grids, block caps and plan keys with its own ceil division
-    and next power of two (Triton's are slow constexpr functions): they must give Triton's
+    """babymerge/kernels/projector.py computes grids, block caps and plan keys with its own ceil
+    division and next power of two (Triton's are slow constexpr functions): they must give Triton's
     values, or grids would miss tiles and plans be keyed apart."""
     import triton
 

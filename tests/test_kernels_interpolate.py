@@ -1,5 +1,5 @@
-"""Fused interpolation merge (babymerge/kernels/interpolation.py) against its torch reference, on a real
-model's parameter list, and the dispatch rules (babymerge/kernels/dispatch.py)."""
+"""Fused interpolation merge (babymerge/kernels/interpolation.py) against its torch reference, on a
+real model's parameter list, and the dispatch rules (babymerge/kernels/dispatch.py)."""
 
 import pytest
 import torch

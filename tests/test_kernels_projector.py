@@ -1,6 +1,6 @@
-"""Fused projector (babymerge/kernels/projector.py) against its torch reference: output and every gradient,
-every dtype, shapes that are not multiples of any block, on the CPU interpreter (default run) and
-on a GPU (``-m gpu``, interpreter off)."""
+"""Fused projector (babymerge/kernels/projector.py) against its torch reference: output and every
+gradient, every dtype, shapes that are not multiples of any block, on the CPU interpreter (default
+run) and on a GPU (``-m gpu``, interpreter off)."""
 
 import contextlib
 

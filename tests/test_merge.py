@@ -18,7 +18,7 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from babymerge.cli import main
 from babymerge.evaluate import EvalConfig, evaluate
-from babymerge.merge import (MergeConfig, MergeError, _vlm_names, choose, merge, parse_alpha_grid,
+from babymerge.merge import (MergeConfig, MergeError, checkpoint_names, choose, merge, parse_alpha_grid,
                              parse_keep)
 from babymerge.merge_methods import MERGE_METHODS
 from babymerge.model import (MODEL_PRESETS, build_model, load_black_feature,
@@ -131,9 +131,9 @@ def test_config_errors_name_the_flag(world):
                         ({"keep": "0.3,best"}, "--keep")]:
         with pytest.raises(ValueError, match=why):
             MergeConfig(**{**ok, **change})
-    assert _vlm_names([world.root / "a" / "vlm", world.root / "b" / "vlm"]) == ["a_vlm", "b_vlm"]
+    assert checkpoint_names([world.root / "a" / "vlm", world.root / "b" / "vlm"]) == ["a_vlm", "b_vlm"]
     with pytest.raises(MergeError, match="given twice"):
-        _vlm_names([world.vlm, world.root / "." / "vlm"])
+        checkpoint_names([world.vlm, world.root / "." / "vlm"])
     res = CliRunner().invoke(main, ["merge", "--lm", str(world.lm), "--vlm", str(world.vlm),
                                     "-t", world.specs["blimp"], "--alpha-grid", "0:1"])
     assert res.exit_code == 2 and "START:STOP:STEP" in res.output

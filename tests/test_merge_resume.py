@@ -12,6 +12,7 @@ import pytest
 from evalmerge_fixtures import build_world, make_checkpoint
 
 import babymerge.merge as merge_module
+import babymerge.merge_resume as merge_resume
 from babymerge.merge import MergeConfig, MergeError, merge
 
 TIMINGS = ("merge_s", "eval_s")
@@ -283,9 +284,9 @@ def test_a_swapped_checkpoint_with_its_old_size_and_mtime_is_hashed_again(world,
 def test_file_hash_needs_no_python_3_11(tmp_path, monkeypatch):
     """pyproject allows Python 3.10, which has no hashlib.file_digest."""
     monkeypatch.delattr(hashlib, "file_digest", raising=False)
-    data = os.urandom(3 * merge_module._HASH_CHUNK // 2)  # more than one chunk, not a multiple
+    data = os.urandom(3 * merge_resume._HASH_CHUNK // 2)  # more than one chunk, not a multiple
     (tmp_path / "w").write_bytes(data)
-    assert merge_module._file_digest(tmp_path / "w", None)["sha256"] == \
+    assert merge_resume._file_digest(tmp_path / "w", None)["sha256"] == \
         hashlib.sha256(data).hexdigest()
 
 

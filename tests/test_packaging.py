@@ -1,7 +1,7 @@
-"""How babymerge installs and imports, as a new user meets it: the console script run from outside the
-repository, transformers' own ``kernels`` (Hugging Face's hub-kernels package, which transformers
->= 5.25 requires) imported from the repository root, and a built wheel's contents. The only
-importable top-level name of ours is ``babymerge`` (DESIGN.md)."""
+"""How babymerge installs and imports, as a new user meets it: the console script run from outside
+the repository, transformers' own ``kernels`` (Hugging Face's hub-kernels package, which
+transformers >= 5.25 requires) imported from the repository root, and a built wheel's contents. The
+only importable top-level name of ours is ``babymerge`` (DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def test_both_readme_commands_and_ci_install_the_tested_set():
     demo, tests = _readme_commands()
     assert demo.endswith("babymerge demo --out demo_run") and tests.endswith("python -m pytest -q")
     for command in (demo, tests):
-        assert "pip install -q torch==2.13.0 && pip install -q -c requirements/ci.txt -e " in command
+        assert "pip install -q torch==2.13.0 && pip install -q -c requirements/ci.txt -e " \
+            in command
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
     assert ci == tests
 

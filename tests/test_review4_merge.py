@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-import babymerge.merge as M
+import babymerge.merge_report as M
 from babymerge.merge import MergeError, choose, objective, parse_alpha_grid
 
 TASKS = {"blimp": {"kind": "minimal_pairs", "chance": 0.5, "items": 1000},

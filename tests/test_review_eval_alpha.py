@@ -3,7 +3,7 @@ folder alpha_-0.0 and read "-0.0" in the results)."""
 
 import math
 
-from babymerge.merge import format_alpha, parse_alpha_grid, parse_keep
+from babymerge.merge_inputs import format_alpha, parse_alpha_grid, parse_keep
 
 
 def test_negative_zero_is_zero():

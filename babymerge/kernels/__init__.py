@@ -1,8 +1,8 @@
 """babymerge's Triton kernels, each beside its PyTorch reference.
 
-Imported as ``babymerge.kernels`` only: ``kernels`` at the top level is Hugging Face's hub-kernels
-package, which transformers >= 5.25 requires and imports (tests/test_packaging.py checks that the two
-never meet).
+Imported as ``babymerge.kernels`` only: ``kernels`` at the top level is Hugging Face's
+hub-kernels package, which transformers >= 5.25 requires and imports (tests/test_packaging.py
+checks that the two never meet).
 
 Public dispatch points (CUDA tensors -> Triton, anything else -> torch; ``BABYMERGE_KERNELS=
 torch|triton|auto`` forces a path):

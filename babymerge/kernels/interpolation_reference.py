@@ -1,5 +1,5 @@
-"""PyTorch reference for the fused interpolation merge (babymerge/kernels/interpolation.py): the CPU path, the
-oracle of the Triton kernel's tests, and the validation both paths share.
+"""PyTorch reference for the fused interpolation merge (babymerge/kernels/interpolation.py): the
+CPU path, the oracle of the Triton kernel's tests, and the validation both paths share.
 
 ``dst[i] = alpha * a[i] + (1 - alpha) * b[i]`` is ``torch.lerp(b[i], a[i], alpha)``: lerp computes
 in fp32 for bf16/fp16 storage, is exact at the ends (alpha = 0 gives b, alpha = 1 gives a, bit for

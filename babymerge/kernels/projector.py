@@ -97,8 +97,8 @@ def _fitted(**dims: tuple[int, int]) -> dict[str, int]:
 
 
 # Block sizes are >= 16 everywhere: tl.dot on the GPU needs every dimension >= 16. Every config
-# compiles for sm_90 with the JIT's usual specialisation (babymerge/kernels/gpu_compile.py; ptxas -v)
-# without register spills (Triton 3.6 and 3.9; tests/test_kernels_compile.py); bf16 at
+# compiles for sm_90 with the JIT's usual specialisation (babymerge/kernels/gpu_compile.py;
+# ptxas -v) without register spills (Triton 3.6 and 3.9; tests/test_kernels_compile.py); bf16 at
 # 72-255 registers and 37-110 KB of shared memory, every 64-row tile on warpgroup MMAs (wgmma).
 _FWD = ("BLOCK_M", "BLOCK_N", "BLOCK_H", "BLOCK_K")
 _FWD_CONFIGS = {
@@ -674,5 +674,6 @@ if INTERPRET:
     # graphs (autograd included). On CUDA Dynamo takes compiled @triton.jit kernels as
     # user-defined Triton kernels; that path is left as it was (untested here: no GPU).
     project_triton = torch.compiler.disable(
-        project_triton, reason="babymerge/kernels/projector.py: the Triton interpreter (TRITON_INTERPRET=1) "
-        "cannot be traced; set BABYMERGE_KERNELS=torch to compile the torch reference")
+        project_triton, reason="babymerge/kernels/projector.py: the Triton interpreter "
+        "(TRITON_INTERPRET=1) cannot be traced; set BABYMERGE_KERNELS=torch to compile the torch "
+        "reference")

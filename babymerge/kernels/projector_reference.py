@@ -1,6 +1,6 @@
-"""PyTorch reference for the fused projector (babymerge/kernels/projector.py): the CPU path and the oracle the
-Triton kernels are tested against. Same maths as transformers' ``LlavaMultiModalProjector`` with
-``projector_hidden_act="gelu"`` (exact erf GELU)."""
+"""PyTorch reference for the fused projector (babymerge/kernels/projector.py): the CPU path and
+the oracle the Triton kernels are tested against. Same maths as transformers'
+``LlavaMultiModalProjector`` with ``projector_hidden_act="gelu"`` (exact erf GELU)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,230 @@
+"""The outcome of a merge sweep: the rule that picks the chosen alpha, ``results.md``, and the plots
+(``alpha_curve.png``; ``checkpoint_curve.png`` for a checkpoint sweep)."""
+
+from __future__ import annotations
+
+import io
+
+from babymerge.evaluate import GRAMMAR_KINDS, MULTIMODAL_KINDS
+
+RULE = ("chosen_alpha maximises the mean of the grammar score (mean accuracy over minimal_pairs "
+        "tasks) and the multimodal score (mean over winoground and vqa tasks), a kind absent from "
+        "the tasks left out; over every grid point of every --vlm; ties (objectives within 1e-9) "
+        "go to the smaller alpha, then to the VLM earlier in training")
+
+def objective(scores: dict[str, float], tasks: dict[str, dict]) -> dict[str, float]:
+    """Grammar and multimodal means and the rule's objective (their mean) for one record."""
+    out = {}
+    for key, kinds in (("grammar", GRAMMAR_KINDS), ("multimodal", MULTIMODAL_KINDS)):
+        vals = [s for n, s in scores.items() if tasks[n]["kind"] in kinds]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    out["objective"] = sum(out.values()) / len(out)
+    return out
+
+
+# Objectives this close are one value: accuracies are ratios of counts, and two sums equal in
+# exact arithmetic (3/300 + 298/300 and 1/300 + 300/300) can differ in their float's last bit,
+# which max() would then let decide the tie instead of the rule (seen in 23 of 29 sums tried).
+# A real difference this small (sums of ratios with co-prime denominators can make one) is a
+# millionth of one item of a 1,000-item task: far below any standard error, a tie in all but name.
+TIE_TOLERANCE = 1e-9
+
+
+def choose(records: list[dict], vlm_names: list[str]) -> dict:
+    """The record :data:`RULE` picks."""
+    top = max(r["objective"] for r in records)
+    tied = [r for r in records if r["objective"] >= top - TIE_TOLERANCE]
+    return min(tied, key=lambda r: (r["alpha"], vlm_names.index(r["vlm"])))
+
+
+# --- results.md and the plots ----------------------------------------------------------------
+
+def results_markdown(results: dict) -> str:
+    """results.json as tables: tasks, every (VLM, alpha) record, the unmerged endpoints."""
+    tasks = list(results["tasks"])
+    m = results["method"]
+    lines = ["# babymerge merge results", "",
+             f"- method: `{m['name']}`: {m['reference']}",
+             f"- LM: `{results['lm']}`; VLM(s): "
+             + ", ".join(f"`{p}`" for p in results["vlms"].values()),
+             f"- chosen: alpha = **{results['chosen_alpha']}** on `{results['chosen_vlm']}`",
+             f"- rule: {results['rule']}", "", "## Tasks", "", "| task | kind | items | chance |",
+             "|---|---|---|---|"]
+    lines += [f"| {n} | {t['kind']} | {t['items']} | {t['chance']:.3f} |"
+              for n, t in results["tasks"].items()]
+    means = [k for k in ("grammar", "multimodal") if k in results["records"][0]]
+    cols = tasks + means + ["objective"]
+    lines += ["", "## Scores (accuracy)", "", "| vlm | alpha | " + " | ".join(cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    for r in results["records"]:
+        chosen = r["alpha"] == results["chosen_alpha"] and r["vlm"] == results["chosen_vlm"]
+        vals = [r["scores"][c] if c in r["scores"] else r[c] for c in cols]
+        cells = [f"**{v:.4f}**" if chosen else f"{v:.4f}" for v in vals]
+        lines.append(f"| {r['vlm']} | {r['alpha']}{' (chosen)' if chosen else ''} | "
+                     + " | ".join(cells) + " |")
+    # with the rule's means too: the chosen alpha is the best GRID point, and without them the
+    # table did not show when the unmerged VLM (off a grid like 0.3,0.5,0.8) scores higher
+    lines += ["", "## Unmerged endpoints", "", "| vlm | model | " + " | ".join(cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    for vlm, ends in results["endpoints"].items():
+        for which in ("vlm", "lm"):
+            vals = {**ends[which], **objective(ends[which], results["tasks"])}
+            lines.append(f"| {vlm} | {which.upper()} | "
+                         + " | ".join(f"{vals[c]:.4f}" for c in cols) + " |")
+    if results["kept"]:
+        lines += ["", "## Kept checkpoints", ""] + [f"- `{k}`" for k in results["kept"]]
+    return "\n".join(lines) + "\n"
+
+
+def _panels(results: dict):
+    """A figure with one panel per task plus the rule's objective, and each panel's value of a
+    scores dict."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    panels = list(results["tasks"]) + ["objective"]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+
+    def value(scores: dict, panel: str) -> float:
+        return objective(scores, results["tasks"])["objective"] if panel == "objective" \
+            else scores[panel]
+
+    return fig, list(zip(axes, panels)), value
+
+
+def _title(ax, results: dict, panel: str) -> None:
+    """Panel title, chance line and y label."""
+    if panel != "objective":
+        ax.axhline(results["tasks"][panel]["chance"], color="grey", ls="--", lw=0.8,
+                   label="chance")
+        ax.set_title(f"{panel} ({results['tasks'][panel]['kind']})")
+    else:
+        # the objective of a model at chance on every task: without it the panel alone does not
+        # say whether a merge's objective is anything above guessing
+        chance = objective({n: t["chance"] for n, t in results["tasks"].items()},
+                           results["tasks"])["objective"]
+        ax.axhline(chance, color="grey", ls="--", lw=0.8)
+        # the rule in brief, so the figure says why the circled point is the chosen one
+        ax.set_title("objective = mean(grammar, multimodal)\n"
+                     "chosen: its max, ties to smaller alpha", fontsize=9)
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _vlm_colors(count: int) -> list:
+    """One colour per --vlm, distinct however many: tab10 up to 10, else a sequential map in
+    training order (BabyLM's schedule gives 28 checkpoints; cycling C0..C9 drew words_1M,
+    words_20M and words_300M alike)."""
+    if count <= 10:
+        return [f"C{i}" for i in range(count)]
+    from matplotlib import colormaps
+
+    shades = colormaps["plasma"]  # dark early to light late; stops before the palest yellow
+    return [shades(0.9 * i / (count - 1)) for i in range(count)]
+
+
+def _outside_legend(fig, ax) -> None:
+    """The legend beside the panels (one entry per curve: over the curves it hid them, and
+    constrained layout shrank every panel to fit a tall one)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7,
+               ncols=1 if len(labels) <= 30 else 2)
+
+
+def _alpha_figure(results: dict):
+    """:func:`plot_alpha_curve`'s figure."""
+    fig, panels, value = _panels(results)
+    vlms = list(results["vlms"])
+    colors = _vlm_colors(len(vlms))
+    for ax, panel in panels:
+        for vlm, color in zip(vlms, colors):
+            recs = [r for r in results["records"] if r["vlm"] == vlm]
+            ax.plot([r["alpha"] for r in recs], [value(r["scores"], panel) for r in recs], "o-",
+                    color=color, ms=3, label=vlm if len(vlms) > 1 else "merged")
+            ends = results["endpoints"][vlm]
+            ax.plot([0.0], [value(ends["vlm"], panel)], "*", color=color, ms=13, mfc="none",
+                    label="VLM (unmerged)" if vlm == vlms[0] else None)
+            ax.plot([1.0], [value(ends["lm"], panel)], "s", color=color, ms=9, mfc="none",
+                    label="LM (unmerged)" if vlm == vlms[0] else None)
+        best = next(r for r in results["records"] if r["alpha"] == results["chosen_alpha"]
+                    and r["vlm"] == results["chosen_vlm"])
+        ax.axvline(best["alpha"], color="crimson", ls=":", lw=1.2)
+        ax.plot([best["alpha"]], [value(best["scores"], panel)], "o", color="crimson", ms=9,
+                mfc="none", mew=2, label=f"chosen alpha={best['alpha']}")
+        _title(ax, results, panel)
+        ax.set_xlabel("alpha (0 = VLM, 1 = LM)")
+    if len(vlms) > 1:
+        _outside_legend(fig, panels[0][0])
+    else:
+        panels[0][0].legend(fontsize=7)
+    fig.suptitle(f"{results['method']['name']} merge: score against alpha")
+    return fig
+
+
+def plot_alpha_curve(results: dict) -> bytes:
+    """PNG: one panel per task plus the rule's objective; score against alpha for every VLM, the
+    unmerged LM (alpha = 1) and VLM (alpha = 0) marked, the chosen alpha highlighted."""
+    return _png(_alpha_figure(results))
+
+
+MAX_LEGEND_ALPHAS = 12  # more grid points get a colour bar: a legend taller than the figure
+MAX_TICK_LABELS = 12  # checkpoint names shown on the x axis; more pile up into a black smear
+
+
+def _checkpoint_figure(results: dict):
+    """:func:`plot_checkpoint_curve`'s figure."""
+    fig, panels, value = _panels(results)
+    vlms = list(results["vlms"])
+    alphas = sorted({r["alpha"] for r in results["records"]})
+    from matplotlib import colormaps  # imported here: matplotlib loads only when plotting
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    shades = colormaps["viridis"]  # alpha 0 dark to alpha 1 light, however many grid points
+    norm = Normalize(min(alphas), max(alphas) if len(alphas) > 1 else min(alphas) + 1)
+    many = len(alphas) > MAX_LEGEND_ALPHAS
+    x = list(range(len(vlms)))
+    # every MAX_TICK_LABELS-th name, counted back from the last (the final model) so it is shown
+    every = -(-len(vlms) // MAX_TICK_LABELS)
+    tick_labels = [v if (len(vlms) - 1 - i) % every == 0 else "" for i, v in enumerate(vlms)]
+    for ax, panel in panels:
+        for alpha in alphas:
+            by_vlm = {r["vlm"]: r for r in results["records"] if r["alpha"] == alpha}
+            ax.plot(x, [value(by_vlm[v]["scores"], panel) for v in vlms], "o-", ms=3, lw=1,
+                    color=shades(norm(alpha)), label=None if many else f"alpha={alpha}")
+        for which, style in (("vlm", "*--"), ("lm", "s--")):
+            ax.plot(x, [value(results["endpoints"][v][which], panel) for v in vlms], style,
+                    color="black" if which == "vlm" else "grey", ms=7, mfc="none",
+                    label=f"{which.upper()} (unmerged)")
+        best = next(r for r in results["records"] if r["alpha"] == results["chosen_alpha"]
+                    and r["vlm"] == results["chosen_vlm"])
+        ax.plot([vlms.index(best["vlm"])], [value(best["scores"], panel)], "o", color="crimson",
+                ms=10, mfc="none", mew=2, label="chosen")
+        _title(ax, results, panel)
+        ax.set_xticks(x, tick_labels, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel("VLM checkpoint (training order)")
+    # one line per grid point: the legend goes beside the panels, not over the curves
+    _outside_legend(fig, panels[0][0])
+    if many:
+        fig.colorbar(ScalarMappable(norm=norm, cmap=shades), ax=[ax for ax, _ in panels],
+                     label="alpha (0 = VLM, 1 = LM)", shrink=0.6)
+    fig.suptitle(f"{results['method']['name']} merge: score over the VLM checkpoints")
+    return fig
+
+
+def plot_checkpoint_curve(results: dict) -> bytes:
+    """PNG for a checkpoint sweep, the paper's curves over training: score against the --vlm
+    checkpoints (in training order, :func:`babymerge.merge_inputs.order_by_training`), one line
+    per alpha beside the unmerged VLM and LM, the chosen (checkpoint, alpha) circled."""
+    return _png(_checkpoint_figure(results))
