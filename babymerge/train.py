@@ -1,9 +1,10 @@
 """Stage 2c: ``babymerge train``: the text-only LM (``--kind lm``) or the VLM (``--kind vlm``) from
 cached image features, one architecture for both (``babymerge.model``).
 
-The loop is written out top to bottom in :func:`train`, nanoGPT style. Around it: the config, the
-learning-rate schedule, the BabyLM word-count checkpoint schedule, and the checkpoint/resume
-component. A run writes to ``--out``:
+The run reads top to bottom in :func:`_train`, nanoGPT style: set-up, resume, the loop (one step,
+a metrics record, word-count checkpoints, the resume state) and the final save, each a named
+function. Around it: the config, the learning-rate schedule, the BabyLM word-count checkpoint
+schedule, and the checkpoint/resume component. A run writes to ``--out``:
 
     out/config.json, model.safetensors, tokenizer files   the final model (HF directory)
     out/black_feature.safetensors                          the /black feature it was trained with
@@ -340,35 +341,109 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig, world: distributed.World) -> Path:
-    out: Path = cfg.out
-    resume_dir = out / RESUME_DIR
+    """The run, top-down: set-up, resume, the loop (step, log, word-count checkpoints, resume
+    state), the final save."""
+    out, resume_dir = cfg.out, cfg.out / RESUME_DIR
+    state = _resume_state(cfg, world, resume_dir)
+    if state is not None and _already_done(cfg, state, world):
+        return out
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
+    table = _feature_table(cfg)
+    sources = _load_sources(cfg, world, tokenizer, table)
+    plan = EpochPlan(sources, cfg.batch_size, cfg.epochs, cfg.order,
+                     cfg.grad_accum * world.world_size, cfg.seed)
+    data = _data_fingerprint(tokenizer, sources)
+    _check_same_data(state, data, resume_dir)
+    raw, optimizer = _setup_model(cfg, world, tokenizer, table, state, resume_dir)
+    model = _wrap_model(raw, cfg, world)
+    pos = _Position(**{k: state[k] for k in _Position.__dataclass_fields__}) if state \
+        else _Position()
+    run_log = _RunLog(cfg, world, out / "metrics.jsonl", pos, plan.total_steps)
+    if world.is_main:
+        _save_run_config(cfg, world, plan, table, sources)
+    step_fn = _Stepper(model, raw, optimizer, cfg, world, sources, table.black)
+    schedule = checkpoint_schedule(cfg.checkpoint_unit)
+    next_ckpt = sum(1 for w in schedule if w <= pos.words)
+
+    def save_state(epoch: int, k: int, finished: bool = False) -> None:
+        save_resume(resume_dir, raw, tokenizer, optimizer, {
+            **pos.at(epoch, k), "finished": finished, "world_size": world.world_size,
+            "data": data, "config": config_to_dict(cfg)}, table.black)
+
+    stopped = False
+    for epoch, k, batches, step_words, step_tokens in _plan_steps(plan, pos):
+        lr = lr_at(pos.step, cfg, plan.total_steps)
+        micro = plan.step_batches(batches, k, world.rank, world.world_size, cfg.grad_accum)
+        grad_norm = step_fn(micro, lr)
+        pos.advance(int(step_words[k]), int(step_tokens[k]))
+        run_log.bar.update(1)
+        last = pos.step == plan.total_steps or (cfg.max_steps and pos.step >= cfg.max_steps)
+        if pos.step % cfg.log_every == 0 or last:
+            run_log.record(epoch, lr, grad_norm, step_fn)
+        crossed = [w for w in schedule[next_ckpt:] if w <= pos.words]
+        next_ckpt += len(crossed)
+        if world.is_main and crossed:
+            _save_word_checkpoint(raw, tokenizer, table.black, out, pos, crossed, run_log)
+        stop_now = bool(cfg.max_steps and pos.step >= cfg.max_steps
+                        and pos.step != plan.total_steps)
+        if world.is_main and (crossed or stop_now or
+                              (cfg.save_every and pos.step % cfg.save_every == 0)):
+            save_state(*((epoch, k + 1) if k + 1 < plan.steps[epoch] else (epoch + 1, 0)))
+        if stop_now:
+            stopped = True
+            break
+    run_log.close()
+    if world.is_main and not stopped:
+        _publish_final(raw, tokenizer, out, table.black)
+        save_state(plan.epochs, 0, finished=True)
+    distributed.barrier(world)
+    return out
+
+
+# --- set-up and resume ------------------------------------------------------------------------
+
+def _resume_state(cfg: TrainConfig, world: distributed.World, resume_dir: Path) -> dict | None:
+    """The saved state to resume from (None for a fresh run), checked against this run's config
+    and process count."""
     if recover_checkpoint(resume_dir):
         warnings.warn(f"{resume_dir}: the previous run was stopped while saving it; resuming from "
                       "the state saved before that")
     state = read_resume_state(resume_dir)
-    if state is not None and not cfg.resume:
-        raise TrainError(f"{out} already holds a run; use a new --out, or drop --no-resume")
-    if state is not None:
-        _check_resumable(cfg, state, resume_dir)
-        if state["world_size"] != world.world_size:
-            raise TrainError(f"{resume_dir} was saved by {state['world_size']} process(es); "
-                             f"resume it with the same number (now {world.world_size}): the "
-                             "data position counts global batches per step")
-        if state["finished"] or (cfg.max_steps and state["step"] >= cfg.max_steps):
-            if world.is_main:
-                print(f"{out}: already at step {state['step']} "
-                      f"({'finished' if state['finished'] else '--max-steps'}); nothing to do")
-            return out
-    device = world.device
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
+    if state is None:
+        return None
+    if not cfg.resume:
+        raise TrainError(f"{cfg.out} already holds a run; use a new --out, or drop --no-resume")
+    _check_resumable(cfg, state, resume_dir)
+    if state["world_size"] != world.world_size:
+        raise TrainError(f"{resume_dir} was saved by {state['world_size']} process(es); "
+                         f"resume it with the same number (now {world.world_size}): the "
+                         "data position counts global batches per step")
+    return state
+
+
+def _already_done(cfg: TrainConfig, state: dict, world: distributed.World) -> bool:
+    if not (state["finished"] or (cfg.max_steps and state["step"] >= cfg.max_steps)):
+        return False
+    if world.is_main:
+        print(f"{cfg.out}: already at step {state['step']} "
+              f"({'finished' if state['finished'] else '--max-steps'}); nothing to do")
+    return True
+
+
+def _feature_table(cfg: TrainConfig) -> FeatureTable:
     budget = feature_memory_budget(cfg)
     table = FeatureTable(cfg.features, load_features=cfg.kind == "vlm", max_memory_bytes=budget)
     if not table.in_memory:
         log.warning("%s: %d x %d features exceed the %.2f GB in-memory budget "
                     "(--feature-memory-gb); each batch's rows are read from the file",
                     cfg.features, len(table), table.dim, budget / 2**30)
+    return table
 
-    # Data: the first rank on each node tokenises into the cache, the others then read it.
+
+def _load_sources(cfg: TrainConfig, world: distributed.World, tokenizer,
+                  table: FeatureTable) -> dict:
+    """The tokenised text and captions. The first rank on each node tokenises into the cache,
+    the others then read it."""
     if world.local_rank != 0:
         distributed.barrier(world)
     progress = cfg.progress and world.local_rank == 0
@@ -380,29 +455,40 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
                                           table, progress)
     if world.local_rank == 0:
         distributed.barrier(world)
-    accum, ws, rank = cfg.grad_accum, world.world_size, world.rank
-    plan = EpochPlan(sources, cfg.batch_size, cfg.epochs, cfg.order, accum * ws, cfg.seed)
-    # The saved position indexes this plan. An edited corpus, a feature file holding more (or
-    # fewer) of the captions' images, or another tokenizer makes another plan, and a resumed run
-    # would go on at the same step of other batches: refused (a state without it is not checked).
+    if cfg.epochs > BABYLM_MAX_EPOCHS:
+        warnings.warn(f"--epochs {cfg.epochs}: the BabyLM rules allow at most "
+                      f"{BABYLM_MAX_EPOCHS} epochs over the data", stacklevel=3)
+    return sources
+
+
+def _data_fingerprint(tokenizer, sources: dict) -> dict:
+    """What the saved data position indexes. An edited corpus, a feature file holding more (or
+    fewer) of the captions' images, or another tokenizer makes another plan, and a resumed run
+    would go on at the same step of other batches."""
     data = {"tokenizer": tokenizer_fingerprint(tokenizer)}
     if TEXT in sources:
         data.update(text_sequences=len(sources[TEXT]), text_tokens=int(sources[TEXT].starts[-1]))
     if CAPTIONS in sources:
         data.update(captions=len(sources[CAPTIONS]),
                     caption_tokens=int(sources[CAPTIONS].sizes.sum()))
-    if state is not None and state.get("data", data) != data:
-        changed = "; ".join(f"{k}: {state['data'].get(k)} -> {data.get(k)}"
-                            for k in sorted(set(data) | set(state["data"]))
-                            if state["data"].get(k) != data.get(k))
-        raise TrainError(f"{resume_dir}: the training data changed since the run was saved "
-                         f"({changed}); the saved position would point into other batches. "
-                         "Restore the data, or start afresh with a new --out")
-    if cfg.epochs > BABYLM_MAX_EPOCHS:
-        warnings.warn(f"--epochs {cfg.epochs}: the BabyLM rules allow at most "
-                      f"{BABYLM_MAX_EPOCHS} epochs over the data", stacklevel=2)
+    return data
 
-    # Model: resumed, --init-from, or the shared seeded init.
+
+def _check_same_data(state: dict | None, data: dict, resume_dir: Path) -> None:
+    """Refuse to resume on other data (a state saved without a fingerprint is not checked)."""
+    if state is None or state.get("data", data) == data:
+        return
+    changed = "; ".join(f"{k}: {state['data'].get(k)} -> {data.get(k)}"
+                        for k in sorted(set(data) | set(state["data"]))
+                        if state["data"].get(k) != data.get(k))
+    raise TrainError(f"{resume_dir}: the training data changed since the run was saved "
+                     f"({changed}); the saved position would point into other batches. "
+                     "Restore the data, or start afresh with a new --out")
+
+
+def _setup_model(cfg: TrainConfig, world: distributed.World, tokenizer, table: FeatureTable,
+                 state: dict | None, resume_dir: Path):
+    """(model, optimizer) on the device: resumed, ``--init-from``, or the shared seeded init."""
     if state is not None:
         raw = BabyLlavaForConditionalGeneration.from_pretrained(str(resume_dir),
                                                                 use_safetensors=True)
@@ -412,142 +498,181 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
         raw = build_initial_model(cfg, tokenizer, table.dim, table.attrs.get("encoder"))
         source = str(cfg.init_from) if cfg.init_from else f"preset {cfg.preset}"
     _check_model(raw, cfg, tokenizer, table, source)
-    raw.to(device).train()
-    optimizer = make_optimizer(raw, cfg, device)
+    raw.to(world.device).train()
+    optimizer = make_optimizer(raw, cfg, world.device)
     if state is not None:
-        load_resume(resume_dir, optimizer, device)
+        load_resume(resume_dir, optimizer, world.device)
+    return raw, optimizer
+
+
+def _wrap_model(raw: torch.nn.Module, cfg: TrainConfig, world: distributed.World):
+    """``--compile`` and, across processes, DDP around the model the optimizer holds."""
     model = torch.compile(raw) if cfg.compile else raw
     if world.distributed:
+        device = world.device
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
-    black = table.black.to(device=device, dtype=torch.float32)
+    return model
 
-    def to_device(t: torch.Tensor) -> torch.Tensor:
-        if device.type == "cuda":
-            return t.pin_memory().to(device, non_blocking=True)
-        return t
 
-    # Position and counters (a fresh run starts at zero).
-    pos = state or {"step": 0, "epoch": 0, "step_in_epoch": 0, "words": 0, "tokens": 0}
-    step, words, tokens = pos["step"], pos["words"], pos["tokens"]
-    schedule = checkpoint_schedule(cfg.checkpoint_unit)
-    next_ckpt = sum(1 for w in schedule if w <= words)
-    metrics_path = out / "metrics.jsonl"
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, step)
-        save_config(cfg, out / "train_config.json", world_size=ws, total_steps=plan.total_steps,
-                    epochs_planned=plan.epochs, features_in_memory=table.in_memory,
-                    samples={"text_sequences": len(sources.get(TEXT, ())),
-                             "captions": len(sources.get(CAPTIONS, ())),
-                             # by reason; the warning says it once, this keeps it with the run
-                             "captions_skipped": (dict(sources[CAPTIONS].skipped)
-                                                  if CAPTIONS in sources else {}),
-                             "captions_truncated": (sources[CAPTIONS].truncated
-                                                    if CAPTIONS in sources else {})})
-    metrics = open(metrics_path, "a", encoding="utf-8") if world.is_main else None
+def _save_run_config(cfg: TrainConfig, world: distributed.World, plan: EpochPlan,
+                     table: FeatureTable, sources: dict) -> None:
+    captions = sources.get(CAPTIONS)
+    save_config(cfg, cfg.out / "train_config.json", world_size=world.world_size,
+                total_steps=plan.total_steps, epochs_planned=plan.epochs,
+                features_in_memory=table.in_memory,
+                samples={"text_sequences": len(sources.get(TEXT, ())),
+                         "captions": len(sources.get(CAPTIONS, ())),
+                         # by reason; the warning says it once, this keeps it with the run
+                         "captions_skipped": dict(captions.skipped) if captions else {},
+                         "captions_truncated": captions.truncated if captions else {}})
 
-    def position(epoch: int, k: int, finished: bool = False) -> dict:
-        return {"step": step, "epoch": epoch, "step_in_epoch": k, "words": words,
-                "tokens": tokens, "finished": finished, "world_size": ws, "data": data,
-                "config": config_to_dict(cfg)}
 
-    bar = tqdm(total=plan.total_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (cfg.progress and world.is_main), desc=f"train {cfg.kind}")
-    last_log_time, last_log_tokens, last_log_step = time.perf_counter(), tokens, step
-    data_s, loss_acc, loss_n = 0.0, 0.0, 0
-    stopped = False
-    for epoch in range(pos["epoch"], plan.epochs):
+# --- the loop's parts -------------------------------------------------------------------------
+
+@dataclass
+class _Position:
+    """Where the run is: optimizer steps, the data position, and what it has seen."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    words: int = 0
+    tokens: int = 0
+
+    def advance(self, words: int, tokens: int) -> None:
+        self.step += 1
+        self.words += words
+        self.tokens += tokens
+
+    def at(self, epoch: int, k: int) -> dict:
+        """The resume state's position: counters now, data position (epoch, step k) next."""
+        return {"step": self.step, "epoch": epoch, "step_in_epoch": k, "words": self.words,
+                "tokens": self.tokens}
+
+
+def _plan_steps(plan: EpochPlan, pos: _Position):
+    """(epoch, step in epoch, the epoch's batches, words and tokens per step) from ``pos`` on."""
+    for epoch in range(pos.epoch, plan.epochs):
         batches = plan.batches(epoch)
         step_words, step_tokens = plan.step_counts(batches)
-        first_k = pos["step_in_epoch"] if epoch == pos["epoch"] else 0
-        for k in range(first_k, plan.steps[epoch]):
-            lr = lr_at(step, cfg, plan.total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = plan.step_batches(batches, k, rank, ws, accum)
-            for a, (src, index) in enumerate(micro):
-                t0 = time.perf_counter()
-                batch = sources[src].batch(index)
-                ids, labels = to_device(batch["input_ids"]), to_device(batch["labels"])
-                feats = (to_device(batch["features"]) if src == CAPTIONS
-                         else black.expand(len(index), -1))
-                data_s += time.perf_counter() - t0
-                # Right padding + causal attention: a real token never attends to the pads after
-                # it, so no attention mask is needed (and SDPA keeps its causal fast path).
-                sync = (model.no_sync() if world.distributed and a < accum - 1
-                        else contextlib.nullcontext())
-                with sync, autocast:
-                    loss = model(input_ids=ids, pixel_values=feats, labels=labels,
-                                 use_cache=False).loss
-                (loss / accum).backward()
-                loss_acc += loss.detach().float()
-                loss_n += 1
-            grad_norm = (torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-                         if cfg.grad_clip > 0 else None)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            words += int(step_words[k])
-            tokens += int(step_tokens[k])
-            bar.update(1)
+        first = pos.step_in_epoch if epoch == pos.epoch else 0
+        for k in range(first, plan.steps[epoch]):
+            yield epoch, k, batches, step_words, step_tokens
 
-            last = step == plan.total_steps or (cfg.max_steps and step >= cfg.max_steps)
-            if step % cfg.log_every == 0 or last:
-                mean_loss = distributed.mean_over_ranks(
-                    torch.as_tensor(loss_acc / max(loss_n, 1), device=device), world).item()
-                now = time.perf_counter()
-                tok_s = (tokens - last_log_tokens) / max(now - last_log_time, 1e-9)
-                record = {"step": step, "epoch": epoch, "loss": round(mean_loss, 5), "lr": lr,
-                          "words": words, "tokens": tokens, "tokens_per_s": round(tok_s, 1),
-                          "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
-                          "data_ms_per_step": round(1000 * data_s / (step - last_log_step), 3)}
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-                last_log_time, last_log_tokens, last_log_step = now, tokens, step
-                data_s, loss_acc, loss_n = 0.0, 0.0, 0
 
-            next_pos = (epoch, k + 1) if k + 1 < plan.steps[epoch] else (epoch + 1, 0)
-            crossed = [w for w in schedule[next_ckpt:] if w <= words]
-            if crossed:
-                next_ckpt += len(crossed)
-            if world.is_main and crossed:
-                # One step can pass several counts only on tiny data; the checkpoint is named by
-                # the largest, and the record lists them all.
-                name = f"words_{words_label(crossed[-1])}"
-                save_checkpoint(raw, out / CHECKPOINTS_DIR / name, tokenizer, extra_files={
-                    "train_state.json": json.dumps({"step": step, "words": words,
-                                                    "tokens": tokens}) + "\n"},
-                    write_extra=lambda d: save_black_feature(d, table.black))
-                metrics.write(json.dumps({"event": "checkpoint", "name": name, "step": step,
-                                          "words": words,
-                                          "counts": [words_label(w) for w in crossed]}) + "\n")
-                metrics.flush()
-            stop_now = bool(cfg.max_steps and step >= cfg.max_steps and not
-                            step == plan.total_steps)
-            if world.is_main and (crossed or stop_now or
-                                  (cfg.save_every and step % cfg.save_every == 0)):
-                save_resume(resume_dir, raw, tokenizer, optimizer, position(*next_pos),
-                            table.black)
-            if stop_now:
-                stopped = True
-                break
-        if stopped:
-            break
-    bar.close()
-    if world.is_main:
-        if not stopped:
-            _publish_final(raw, tokenizer, out, table.black)
-            save_resume(resume_dir, raw, tokenizer, optimizer, position(plan.epochs, 0, True),
-                        table.black)
-        metrics.close()
-    distributed.barrier(world)
-    return out
+class _Stepper:
+    """One optimizer step over a step's micro-batches (gradient accumulation, DDP's no_sync, bf16
+    autocast on CUDA, clipping); keeps the loss and data-loading time since the last log."""
+
+    def __init__(self, model, raw, optimizer, cfg: TrainConfig, world: distributed.World,
+                 sources: dict, black: torch.Tensor):
+        self.model, self.raw, self.optimizer, self.cfg, self.world = (model, raw, optimizer, cfg,
+                                                                      world)
+        self.sources, self.device = sources, world.device
+        self.black = black.to(device=world.device, dtype=torch.float32)
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto"
+                                               and world.device.type == "cuda")
+        self.autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16) if use_bf16
+                         else contextlib.nullcontext())
+        self.data_s, self.loss_sum, self.loss_n = 0.0, 0.0, 0
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def __call__(self, micro: list, lr: float) -> torch.Tensor | None:
+        """Run the step at learning rate ``lr``; returns the gradient norm before clipping."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = len(micro)
+        for a, (src, index) in enumerate(micro):
+            t0 = time.perf_counter()
+            batch = self.sources[src].batch(index)
+            ids, labels = self._to_device(batch["input_ids"]), self._to_device(batch["labels"])
+            feats = (self._to_device(batch["features"]) if src == CAPTIONS
+                     else self.black.expand(len(index), -1))
+            self.data_s += time.perf_counter() - t0
+            # Right padding + causal attention: a real token never attends to the pads after it,
+            # so no attention mask is needed (and SDPA keeps its causal fast path).
+            sync = (self.model.no_sync() if self.world.distributed and a < accum - 1
+                    else contextlib.nullcontext())
+            with sync, self.autocast:
+                loss = self.model(input_ids=ids, pixel_values=feats, labels=labels,
+                                  use_cache=False).loss
+            (loss / accum).backward()
+            self.loss_sum += loss.detach().float()
+            self.loss_n += 1
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+                     if self.cfg.grad_clip > 0 else None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def take_loss_and_data_time(self) -> tuple[torch.Tensor, float]:
+        """Mean loss and data seconds since the last call; both restart from zero."""
+        mean = torch.as_tensor(self.loss_sum / max(self.loss_n, 1), device=self.device)
+        data_s = self.data_s
+        self.data_s, self.loss_sum, self.loss_n = 0.0, 0.0, 0
+        return mean, data_s
+
+
+class _RunLog:
+    """``metrics.jsonl`` (main process) and the progress bar, with the throughput since the last
+    record. A resumed run first drops the records past its saved step."""
+
+    def __init__(self, cfg: TrainConfig, world: distributed.World, path: Path, pos: _Position,
+                 total_steps: int):
+        self.world, self.pos = world, pos
+        self.file = None
+        if world.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(path, pos.step)
+            self.file = open(path, "a", encoding="utf-8")
+        self.bar = tqdm(total=total_steps, initial=pos.step, unit="step", dynamic_ncols=True,
+                        disable=not (cfg.progress and world.is_main), desc=f"train {cfg.kind}")
+        self.since = (time.perf_counter(), pos.tokens, pos.step)
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def record(self, epoch: int, lr: float, grad_norm: torch.Tensor | None,
+               stepper: _Stepper) -> None:
+        """A metrics record for the steps since the last one (loss averaged over ranks)."""
+        pos = self.pos
+        loss, data_s = stepper.take_loss_and_data_time()
+        mean_loss = distributed.mean_over_ranks(loss, self.world).item()
+        now = time.perf_counter()
+        then, tokens_then, step_then = self.since
+        tok_s = (pos.tokens - tokens_then) / max(now - then, 1e-9)
+        self.write({"step": pos.step, "epoch": epoch, "loss": round(mean_loss, 5), "lr": lr,
+                    "words": pos.words, "tokens": pos.tokens, "tokens_per_s": round(tok_s, 1),
+                    "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+                    "data_ms_per_step": round(1000 * data_s / (pos.step - step_then), 3)})
+        self.bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        self.since = (now, pos.tokens, pos.step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+def _save_word_checkpoint(raw, tokenizer, black: torch.Tensor, out: Path, pos: _Position,
+                          crossed: list[int], run_log: _RunLog) -> None:
+    """``checkpoints/words_<n>/`` for the BabyLM word counts this step crossed. One step can pass
+    several counts only on tiny data; the checkpoint is named by the largest, and the record
+    lists them all."""
+    name = f"words_{words_label(crossed[-1])}"
+    save_checkpoint(raw, out / CHECKPOINTS_DIR / name, tokenizer, extra_files={
+        "train_state.json": json.dumps({"step": pos.step, "words": pos.words,
+                                        "tokens": pos.tokens}) + "\n"},
+        write_extra=lambda d: save_black_feature(d, black))
+    run_log.write({"event": "checkpoint", "name": name, "step": pos.step, "words": pos.words,
+                   "counts": [words_label(w) for w in crossed]})
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
