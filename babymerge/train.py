@@ -257,7 +257,7 @@ def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int,
     and the VLM (same seed, tokenizer and feature dimension: one basin for merging).
 
     ``encoder`` (the feature file's ``encoder`` attribute) is recorded in the config, so the saved
-    model can be run on pixels (:func:`babymerge.model.load_vlm_with_encoder`)."""
+    model can be run on pixels (:func:`babymerge.pixels.load_vlm_with_encoder`)."""
     from babymerge.model import IMAGE_TOKEN
 
     if cfg.init_from is not None:

@@ -96,9 +96,14 @@ def test_repository_root_has_no_importable_name_but_babymerge():
 def test_wheel_installs_babymerge_kernels_and_no_top_level_kernels(tmp_path):
     """A non-editable build: the wheel's top-level names are ``babymerge`` and its dist-info only,
     and it carries every kernel module."""
+    # built from a copy: setuptools builds in the source tree, and a stale build/ there (from
+    # an earlier layout) would slip its files into the wheel
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "cache"))
     wheels = tmp_path / "wheels"
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                           str(wheels), str(REPO)], cwd=tmp_path, env=_clean_env(),
+                           str(wheels), str(source)], cwd=tmp_path, env=_clean_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (wheel,) = wheels.glob("babymerge-*.whl")
@@ -106,8 +111,8 @@ def test_wheel_installs_babymerge_kernels_and_no_top_level_kernels(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"babymerge"}, sorted(top)
     ours = {Path(n).name for n in names if n.startswith("babymerge/kernels/")}
-    source = {p.name for p in (REPO / "babymerge" / "kernels").glob("*.py")}
-    assert source <= ours, source - ours
+    expected = {p.name for p in (REPO / "babymerge" / "kernels").glob("*.py")}
+    assert expected <= ours, expected - ours
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["babymerge"]
 

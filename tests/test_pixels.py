@@ -10,8 +10,8 @@ from PIL import Image
 from babymerge.evaluate import load_tasks, score_candidates
 from babymerge.features import (EncoderError, ExtractConfig, extract_features,
                                 save_random_dinov2)
-from babymerge.model import (IMAGE_TOKEN, MODEL_PRESETS, build_model, load_vlm_with_encoder,
-                             save_checkpoint)
+from babymerge.model import IMAGE_TOKEN, MODEL_PRESETS, build_model, save_checkpoint
+from babymerge.pixels import load_vlm_with_encoder
 from babymerge.tokenizer import load_tokenizer
 from test_data_fixtures import world  # noqa: F401  (fixture)
 
