@@ -1,4 +1,13 @@
+"""babymerge.config: dataclass fields as command-line flags and config-file keys (TOML, YAML,
+JSON), the errors a config file can hold, and the paper's configs (configs/paper/*.toml), which
+load through the CLI's own path (types, choices, validation) and hold the paper's set-up
+(../shared/PAPER.md): DINOv2-large layer -2, 6 layers, hidden 768, vocabulary 30,000, 10 epochs,
+one seed for both models, the poster's alphas 0, 0.3, 0.5, 0.8."""
+
+import dataclasses
+import importlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -6,7 +15,14 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from babymerge.config import (ConfigError, arg, build_config, config_command, opt, save_config)
+from babymerge.cli import main
+from babymerge.config import (ConfigError, arg, build_config, config_command, load_config_file,
+                              opt, save_config)
+from babymerge.features import ExtractConfig
+from babymerge.merge import MergeConfig, parse_alpha_grid, parse_keep
+from babymerge.model import MODEL_PRESETS
+from babymerge.tokenizer import TokenizerConfig
+from babymerge.train import TrainConfig
 
 
 @dataclass
@@ -143,3 +159,108 @@ def test_toml_file_reads_through_tomli_where_tomllib_is_missing(tmp_path, monkey
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text('batch_size = 16\nalpha_grid = "0:1:0.1"\n')
     assert load_config_file(cfg_file) == {"batch_size": 16, "alpha_grid": "0:1:0.1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files that are null where a value is needed, or do not parse
+
+
+@pytest.mark.parametrize("yaml_text, key", [
+    ("corpus: [c.txt]\nout: null\n", "out"),          # a path field
+    ("corpus: [c.txt]\nvocab_size: ~\n", "vocab_size"),  # a number field
+    ("corpus: [c.txt, null]\n", "corpus"),           # a null inside a list field
+    ("corpus: null\n", "corpus"),                    # the positional argument itself
+])
+def test_a_null_config_value_is_an_error_naming_the_key(tmp_path, yaml_text, key):
+    # `babymerge tokenizer --config FILE.yaml` with `out: null` passed None to the stage, which
+    # failed with a bare AttributeError traceback ('NoneType' object has no attribute 'mkdir')
+    (tmp_path / "c.txt").write_text("a b c\n")
+    cfg = tmp_path / "tok.yaml"
+    cfg.write_text(yaml_text.replace("c.txt", str(tmp_path / "c.txt")))
+    res = CliRunner().invoke(main, ["tokenizer", "--config", str(cfg), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert f"{cfg}: {key} is null" in res.output
+
+
+def test_a_null_value_for_an_optional_field_still_means_unset(tmp_path):
+    # `image_root: ~` (Path | None) keeps its meaning: "the list's folder"
+    from babymerge.config import build_config, load_config_file
+    from babymerge.features import ExtractConfig
+
+    cfg_file = tmp_path / "x.yaml"
+    cfg_file.write_text("source: imgs.jsonl\nimage_root: null\nshard: ~\n")
+    cfg = build_config(ExtractConfig, load_config_file(cfg_file), str(cfg_file))
+    assert cfg.image_root is None and cfg.shard is None and cfg.source == "imgs.jsonl"
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("bad.toml", b"vocab_size = \n", "not valid TOML: Invalid value (at line 1, column 14)"),
+    ("bad.json", b'{"vocab_size": }', "not valid JSON: Expecting value: line 1 column 16"),
+    ("bad.yaml", b"vocab_size: [\n", "not valid YAML: while parsing a flow node"),
+    ("bad.toml", b"\xff\xfe vocab_size = 3\n", "not UTF-8 text (invalid start byte at byte 0)"),
+])
+def test_a_config_file_that_does_not_parse_is_an_error_naming_it(tmp_path, name, content, says):
+    # `babymerge tokenizer --config FILE` with a typo in FILE was the parser's traceback
+    # (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml's ParserError, UnicodeDecodeError)
+    cfg = tmp_path / name
+    cfg.write_bytes(content)
+    res = CliRunner().invoke(main, ["tokenizer", "--config", str(cfg)])
+    assert res.exit_code == 2, res.output
+    assert f"Error: config file {cfg}: {says}" in res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# configs/paper/*.toml
+
+PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
+CLASSES = {"extract": ("babymerge.features", "ExtractConfig"),
+           "tokenizer": ("babymerge.tokenizer", "TokenizerConfig"),
+           "train_lm": ("babymerge.train", "TrainConfig"),
+           "train_vlm": ("babymerge.train", "TrainConfig"),
+           "merge": ("babymerge.merge", "MergeConfig")}
+
+
+@pytest.fixture()
+def configs(tmp_path, monkeypatch):
+    """Each paper config built as `babymerge STAGE --config FILE` builds it, run from a folder
+    holding (empty stand-ins of) the data files the configs name, as the README lays out."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("data/text/babylm_text_50M.txt", "data/text/captions_50M.txt",
+                 "data/captions/ln_cc3m_captions.jsonl", "cache/features.h5"):
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).touch()
+    Path("run/tokenizer").mkdir(parents=True)
+    out = {}
+    for name, (module, cls) in CLASSES.items():
+        cls = getattr(importlib.import_module(module), cls)
+        out[name] = build_config(cls, load_config_file(PAPER / f"{name}.toml"), f"{name}.toml")
+    return out
+
+
+def test_paper_configs_load_and_match_the_paper(configs):
+    ext, tok, lm, vlm, merge = (configs[k] for k in CLASSES)
+    assert ext.encoder == "facebook/dinov2-large" and ext.source  # SOURCE from the file
+    assert tok.vocab_size == 30_000
+    for train, kind in ((lm, "lm"), (vlm, "vlm")):
+        assert train.kind == kind and train.epochs == 10 and train.preset == "paper"
+        preset = MODEL_PRESETS[train.preset]
+        assert (preset.num_layers, preset.hidden_size) == (6, 768)
+        assert train.tokenizer == tok.out and train.features == Path(ext.out)
+    assert lm.seed == vlm.seed  # one initial point for both models
+    assert vlm.captions and not lm.captions
+    assert merge.lm == lm.out and merge.vlm == [vlm.out]
+    grid = parse_alpha_grid(merge.alpha_grid)
+    assert grid[0] == 0.0 and grid[-1] == 1.0
+    assert {0.0, 0.3, 0.5, 0.8} <= {round(a, 6) for a in grid}
+    assert parse_keep(merge.keep)[0] == [0.3, 0.5, 0.8]
+
+
+@pytest.mark.parametrize("name,cls", [("extract", ExtractConfig), ("tokenizer", TokenizerConfig),
+                                      ("train_lm", TrainConfig), ("train_vlm", TrainConfig),
+                                      ("merge", MergeConfig)])
+def test_paper_configs_name_only_real_fields(name, cls):
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    data = tomllib.loads((PAPER / f"{name}.toml").read_text())
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert set(data) <= fields, set(data) - fields

@@ -11,7 +11,7 @@ from babymerge.export import EXPORT_NOTE_FILE, ExportConfig, ExportError, export
 from babymerge.model import (MODEL_PRESETS, build_model, image_prefix_ids, save_black_feature,
                              save_checkpoint, set_feature_statistics)
 from babymerge.tokenizer import load_tokenizer
-from test_data_fixtures import world  # noqa: F401  (fixture)
+from fixtures import world  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("feature_norm", ["none", "standardize"])

@@ -1,35 +1,40 @@
-"""Stage 1: encoder pooling and preprocessing parity, file layout, sources, bad files."""
+"""babymerge.features (stage 1, extract-features and join-features): the encoder's pooling and
+preprocessing against transformers, the feature file's layout, resume after a kill (ranks, parts,
+join), refusing to mix encoders, re-runs and retries of failed images, sources already stored in
+the file, and the extraction with the GPU JPEG path."""
 
+import errno
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from click.testing import CliRunner
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
-from babymerge.featurefile import BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, FeatureTable
-from babymerge.features import ExtractConfig, extract_features, load_encoder, save_random_dinov2
+import babymerge.features as features
+from babymerge.cli import main as cli
+from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, FeatureFileError,
+                                   FeatureTable)
+from babymerge.features import (ExtractConfig, JoinConfig, extract_features, join_features,
+                                load_encoder, save_random_dinov2)
+from babymerge.images import GpuJpegDecoder, gpu_jpeg_decoder_available
+from fixtures import (encoder_dir, extract, pil_decode, smooth_image,  # noqa: F401 (a fixture)
+                      write_images, write_shard)
 
 
-def smooth_image(rng, height, width, mode="RGB"):
-    """A photo-like (smooth) random image; white noise would exaggerate resampling differences."""
-    pixels = (rng.random((height, width, 3)) * 255).astype(np.uint8)
-    return Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(2)).convert(mode)
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory):
-    """A tiny random DINOv2 with a 56-pixel crop (shortest edge 64): fast on CPU."""
-    return save_random_dinov2(tmp_path_factory.mktemp("enc") / "dinov2", image_size=56)
-
-
-def extract(source, out, encoder_dir, **kw):
-    cfg = ExtractConfig(source=str(source), out=out, encoder=str(encoder_dir),
-                        num_workers=kw.pop("num_workers", 0), batch_size=kw.pop("batch_size", 4),
-                        **kw)
-    return extract_features(cfg)
+# ---------------------------------------------------------------------------------------------
+# The encoder: pooling and preprocessing as transformers' processor and model
 
 
 def test_pooling_and_preprocessing_match_processor_then_model(tmp_path):
@@ -81,6 +86,46 @@ def test_register_tokens_are_dropped_too(tmp_path):
     torch.testing.assert_close(encoder.encode(images), hidden[:, 5:].mean(1), atol=2e-3, rtol=2e-3)
 
 
+def photo_jpegs(folder, sizes, seed=0):
+    """Photo-like RGB JPEGs (smooth content plus sensor-like noise, quality 90)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (width, height) in enumerate(sizes):
+        coarse = (rng.random((height // 8, width // 8, 3)) * 255).astype(np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
+        noisy = smooth + rng.normal(0, 6, smooth.shape)
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f"photo{i}.jpg",
+                                                                       quality=90)
+    return folder
+
+
+def test_default_extraction_matches_the_reference_on_large_jpegs(tmp_path):
+    """The stored feature of each JPEG, at the defaults, against the paper's recipe computed
+    independently: ``processor(image)`` -> encoder -> ``hidden_states[-2][0, 1:].mean(0)``. The
+    JPEGs are 2-4x the resize target (shortest edge 256), where decoder drafting would change
+    the result (1.0-1.6% of the feature's largest magnitude on these images, measured) and exact
+    decoding stays within 0.03% plus fp16 storage rounding (~0.05%)."""
+    directory = save_random_dinov2(tmp_path / "enc")
+    images = photo_jpegs(tmp_path / "jpegs", [(600, 600), (800, 600), (1024, 768), (520, 700)])
+    extract_features(ExtractConfig(source=str(images), out=tmp_path / "f.h5",
+                                   encoder=str(directory), num_workers=0, progress=False))
+    table = FeatureTable(tmp_path / "f.h5", dtype=torch.float32)
+    processor = AutoImageProcessor.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory).eval()
+    for path in sorted(images.iterdir()):
+        with torch.no_grad(), Image.open(path) as image:
+            pixel_values = processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
+            hidden = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        reference = hidden[-2][0, 1:].mean(0)
+        ours = table.lookup([path.stem])[0]
+        error = ((ours - reference).abs().max() / reference.abs().max()).item()
+        assert error <= 3e-3, f"{path.name}: {error:.2%} of the feature's largest magnitude"
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature file
+
+
 def test_folder_extraction_file_layout(tmp_path, encoder_dir):
     rng = np.random.default_rng(1)
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
@@ -120,267 +165,6 @@ def test_local_encoder_recorded_by_absolute_path(tmp_path, encoder_dir, monkeypa
     assert extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir)["skipped"] == 1
 
 
-# ---------------------------------------------------------------------------------------------
-# Sources
-
-
-def write_images(folder, names, seed=0, size=(48, 64)):
-    rng = np.random.default_rng(seed)
-    for name in names:
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        smooth_image(rng, *size).save(path)
-
-
-def ids_of(path):
-    with h5py.File(path, "r") as f:
-        return [x.decode() for x in f[IDS][:]]
-
-
-def test_jsonl_tsv_and_tar_sources(tmp_path, encoder_dir):
-    import tarfile
-
-    write_images(tmp_path / "root", ["a.png", "b.jpg", "d/c.png"])
-    # Localized Narratives style: one line per narrative, so an image repeats; the path is under
-    # --image-root.
-    lines = [{"image_id": "a", "path": "a.png", "caption": "x"},
-             {"image_id": "b", "path": "b.jpg", "caption": "y"},
-             {"image_id": "a", "path": "a.png", "caption": "z"},
-             {"image_id": "c", "path": "d/c.png", "caption": "w"}]
-    (tmp_path / "ln.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    extract(tmp_path / "ln.jsonl", tmp_path / "j.h5", encoder_dir, image_root=tmp_path / "root")
-    assert ids_of(tmp_path / "j.h5") == ["a", "b", "c"]
-    # Real Localized Narratives lines carry no path: a template builds it from the line.
-    write_images(tmp_path / "oi", ["open_images/a1.jpg", "coco/7.jpg"])
-    (tmp_path / "ln2.jsonl").write_text(
-        '{"dataset_id": "open_images", "image_id": "a1", "caption": "x"}\n'
-        '{"dataset_id": "coco", "image_id": "7", "caption": "y"}\n'
-        '{"dataset_id": "coco", "image_id": "7", "caption": "z"}\n')
-    extract(tmp_path / "ln2.jsonl", tmp_path / "j2.h5", encoder_dir, image_root=tmp_path / "oi",
-            path_column="{dataset_id}/{image_id}.jpg")
-    assert ids_of(tmp_path / "j2.h5") == ["a1", "7"]
-
-    (tmp_path / "root" / "list.tsv").write_text("id\tpath\nb\tb.jpg\nc\td/c.png\n")
-    extract(tmp_path / "root" / "list.tsv", tmp_path / "t.h5", encoder_dir)
-    assert ids_of(tmp_path / "t.h5") == ["b", "c"]
-
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    for s, keys in enumerate([["k0", "k1"], ["k2"]]):
-        with tarfile.open(shards / f"s-{s:02d}.tar", "w") as tar:
-            for k in keys:
-                tar.add(tmp_path / "root" / "a.png", arcname=f"{k}.png")
-                # webdataset's key is up to the first dot: a mask "k.seg.png" is not an image
-                # sample of its own, nor does it replace k.png
-                tar.add(tmp_path / "root" / "d" / "c.png", arcname=f"{k}.seg.png")
-                (tmp_path / "cap.txt").write_text("caption")
-                tar.add(tmp_path / "cap.txt", arcname=f"{k}.txt")
-    extract(str(shards / "s-{00..01}.tar"), tmp_path / "w.h5", encoder_dir)
-    assert ids_of(tmp_path / "w.h5") == ["k0", "k1", "k2"]
-    with h5py.File(tmp_path / "w.h5", "r") as w, h5py.File(tmp_path / "j.h5", "r") as j:
-        np.testing.assert_array_equal(w[FEATURES][0], j[FEATURES][0])  # same bytes, same feature
-    extract(shards, tmp_path / "w2.h5", encoder_dir)  # a folder holding only shards
-    assert ids_of(tmp_path / "w2.h5") == ["k0", "k1", "k2"]
-
-
-def test_datasets_saved_folder_source(tmp_path, encoder_dir):
-    """A ``save_to_disk`` folder is memory-mapped in place; a bad image in it is recorded."""
-    import datasets
-
-    write_images(tmp_path / "root", ["a.png"])
-    good = Image.open(tmp_path / "root" / "a.png")
-    features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image()})
-    ds = datasets.Dataset.from_dict(
-        {"image_id": ["a", "text"], "image": [good, {"bytes": b"not an image", "path": None}]},
-        features=features)
-    ds.save_to_disk(str(tmp_path / "hf"))
-    summary = extract(tmp_path / "hf", tmp_path / "h.h5", encoder_dir, num_workers=1)
-    table = FeatureTable(tmp_path / "h.h5", dtype=torch.float32)
-    assert table.ids == ["a"] and table.failed["text"].startswith("not an image")
-    expected = load_encoder(encoder_dir).encode([good])
-    torch.testing.assert_close(table.features, expected, atol=2e-3, rtol=2e-3)
-    assert summary["failed"] == 1
-
-
-def test_duplicate_ids_fail_before_any_work(tmp_path, encoder_dir):
-    from babymerge.images import SourceError
-
-    write_images(tmp_path / "imgs", ["x.png", "x.jpg"])
-    with pytest.raises(SourceError, match="duplicate image id 'x'"):
-        extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir)
-    (tmp_path / "l.jsonl").write_text('{"image_id": "x", "path": "imgs/x.png"}\n'
-                                      '{"image_id": "x", "path": "imgs/x.jpg"}\n')
-    with pytest.raises(SourceError, match=r"l.jsonl:1 and .*l.jsonl:2"):
-        extract(tmp_path / "l.jsonl", tmp_path / "f.h5", encoder_dir)
-    (tmp_path / "bad.jsonl").write_text('{"image_id": "x"}\n')
-    with pytest.raises(SourceError, match=r"bad.jsonl:1: no 'path' key \(set --path-column\)"):
-        extract(tmp_path / "bad.jsonl", tmp_path / "f.h5", encoder_dir)
-    assert not (tmp_path / "f.h5").exists()
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad files
-
-
-def _png_header_only(width, height):
-    """A PNG whose header claims width x height (a decompression bomb's signature) and no data."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
-        + chunk(b"IEND", b"")
-
-
-def test_bad_files_are_converted_or_recorded(tmp_path, encoder_dir):
-    rng = np.random.default_rng(3)
-    d = tmp_path / "imgs"
-    d.mkdir()
-    base = smooth_image(rng, 50, 60)
-    rgb = {}  # id -> the RGB image its feature must equal
-    base.convert("CMYK").save(d / "cmyk.jpg", quality=95)
-    rgb["cmyk"] = Image.open(d / "cmyk.jpg").convert("RGB")
-    gray16 = (np.asarray(base.convert("L"), dtype=np.uint16) * 257)
-    Image.fromarray(gray16).save(d / "gray16.png")
-    assert Image.open(d / "gray16.png").mode == "I;16"
-    rgb["gray16"] = base.convert("L").convert("RGB")  # 16 -> 8 bits scaled, not clipped to white
-    base.convert("P", palette=Image.Palette.ADAPTIVE).save(d / "palette.png")
-    rgb["palette"] = Image.open(d / "palette.png").convert("RGB")
-    rgba = base.convert("RGBA")
-    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
-    rgba.save(d / "rgba.png")
-    rgb["rgba"] = Image.alpha_composite(Image.new("RGBA", base.size, "white"), rgba).convert("RGB")
-    base.convert("L").save(d / "gray.png")
-    rgb["gray"] = base.convert("L").convert("RGB")
-    base.save(d / "good.png")
-    rgb["good"] = base
-
-    base.save(d / "full.jpg", quality=90)
-    data = (d / "full.jpg").read_bytes()
-    (d / "truncated.jpg").write_bytes(data[:len(data) // 2])
-    (d / "full.jpg").unlink()
-    (d / "empty.jpg").write_bytes(b"")
-    (d / "notes.png").write_text("this is not an image\n")
-    (d / "bomb.png").write_bytes(_png_header_only(10_000, 10_000))
-    (tmp_path / "list.tsv").write_text("".join(f"{p.stem}\t{p}\n" for p in sorted(d.iterdir()))
-                                       + f"missing\t{d / 'missing.png'}\n")
-
-    out = tmp_path / "f.h5"
-    summary = extract(tmp_path / "list.tsv", out, encoder_dir, num_workers=2)
-    assert summary["rows"] == len(rgb) and summary["failed"] == 5
-    table = FeatureTable(out, dtype=torch.float32)
-    assert set(table.ids) == set(rgb)
-    reasons = table.failed
-    assert reasons["truncated"].startswith("truncated or corrupt")
-    assert reasons["empty"] == "empty file (0 bytes)"
-    assert reasons["notes"].startswith("not an image")
-    assert reasons["bomb"].startswith("too large (decompression-bomb guard): 10000x10000")
-    assert reasons["missing"].startswith("unreadable (FileNotFoundError")
-
-    encoder = load_encoder(encoder_dir)
-    expected = encoder.encode([rgb[i] for i in table.ids])
-    torch.testing.assert_close(table.features, expected, atol=2e-3, rtol=2e-3)
-
-    # Failed ids are not retried by default; --retry-failed tries them again.
-    base.save(d / "truncated.jpg", quality=90)
-    assert extract(tmp_path / "list.tsv", out, encoder_dir)["new"] == 0
-    summary = extract(tmp_path / "list.tsv", out, encoder_dir, retry_failed=True)
-    assert summary["new"] == 1 and summary["failed"] == 4
-    assert "truncated" in FeatureTable(out).row
-
-
-def photo_jpegs(folder, sizes, seed=0):
-    """Photo-like RGB JPEGs (smooth content plus sensor-like noise, quality 90)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, (width, height) in enumerate(sizes):
-        coarse = (rng.random((height // 8, width // 8, 3)) * 255).astype(np.uint8)
-        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
-        noisy = smooth + rng.normal(0, 6, smooth.shape)
-        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(folder / f"photo{i}.jpg",
-                                                                       quality=90)
-    return folder
-
-
-def test_default_extraction_matches_the_reference_on_large_jpegs(tmp_path):
-    """The stored feature of each JPEG, at the defaults, against the paper's recipe computed
-    independently: ``processor(image)`` -> encoder -> ``hidden_states[-2][0, 1:].mean(0)``. The
-    JPEGs are 2-4x the resize target (shortest edge 256), where decoder drafting would change
-    the result (1.0-1.6% of the feature's largest magnitude on these images, measured) and exact
-    decoding stays within 0.03% plus fp16 storage rounding (~0.05%)."""
-    directory = save_random_dinov2(tmp_path / "enc")
-    images = photo_jpegs(tmp_path / "jpegs", [(600, 600), (800, 600), (1024, 768), (520, 700)])
-    extract_features(ExtractConfig(source=str(images), out=tmp_path / "f.h5",
-                                   encoder=str(directory), num_workers=0, progress=False))
-    table = FeatureTable(tmp_path / "f.h5", dtype=torch.float32)
-    processor = AutoImageProcessor.from_pretrained(directory)
-    model = AutoModel.from_pretrained(directory).eval()
-    for path in sorted(images.iterdir()):
-        with torch.no_grad(), Image.open(path) as image:
-            pixel_values = processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
-            hidden = model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
-        reference = hidden[-2][0, 1:].mean(0)
-        ours = table.lookup([path.stem])[0]
-        error = ((ours - reference).abs().max() / reference.abs().max()).item()
-        assert error <= 3e-3, f"{path.name}: {error:.2%} of the feature's largest magnitude"
-
-
-def test_jpeg_draft_stays_close_to_full_decode(tmp_path):
-    """``--jpeg-draft`` (opt-in) lets libjpeg decode a 1280x960 photo at 640x480 (DCT scaling)
-    before the resize to 341x256. Measured: mean error 0.5 grey level, max 5, against the processor
-    on the full decode; without the draft max 1 grey level. The test bounds the mean at 1 grey
-    level."""
-    import io
-    from dataclasses import replace
-
-    directory = save_random_dinov2(tmp_path / "enc")
-    rng = np.random.default_rng(0)
-    photo = Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize(
-        (1280, 960), Image.BICUBIC)
-    buffer = io.BytesIO()
-    photo.save(buffer, "JPEG", quality=90)
-    data = buffer.getvalue()
-    processor = AutoImageProcessor.from_pretrained(directory)
-    reference = processor([Image.open(io.BytesIO(data))], return_tensors="pt")["pixel_values"][0]
-    encoder = load_encoder(directory)
-    for draft, mean_bound, max_bound in ((False, 0.05, 1.01), (True, 1.0, 8.0)):
-        pixels = replace(encoder.preprocess, jpeg_draft=draft)(data)
-        grey_levels = (encoder.normalize(pixels[None])[0] - reference).abs() * encoder.std[0] * 255
-        assert grey_levels.mean().item() < mean_bound and grey_levels.max().item() < max_bound
-
-
-def test_source_errors_name_the_problem(tmp_path, encoder_dir):
-    from babymerge.images import SourceError
-
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    for source, message in [(tmp_path / "empty", "no images in it"),
-                            (tmp_path / "nope", "no such file or folder"),
-                            (tmp_path / "x-{00..03}.tar", "no .tar shard matches")]:
-        with pytest.raises(SourceError, match=message):
-            extract(source, tmp_path / "f.h5", encoder_dir)
-    (tmp_path / "l.tsv").write_text("a\tb\tc\n")
-    with pytest.raises(SourceError, match=r"l.tsv:1: expected 'id<TAB>path'"):
-        extract(tmp_path / "l.tsv", tmp_path / "f.h5", encoder_dir)
-    (tmp_path / "l.jsonl").write_text("{not json\n")
-    with pytest.raises(SourceError, match=r"l.jsonl:1: not valid JSON"):
-        extract(tmp_path / "l.jsonl", tmp_path / "f.h5", encoder_dir)
-    # on the command line the same errors are a message, not a traceback
-    from click.testing import CliRunner
-
-    from babymerge.cli import main
-
-    result = CliRunner().invoke(main, ["extract-features", str(tmp_path / "nope"), "--out",
-                                       str(tmp_path / "f.h5"), "--encoder", str(encoder_dir)])
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert result.exit_code == 1 and "Error: SOURCE" in result.output
-    assert "no such file or folder" in result.output
-
-
 def test_no_progress_shows_no_bar(tmp_path, encoder_dir, capsys):
     """--no-progress (and the demo's) silences the extraction bar and transformers' loading bar;
     by default ours shows."""
@@ -390,3 +174,400 @@ def test_no_progress_shows_no_bar(tmp_path, encoder_dir, capsys):
     assert "img/s" not in err and "%|" not in err, err
     extract(tmp_path / "images", tmp_path / "bar.h5", encoder_dir)
     assert "img/s" in capsys.readouterr().err
+
+
+def test_extraction_runs_where_flock_is_not_supported(tmp_path, encoder_dir, monkeypatch):
+    """Cluster file systems whose mounts have no file locks (Lustre noflock, NFS without
+    lockd): flock fails there with ENOSYS/ENOLCK, which must not stop extraction."""
+    write_images(tmp_path / "imgs", ["a.png", "b.png"])
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(features.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="no file locks"):
+        summary = extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir)
+    assert summary["rows"] == 2 and not (tmp_path / "f.h5.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: ranks + SIGKILL + resume + join, refusing to mix encoders, the CLI
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    write_images(folder, [f"{i:03d}.png" for i in range(48)], size=(40, 52))
+    return folder
+
+
+def read(path):
+    with h5py.File(path, "r") as f:
+        return [x.decode() for x in f[IDS][:]], np.asarray(f[FEATURES][:])
+
+
+def cli_args(source, out, encoder_dir, *extra):
+    return ["extract-features", str(source), "--out", str(out), "--encoder", str(encoder_dir),
+            "--batch-size", "2", "--flush-every", "4", "--num-workers", "0", *extra]
+
+
+# Subprocesses run the stage through its config like the CLI does, but import only stage 1:
+# `python -m babymerge.cli` imports every stage (~10 s per process on a loaded 2-core machine).
+RUNNER = """import json, sys
+from babymerge.config import build_config
+from babymerge.features import ExtractConfig, extract_features
+extract_features(build_config(ExtractConfig, json.loads(sys.argv[1])))
+"""
+
+
+def runner_command(tmp_path, source, out, encoder_dir):
+    script = tmp_path / "run_extract.py"
+    script.write_text(RUNNER)
+    return [str(script), json.dumps({"source": str(source), "out": str(out),
+                                     "encoder": str(encoder_dir), "batch_size": 2,
+                                     "flush_every": 4, "num_workers": 0})]
+
+
+def test_ranks_killed_resumed_and_joined_equal_one_run(tmp_path, images, encoder_dir):
+    """Two processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE;
+    the launcher adds nothing the stage reads and would cost a third torch start-up). Rank 0 is
+    SIGKILLed mid-run and resumed; the joined file must equal one uninterrupted run. One test for
+    both properties because each subprocess costs ~10 s of imports on a loaded 2-core machine."""
+    out = tmp_path / "multi.h5"
+    shard0, shard1 = (tmp_path / f"multi.shard-0000{r}-of-00002.h5" for r in range(2))
+    ranks = [subprocess.Popen([sys.executable, *runner_command(tmp_path, images, out, encoder_dir)],
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2",
+                                   "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for r in range(2)]
+    parts = tmp_path / (shard0.name + ".partial")
+
+    def kill_rank0_after_three_parts():
+        deadline = time.time() + 120
+        while len(list(parts.glob("part-*.h5"))) < 3 and ranks[0].poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.002)
+        ranks[0].send_signal(signal.SIGKILL)
+
+    watcher = threading.Thread(target=kill_rank0_after_three_parts)
+    watcher.start()  # the reference run below overlaps the subprocesses' start-up
+    single = tmp_path / "single.h5"
+    extract(images, single, encoder_dir, batch_size=2, flush_every=4)
+    watcher.join()
+    assert ranks[0].wait() == -signal.SIGKILL, "rank 0 finished before it could be killed"
+    assert ranks[1].wait(timeout=120) == 0, ranks[1].stderr.read().decode()[-2000:]
+
+    with pytest.raises(FeatureFileError, match="did not finish"):
+        FeatureTable(shard0)  # the stub says so until a clean finish
+    with pytest.raises(FeatureFileError, match="did not finish"):
+        join_features(JoinConfig(shards=[shard0, shard1], out=out))
+    assert 3 <= len(list(parts.glob("part-*.h5"))) < 6
+    summary = extract(images, out, encoder_dir, batch_size=2, flush_every=4, shard="0/2")
+    assert summary["skipped"] >= 12 and summary["rows"] == 24 and not parts.exists()
+    assert len(read(shard1)[0]) == 24
+
+    result = CliRunner().invoke(cli, ["join-features", str(shard0), str(shard1), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ids, feats = read(out)
+    ref_ids, ref_feats = read(single)
+    assert ids == ref_ids  # no duplicated, no missing id, same order
+    # Parts end on whole batches, so the resumed rank forms the same batches as the single run
+    # (and each shard starts on a batch boundary): identical features.
+    np.testing.assert_array_equal(feats, ref_feats)
+
+    # A virtual join reads the same, and survives moving the folder (paths stored relative).
+    join_features(JoinConfig(shards=[shard0, shard1], out=tmp_path / "virtual.h5", virtual=True))
+    moved = tmp_path.parent / (tmp_path.name + "_moved")
+    shutil.move(tmp_path, moved)
+    virtual = FeatureTable(moved / "virtual.h5", dtype=torch.float32)
+    assert virtual.ids == ref_ids
+    np.testing.assert_array_equal(virtual.features.numpy(), feats.astype(np.float32))
+
+    with pytest.raises(FeatureFileError, match="is in both"):
+        join_features(JoinConfig(shards=[moved / shard1.name, moved / shard1.name],
+                                 out=moved / "dup.h5"))
+
+
+def test_kill_between_merge_and_cleanup_leaves_no_duplicates(tmp_path, images, encoder_dir,
+                                                             monkeypatch):
+    out = tmp_path / "f.h5"
+    import babymerge.features as features
+
+    monkeypatch.setattr(features.shutil, "rmtree", lambda path: None)  # "killed" right here
+    extract(images, out, encoder_dir, batch_size=8, flush_every=16)
+    assert (tmp_path / "f.h5.partial").is_dir()
+    # a part and a merge killed mid-write
+    (tmp_path / "f.h5.partial" / "part-000099.h5.tmp").write_bytes(b"half a part")
+    (tmp_path / "f.h5.tmp").write_bytes(b"half a merge")
+    monkeypatch.undo()
+    summary = extract(images, out, encoder_dir, batch_size=8, flush_every=16)
+    assert summary["new"] == 0 and summary["rows"] == 48
+    ids, _ = read(out)
+    assert len(ids) == len(set(ids)) == 48
+    assert not (tmp_path / "f.h5.partial").exists()
+
+
+def test_appending_refuses_other_encoder_layer_or_dtype(tmp_path, encoder_dir):
+    write_images(tmp_path / "imgs", ["a.png", "b.png"])
+    out = tmp_path / "f.h5"
+    extract(tmp_path / "imgs", out, encoder_dir)
+    write_images(tmp_path / "imgs", ["c.png"], seed=1)
+    assert extract(tmp_path / "imgs", out, encoder_dir)["new"] == 1  # same encoder: appends
+
+    other = save_random_dinov2(tmp_path / "other", image_size=56, seed=1)
+    with pytest.raises(FeatureFileError, match="encoder="):
+        extract(tmp_path / "imgs", out, other)
+    with pytest.raises(FeatureFileError, match="dtype='float16'"):
+        extract(tmp_path / "imgs", out, encoder_dir, dtype="float32")
+    # Same encoder name, other crop or other weights (the latter caught by /black).
+    swap = tmp_path / "swap"
+    shutil.copytree(encoder_dir, swap)
+    extract(tmp_path / "imgs", tmp_path / "g.h5", swap)
+    save_random_dinov2(swap, image_size=70)
+    with pytest.raises(FeatureFileError, match="image_size=56"):
+        extract(tmp_path / "imgs", tmp_path / "g.h5", swap)
+    save_random_dinov2(swap, image_size=56, seed=7)
+    with pytest.raises(FeatureFileError, match="/black differs"):
+        extract(tmp_path / "imgs", tmp_path / "g.h5", swap)
+    with h5py.File(out, "r") as f:
+        f_layer = dict(f.attrs)
+    assert f_layer["count"] == 3 and bool(f_layer["complete"])
+
+
+def test_cli_and_shard_flag(tmp_path, encoder_dir):
+    write_images(tmp_path / "imgs", [f"{i}.png" for i in range(5)])
+    runner = CliRunner()
+    result = runner.invoke(cli, cli_args(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir,
+                                         "--shard", "1/2"))
+    assert result.exit_code == 0, result.output
+    assert read(tmp_path / "f.shard-00001-of-00002.h5")[0] == ["2", "3", "4"]
+    result = runner.invoke(cli, cli_args(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir,
+                                         "--shard", "2/2"))
+    assert result.exit_code != 0 and "--shard 2/2" in result.output
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        ExtractConfig(source="x", batch_size=0)
+    with pytest.raises(ValueError, match="--precision must be one of"):
+        ExtractConfig(source="x", precision="fp8")
+    with pytest.raises(FeatureFileError, match="did not finish"):
+        join_features(JoinConfig(shards=[_stub(tmp_path)], out=tmp_path / "j.h5"))
+
+
+def _stub(tmp_path):
+    path = tmp_path / "stub.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["complete"] = False
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-runs: images that could not be read are tried again, failures recorded anew
+
+
+def test_missing_file_is_retried_corrupt_file_is_not(tmp_path, encoder_dir):
+    """An image that could not be read (missing file: wrong --image-root, download not yet
+    finished) is tried again by the next run; one that failed to decode waits for
+    --retry-failed."""
+    write_images(tmp_path / "imgs", ["a.png"])
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"not an image")
+    lines = [{"image_id": i, "path": f"imgs/{i}.png"} for i in ("a", "late", "bad")]
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "f.h5"
+    first = extract(tmp_path / "list.jsonl", out, encoder_dir)
+    assert first["rows"] == 1 and first["failed"] == 2
+    assert FeatureTable(out).failed["late"].startswith("unreadable")
+
+    write_images(tmp_path / "imgs", ["late.png"], seed=4)  # the download finished
+    second = extract(tmp_path / "list.jsonl", out, encoder_dir)
+    table = FeatureTable(out, dtype=torch.float32)
+    assert second["new"] == 1 and second["skipped"] == 2
+    assert "late" in table and set(table.failed) == {"bad"}
+    assert extract(tmp_path / "list.jsonl", out, encoder_dir, retry_failed=True)["new_failed"] == 1
+
+
+def test_rerun_with_still_missing_images_does_not_rewrite(tmp_path, encoder_dir):
+    """A re-run whose only work is trying again images that still cannot be read leaves the
+    feature file as it is (at real scale it is gigabytes; rewriting it on every run of a job
+    array for a few missing files costs minutes and adds nothing)."""
+    write_images(tmp_path / "imgs", ["a.png", "b.png"])
+    lines = [{"image_id": i, "path": f"imgs/{i}.png"} for i in ("a", "b", "gone")]
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "f.h5"
+    extract(tmp_path / "list.jsonl", out, encoder_dir)
+    before = os.stat(out).st_ino
+    again = extract(tmp_path / "list.jsonl", out, encoder_dir)
+    assert again["new"] == 0 and again["new_failed"] == 1 and again["failed"] == 1
+    assert os.stat(out).st_ino == before  # not rewritten
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_rerun_whose_failure_changed_records_the_new_reason(tmp_path, encoder_dir):
+    """Only the same failures, with the same reasons, leave the file alone: an image that now
+    fails in another way is recorded with its new reason."""
+    from babymerge.featurefile import FeatureTable
+
+    write_images(tmp_path / "imgs", ["a.png"])
+    lines = [{"image_id": i, "path": f"imgs/{i}.png"} for i in ("a", "gone")]
+    (tmp_path / "list.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "f.h5"
+    extract(tmp_path / "list.jsonl", out, encoder_dir)
+    assert "FileNotFoundError" in FeatureTable(out).failed["gone"]
+    (tmp_path / "imgs" / "gone.png").mkdir()  # still unreadable, for another reason
+    again = extract(tmp_path / "list.jsonl", out, encoder_dir)
+    assert again["new_failed"] == 1 and again["failed"] == 1
+    assert "IsADirectoryError" in FeatureTable(out).failed["gone"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources already in the file: extending a feature file with a second SOURCE whose ids are
+# already stored (from the first source) says so; a resume or re-run of a source already in
+# the file does not
+
+
+def test_second_source_with_stored_ids_warns_and_resume_does_not(tmp_path, encoder_dir):
+    write_images(tmp_path / "a", ["1.png", "2.png"], seed=0)
+    write_images(tmp_path / "b", ["2.png", "3.png"], seed=1)  # its "2" is another image
+    out = tmp_path / "f.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extract(tmp_path / "a", out, encoder_dir)
+    with pytest.warns(UserWarning, match=r"1 image id\(s\) of SOURCE .*b are already in .*: 2;"):
+        summary = extract(tmp_path / "b", out, encoder_dir)
+    assert summary["rows"] == 3 and summary["skipped"] == 1
+    with h5py.File(out, "r") as f:
+        sources = json.loads(f.attrs["config"])["sources"]
+    assert sources == sorted(str((tmp_path / d).resolve()) for d in "ab")
+    with warnings.catch_warnings():  # both sources are known now: re-runs are resumes
+        warnings.simplefilter("error")
+        assert extract(tmp_path / "b", out, encoder_dir)["skipped"] == 2
+        assert extract(tmp_path / "a", out, encoder_dir)["skipped"] == 2
+
+
+def test_file_written_before_sources_were_recorded(tmp_path, encoder_dir):
+    """A file whose config has only its one ``source``: re-running that source resumes quietly,
+    another source with the same ids warns."""
+    write_images(tmp_path / "a", ["1.png"], seed=0)
+    write_images(tmp_path / "b", ["1.png"], seed=1)
+    out = tmp_path / "f.h5"
+    extract(tmp_path / "a", out, encoder_dir)
+    with h5py.File(out, "r+") as f:
+        config = json.loads(f.attrs["config"])
+        del config["sources"]
+        f.attrs["config"] = json.dumps(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert extract(tmp_path / "a", out, encoder_dir)["skipped"] == 1
+    with pytest.warns(UserWarning, match=r"1 image id\(s\) of SOURCE .*b are already in"):
+        extract(tmp_path / "b", out, encoder_dir)
+
+
+def test_joined_file_records_every_shards_source(tmp_path, encoder_dir):
+    from babymerge.features import JoinConfig, join_features
+
+    write_images(tmp_path / "a", ["1.png"], seed=0)
+    write_images(tmp_path / "b", ["2.png"], seed=1)
+    extract(tmp_path / "a", tmp_path / "a.h5", encoder_dir)
+    extract(tmp_path / "b", tmp_path / "b.h5", encoder_dir)
+    join_features(JoinConfig(shards=[tmp_path / "a.h5", tmp_path / "b.h5"], out=tmp_path / "j.h5"))
+    with warnings.catch_warnings():  # b's images are in the joined file: re-running b resumes
+        warnings.simplefilter("error")
+        assert extract(tmp_path / "b", tmp_path / "j.h5", encoder_dir)["skipped"] == 1
+
+
+def test_virtual_join_counts_the_failed_it_writes(tmp_path, encoder_dir):
+    """An id failed in one shard but with a feature in another is not failed: the summary and
+    the file agree (the virtual join's summary counted it)."""
+    from babymerge.features import JoinConfig, join_features
+
+    write_images(tmp_path / "a", ["1.png"], seed=0)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "1.png").write_bytes(b"broken")
+    extract(tmp_path / "a", tmp_path / "a.h5", encoder_dir)
+    extract(tmp_path / "b", tmp_path / "b.h5", encoder_dir)
+    for virtual in (False, True):
+        out = tmp_path / f"j{virtual}.h5"
+        summary = join_features(JoinConfig(shards=[tmp_path / "a.h5", tmp_path / "b.h5"],
+                                           out=out, virtual=virtual))
+        with h5py.File(out, "r") as f:
+            assert summary["failed"] == len(f["failed"]["ids"]) == 0
+
+
+def test_longer_shard_range_is_the_same_source(tmp_path, encoder_dir):
+    """Extending a feature file with a longer range (or a glob) of the same .tar shards, as the
+    README's `extract-features shards/{00000..00331}.tar` does once more of a download has
+    arrived, is a resume of the same source, not a second source whose ids clash."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "00000.tar", 0, 2, seed=0)
+    write_shard(shards / "00001.tar", 100, 2, seed=1)
+    out = tmp_path / "f.h5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        extract(f"{shards}/{{00000..00000}}.tar", out, encoder_dir)
+        # the download went on: the range is extended, the stored shard is resumed quietly
+        summary = extract(f"{shards}/{{00000..00001}}.tar", out, encoder_dir)
+        assert summary["rows"] == 4 and summary["skipped"] == 2
+        assert extract(f"{shards}/*.tar", out, encoder_dir)["skipped"] == 4
+        assert extract(str(shards), out, encoder_dir)["skipped"] == 4
+    # shards of another download with the same keys still clash
+    other = tmp_path / "other"
+    other.mkdir()
+    write_shard(other / "00000.tar", 0, 1, seed=5)
+    with pytest.warns(UserWarning, match=r"1 image id\(s\) of SOURCE .*other.* are already in"):
+        extract(f"{other}/{{00000..00000}}.tar", out, encoder_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction with the GPU JPEG path (on CPU the decoder's ``decode`` is fixtures.pil_decode,
+# a PIL stand-in with torchvision's signature; the decoder itself is test_images.py's)
+
+
+def test_feature_file_does_not_depend_on_where_jpegs_decode(tmp_path, encoder_dir, monkeypatch):
+    """The whole extraction with deferral on (decode stand-in on CPU) equals the worker run
+    without drafting: same ids in the same order, same features, same /failed. Deferral turns
+    drafting off for the whole file, even under --jpeg-draft, so the large progressive JPEG left
+    to the workers is not drafted either (drafting would change its feature)."""
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(7):
+        smooth_image(rng, 60 + 4 * i, 80).save(folder / f"a{i}.jpg")
+    smooth_image(rng, 50, 70).save(folder / "p.jpg", progressive=True)
+    smooth_image(rng, 300, 400).save(folder / "big.jpg", progressive=True)  # drafted if asked
+    smooth_image(rng, 50, 70).save(folder / "c.png")
+    (folder / "z.jpg").write_bytes(b"")
+    kw = dict(source=str(folder), encoder=str(encoder_dir), num_workers=0, batch_size=4)
+    extract_features(ExtractConfig(out=tmp_path / "workers.h5", **kw))
+    extract_features(ExtractConfig(out=tmp_path / "drafted.h5", jpeg_draft=True, **kw))
+    monkeypatch.setattr(features, "resolve_decode", lambda decode, device, workers: "gpu")
+    monkeypatch.setattr(features, "GpuJpegDecoder",
+                        lambda preprocess, device: GpuJpegDecoder(preprocess, device, pil_decode))
+    extract_features(ExtractConfig(out=tmp_path / "gpu.h5", jpeg_draft=True, **kw))
+    with (h5py.File(tmp_path / "workers.h5") as a, h5py.File(tmp_path / "gpu.h5") as b,
+          h5py.File(tmp_path / "drafted.h5") as d):
+        assert list(a[IDS][:]) == list(b[IDS][:]) and len(a[IDS]) == 10
+        np.testing.assert_array_equal(a[FEATURES][:], b[FEATURES][:])
+        assert list(a[FAILED]["ids"][:]) == list(b[FAILED]["ids"][:]) == [b"z"]
+        # the file says which decoder made it
+        assert json.loads(a.attrs["config"])["decode_resolved"] == "workers"
+        assert json.loads(b.attrs["config"])["decode_resolved"] == "gpu"
+        big = list(a[IDS][:]).index(b"big")
+        assert not np.array_equal(a[FEATURES][big], d[FEATURES][big])
+
+
+def test_auto_decode_follows_device_and_workers(monkeypatch):
+    monkeypatch.setattr(features, "gpu_jpeg_decoder_available", lambda: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert features.resolve_decode("auto", cuda, 3) == "gpu"
+    assert features.resolve_decode("auto", cuda, features.GPU_DECODE_BELOW_WORKERS) == "workers"
+    assert features.resolve_decode("auto", cpu, 0) == "workers"
+    assert features.resolve_decode("workers", cuda, 0) == "workers"
+    assert features.resolve_decode("gpu", cuda, 15) == "gpu"
+
+
+def test_decode_gpu_without_cuda_is_a_clear_error(tmp_path, encoder_dir):
+    if torch.cuda.is_available() and gpu_jpeg_decoder_available():
+        pytest.skip("this machine can decode on the GPU")
+    smooth_image(np.random.default_rng(6), 60, 80).save(tmp_path / "a.jpg")
+    with pytest.raises(features.InputError, match="--decode gpu needs"):
+        extract_features(ExtractConfig(source=str(tmp_path), out=tmp_path / "f.h5",
+                                       encoder=str(encoder_dir), decode="gpu", device="cpu"))

@@ -1,8 +1,11 @@
-"""Fused projector (babymerge/kernels/projector.py) against its torch reference: output and every
-gradient, every dtype, shapes that are not multiples of any block, on the CPU interpreter (default
-run) and on a GPU (``-m gpu``, interpreter off)."""
+"""Fused projector (babymerge/kernels/projector.py, its module form FusedProjector) against its
+torch reference: output and every gradient, every dtype, shapes that are not multiples of any
+block, on the CPU interpreter (default run) and on a GPU (``-m gpu``, interpreter off); plans and
+their timing; the kernel as a researcher calls it (in-place ops on its output, gradient penalties,
+torch.compile); the host-side helpers that must give Triton's values."""
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -397,3 +400,100 @@ def test_plan_timing_counts_host_time(monkeypatch):
     ms = projector._measure(host_bound, budget_ms=5.0)
     assert ms == 1.0
     assert len(calls) == 1 + 2 + 4 + 8  # the untimed first call, then doubling batches to 5 ms
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel as a researcher calls it: in-place ops on the projector's output, gradient
+# penalties, torch.compile (small shapes: the interpreter is slow)
+
+
+def _small_inputs(m=6, k=32, h=16, n=16, seed=0):
+    """x, W1, b1, W2, b2 in fp32 on the CPU, small (the interpreter is slow), requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w1 = torch.randn(h, k, generator=g) * k ** -0.5
+    b1 = torch.randn(h, generator=g) * 0.5
+    w2 = torch.randn(n, h, generator=g) * h ** -0.5
+    b2 = torch.randn(n, generator=g) * 0.5
+    return [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+
+
+def _clone(inputs):
+    return [t.detach().clone().requires_grad_() for t in inputs]
+
+
+@pytest.mark.parametrize("shape", [(6, 32), (2, 3, 32)], ids=["2d", "3d"])
+def test_output_can_be_modified_in_place_while_training(kernel_device, shape):
+    """The output was a view of the kernel's (M, N) buffer, so an in-place op on it (``y.mul_``,
+    ``relu_``, a residual ``+=``) raised autograd's 'view created inside a custom Function'
+    error; LlavaMultiModalProjector, which FusedProjector replaces, allows it."""
+    inputs = [t.detach().to(kernel_device).requires_grad_() for t in _small_inputs()]
+    x = inputs[0].detach().reshape(shape).requires_grad_()
+    ref = [x.detach().clone().requires_grad_()] + _clone(inputs[1:])
+    y = project_triton(x, *inputs[1:])
+    y.mul_(2.0).add_(1.0)
+    y.square().sum().backward()
+    y_ref = project_reference(*ref).mul_(2.0).add_(1.0)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip([x, *inputs[1:]], ref):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_double_backward_raises_instead_of_dropping_second_derivatives(kernel_device):
+    """A gradient penalty (create_graph=True) through the kernel: its backward returned gradients
+    with no graph, so the penalty's contribution to the weights' gradients was silently dropped
+    (w1.grad off by ~100 %). It must raise instead."""
+    x, w1, b1, w2, b2 = [t.detach().to(kernel_device).requires_grad_() for t in _small_inputs()]
+    y = project_triton(x, w1, b1, w2, b2)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
+        (y.sum() + gx.square().sum()).backward()
+
+
+def test_first_order_gradients_unchanged_with_create_graph(kernel_device):
+    """create_graph=True alone (no second derivative taken) still gives the right gradients."""
+    inputs = [t.detach().to(kernel_device).requires_grad_() for t in _small_inputs()]
+    ref = _clone(inputs)
+    grads = torch.autograd.grad(project_triton(*inputs).square().sum(), inputs,
+                                create_graph=True)
+    want = torch.autograd.grad(project_reference(*ref).square().sum(), ref)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g.detach(), w, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_falls_back_under_the_interpreter(monkeypatch):
+    """torch.compile of a module using FusedProjector, with BABYMERGE_KERNELS=triton on the CPU
+    interpreter: Dynamo traced into the interpreter's numpy emulation and failed with
+    'KeyError(torch.uint64)' on fake tensors. The kernel call is now a graph break: same outputs
+    and gradients as eager."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("interpreter-only behaviour")
+    monkeypatch.setenv("BABYMERGE_KERNELS", "triton")
+    torch.manual_seed(0)
+    module = FusedProjector(32, 16, 16)
+    x = torch.randn(5, 32)
+    want = module(x)
+    (want_grad,) = torch.autograd.grad(want.sum(), module.linear_1.weight)
+    compiled = torch.compile(module, backend="eager")
+    got = compiled(x)
+    (got_grad,) = torch.autograd.grad(got.sum(), module.linear_1.weight)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side helpers
+
+
+def test_host_side_cdiv_and_next_power_of_2_match_tritons():
+    """babymerge/kernels/projector.py computes grids, block caps and plan keys with its own ceil
+    division and next power of two (Triton's are slow constexpr functions): they must give Triton's
+    values, or grids would miss tiles and plans be keyed apart."""
+    import triton
+
+    from babymerge.kernels.projector import _cdiv, _next_power_of_2
+
+    assert [_next_power_of_2(n) for n in range(2100)] == [
+        triton.next_power_of_2(n) for n in range(2100)]
+    assert all(_cdiv(a, b) == triton.cdiv(a, b) for a in range(600) for b in (1, 3, 16, 64, 256))

@@ -9,22 +9,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from evalmerge_fixtures import build_world, make_checkpoint
 
 import babymerge.merge as merge_module
 import babymerge.merge_resume as merge_resume
 from babymerge.merge import MergeConfig, MergeError, merge
+from fixtures import eval_world, make_checkpoint  # noqa: F401  (eval_world: fixture)
 
 TIMINGS = ("merge_s", "eval_s")
 
 
 class Interrupted(Exception):
     """Stands for Ctrl-C or a kill between two scored points."""
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("resumeworld"))
 
 
 @pytest.fixture
@@ -54,7 +49,7 @@ def spy(monkeypatch):
     monkeypatch.setattr(merge_module, "load_model", count("loads", real_load))
     monkeypatch.setattr(merge_module, "read_tensors", count("reads", real_read))
     monkeypatch.setattr(merge_module, "save_checkpoint", count("saves", real_save))
-    # the figures are test_merge.py's; rendering them is most of a tiny merge's time
+    # the figures are test_merge_report.py's; rendering them is most of a tiny merge's time
     for plot in ("plot_alpha_curve", "plot_checkpoint_curve"):
         monkeypatch.setattr(merge_module, plot, lambda results: b"png")
 
@@ -83,17 +78,17 @@ def on_disk(out: Path) -> dict:
     return comparable(json.loads((out / "results.json").read_text()), out)
 
 
-def test_interrupted_sweep_resumes_to_the_uninterrupted_results(world, tmp_path, spy, capsys):
+def test_interrupted_sweep_resumes_to_the_uninterrupted_results(eval_world, tmp_path, spy, capsys):
     # no 1.0 in the grid: the LM's unmerged score is its own logged record
     kw = dict(alpha_grid="0,0.25,0.5,0.75", keep="0.25,chosen")
-    reference = merge(config(world, tmp_path / "ref", **kw))
+    reference = merge(config(eval_world, tmp_path / "ref", **kw))
     assert spy.scored == 5 and spy.loads == 1
 
     out = tmp_path / "run"
     spy.reset()
     spy.fail_at = 4  # 0, 0.25, 0.5 logged (0.25 kept), killed while scoring 0.75
     with pytest.raises(Interrupted):
-        merge(config(world, out, **kw))
+        merge(config(eval_world, out, **kw))
     kept = out / "alpha_0.25"
     assert (kept / "merge.json").is_file() and spy.saves == 1
     kept_mtime = (kept / "model.safetensors").stat().st_mtime_ns
@@ -103,7 +98,7 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_results(world, tmp_path,
     capsys.readouterr()
 
     spy.reset()
-    results = merge(config(world, out, **kw))
+    results = merge(config(eval_world, out, **kw))
     assert spy.scored == 2  # 0.75 and the unmerged LM: nothing logged is scored again
     assert "resuming: reused 3 of 4 point(s)" in capsys.readouterr().out
     assert comparable(results, out) == comparable(reference, tmp_path / "ref") == on_disk(out)
@@ -114,60 +109,60 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_results(world, tmp_path,
     assert len(lines) == 5 and all(json.loads(line) for line in lines)  # the cut line is gone
 
     spy.reset()  # a finished sweep rerun: rebuilt from the log, nothing loaded, read or scored
-    again = merge(config(world, out, **kw))
+    again = merge(config(eval_world, out, **kw))
     assert (spy.scored, spy.loads, spy.reads, spy.saves) == (0, 0, 0, 0)
     assert comparable(again, out) == comparable(reference, tmp_path / "ref")
 
     spy.reset()  # the chosen checkpoint deleted by hand: that VLM is loaded again, only to save
     shutil.rmtree(out / f"alpha_{chosen}")
     (out / f".alpha_{chosen}.killed").mkdir()  # what a kill during its save leaves
-    merge(config(world, out, **kw))
+    merge(config(eval_world, out, **kw))
     assert (spy.scored, spy.loads, spy.saves) == (0, 1, 1)
     assert (out / f"alpha_{chosen}" / "model.safetensors").is_file()
     assert not (out / f".alpha_{chosen}.killed").exists()
 
 
-def test_another_identity_is_refused_or_restarted(world, tmp_path, spy):
-    vlm = shutil.copytree(world.vlm, tmp_path / "vlm")
+def test_another_identity_is_refused_or_restarted(eval_world, tmp_path, spy):
+    vlm = shutil.copytree(eval_world.vlm, tmp_path / "vlm")
     out = tmp_path / "out"
-    kw = dict(alpha_grid="0,1", keep="none", task=[world.specs["blimp"]])
-    merge(config(world, out, vlm=[vlm], **kw))
+    kw = dict(alpha_grid="0,1", keep="none", task=[eval_world.specs["blimp"]])
+    merge(config(eval_world, out, vlm=[vlm], **kw))
 
     refused = [(dict(dtype="bfloat16"), r"--dtype: 'float32' -> 'bfloat16'"),
                (dict(method="slerp"), r"--method.*'linear'.*'slerp'"),
-               (dict(task=[world.specs["blimp"], world.specs["wg"]]),
+               (dict(task=[eval_world.specs["blimp"], eval_world.specs["wg"]]),
                 r"--task/--features: tasks \['blimp'\] -> \['blimp', 'wg'\]")]
     for change, message in refused:
         with pytest.raises(MergeError, match=message + r".*pass --restart"):
-            merge(config(world, out, vlm=[vlm], **{**kw, **change}))
+            merge(config(eval_world, out, vlm=[vlm], **{**kw, **change}))
 
     # a task file edited in place: same name, other items
-    tasks = shutil.copytree(world.root / "tasks" / "blimp", tmp_path / "blimp")
+    tasks = shutil.copytree(eval_world.root / "tasks" / "blimp", tmp_path / "blimp")
     spec = f"blimp=minimal_pairs:{tasks}"
-    merge(config(world, tmp_path / "out2", vlm=[vlm], **{**kw, "task": [spec]}))
+    merge(config(eval_world, tmp_path / "out2", vlm=[vlm], **{**kw, "task": [spec]}))
     first = tasks / "order.jsonl"
     first.write_text("".join(first.read_text().splitlines(keepends=True)[1:]))
     with pytest.raises(MergeError, match="the items or image features of blimp changed"):
-        merge(config(world, tmp_path / "out2", vlm=[vlm], **{**kw, "task": [spec]}))
+        merge(config(eval_world, tmp_path / "out2", vlm=[vlm], **{**kw, "task": [spec]}))
 
     # the same weights written again (train re-publishing them): hashed again, still the same
     weights = vlm / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     spy.reset()
-    merge(config(world, out, vlm=[vlm], **kw))
+    merge(config(eval_world, out, vlm=[vlm], **kw))
     assert spy.scored == spy.loads == 0
 
     # a retrained checkpoint behind the same folder: refused, then discarded with --restart
-    make_checkpoint(vlm, world.tokenizer, seed=7)
+    make_checkpoint(vlm, eval_world.tokenizer, seed=7)
     with pytest.raises(MergeError, match=r"--vlm .*vlm: model.safetensors changed"):
-        merge(config(world, out, vlm=[vlm], **kw))
+        merge(config(eval_world, out, vlm=[vlm], **kw))
     spy.reset()
-    results = merge(config(world, out, vlm=[vlm], restart=True, **kw))
+    results = merge(config(eval_world, out, vlm=[vlm], restart=True, **kw))
     assert spy.scored == 2
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["scores"] for r in logged] == [r["scores"] for r in results["records"]]
     spy.reset()
-    merge(config(world, out, vlm=[vlm], **kw))  # and that new sweep resumes as usual
+    merge(config(eval_world, out, vlm=[vlm], **kw))  # and that new sweep resumes as usual
     assert spy.scored == 0
 
     # points logged by a babymerge before resuming (no identity to check them against)
@@ -175,40 +170,40 @@ def test_another_identity_is_refused_or_restarted(world, tmp_path, spy):
     del saved["identity"]
     (out / "merge_config.json").write_text(json.dumps(saved))
     with pytest.raises(MergeError, match="no sweep identity.*pass --restart"):
-        merge(config(world, out, vlm=[vlm], **kw))
+        merge(config(eval_world, out, vlm=[vlm], **kw))
 
 
-def test_a_longer_grid_reuses_the_logged_points(world, tmp_path, spy):
-    kw = dict(keep="none", task=[world.specs["blimp"]])
+def test_a_longer_grid_reuses_the_logged_points(eval_world, tmp_path, spy):
+    kw = dict(keep="none", task=[eval_world.specs["blimp"]])
     out = tmp_path / "out"
-    merge(config(world, out, alpha_grid="0,0.5", **kw))
+    merge(config(eval_world, out, alpha_grid="0,0.5", **kw))
     assert spy.scored == 3  # 0, 0.5 and the unmerged LM (1 is not on this grid)
     spy.reset()
-    extended = merge(config(world, out, alpha_grid="0:1:0.25", **kw))
+    extended = merge(config(eval_world, out, alpha_grid="0:1:0.25", **kw))
     assert spy.scored == 3  # 0.25, 0.75, 1; with 1 on the grid the LM endpoint is that point
-    fresh = merge(config(world, tmp_path / "fresh", alpha_grid="0:1:0.25", **kw))
+    fresh = merge(config(eval_world, tmp_path / "fresh", alpha_grid="0:1:0.25", **kw))
     assert comparable(extended, out) == comparable(fresh, tmp_path / "fresh")
     assert extended["method"] == {"name": "linear", "reference": extended["method"]["reference"]}
     spy.reset()  # a shorter grid again: a subset of the log, nothing scored
-    short = merge(config(world, out, alpha_grid="0,1", **kw))
+    short = merge(config(eval_world, out, alpha_grid="0,1", **kw))
     assert spy.scored == 0 and [r["alpha"] for r in short["records"]] == [0.0, 1.0]
 
 
-def test_checkpoint_sweep_skips_finished_vlms(world, tmp_path, spy):
+def test_checkpoint_sweep_skips_finished_vlms(eval_world, tmp_path, spy):
     """A checkpoint sweep killed in its second VLM loads only that one again; its kept winner is
     the uninterrupted run's."""
-    vlm2 = make_checkpoint(tmp_path / "vlm2", world.tokenizer, seed=5)
-    kw = dict(vlm=[world.vlm, vlm2], alpha_grid="1", keep="chosen", method="dare",
-              base=world.base, density=0.5, task=[world.specs["blimp"]])
-    reference = merge(config(world, tmp_path / "ref", **kw))
+    vlm2 = make_checkpoint(tmp_path / "vlm2", eval_world.tokenizer, seed=5)
+    kw = dict(vlm=[eval_world.vlm, vlm2], alpha_grid="1", keep="chosen", method="dare",
+              base=eval_world.base, density=0.5, task=[eval_world.specs["blimp"]])
+    reference = merge(config(eval_world, tmp_path / "ref", **kw))
     out = tmp_path / "out"
     spy.reset()
     # dare scores both unmerged endpoints: vlm's VLM, 1, LM; vlm2's VLM; killed at its 1
     spy.fail_at = 5
     with pytest.raises(Interrupted):
-        merge(config(world, out, **kw))
+        merge(config(eval_world, out, **kw))
     spy.reset()
-    results = merge(config(world, out, **kw))
+    results = merge(config(eval_world, out, **kw))
     # vlm2 to finish its grid, then the winner once more to save it; vlm is not loaded to score
     assert spy.scored == 2 and spy.loads == 2
     assert comparable(results, out) == comparable(reference, tmp_path / "ref")
@@ -217,52 +212,54 @@ def test_checkpoint_sweep_skips_finished_vlms(world, tmp_path, spy):
     assert results["method"]["seed"] == 0
     with pytest.raises(MergeError, match=r"--method/--density/--scale/--seed: .*'seed': 0.*"
                                          r"'seed': 1"):
-        merge(config(world, out, **{**kw, "seed": 1}))
+        merge(config(eval_world, out, **{**kw, "seed": 1}))
 
 
-def test_restart_discards_once_and_the_same_command_rerun_resumes(world, tmp_path, spy, capsys):
+def test_restart_discards_once_and_the_same_command_rerun_resumes(eval_world, tmp_path, spy,
+                                                                   capsys):
     """--restart throws the log away once: run again after an interruption, the same --restart
     command resumes the sweep it began; a finished sweep, or other inputs, are discarded again."""
-    kw = dict(alpha_grid="0,0.5,1", keep="none", task=[world.specs["blimp"]])
-    reference = merge(config(world, tmp_path / "ref", **kw))
+    kw = dict(alpha_grid="0,0.5,1", keep="none", task=[eval_world.specs["blimp"]])
+    reference = merge(config(eval_world, tmp_path / "ref", **kw))
     out = tmp_path / "out"
     spy.reset()
     spy.fail_at = 2  # a sweep begun without --restart, one point logged
     with pytest.raises(Interrupted):
-        merge(config(world, out, **kw))
+        merge(config(eval_world, out, **kw))
     capsys.readouterr()
     spy.reset()
     spy.fail_at = 3  # --restart discards that point, logs 0 and 0.5, is killed scoring 1
     with pytest.raises(Interrupted):
-        merge(config(world, out, restart=True, **kw))
+        merge(config(eval_world, out, restart=True, **kw))
     assert "--restart: discarding 1 record(s)" in capsys.readouterr().out
     spy.reset()
-    results = merge(config(world, out, restart=True, **kw))  # the same command again
+    results = merge(config(eval_world, out, restart=True, **kw))  # the same command again
     assert spy.scored == 1
     assert "--restart: resuming the unfinished sweep" in capsys.readouterr().out
     assert comparable(results, out) == comparable(reference, tmp_path / "ref")
 
     spy.reset()  # finished: a --restart scores everything again
-    merge(config(world, out, restart=True, **kw))
+    merge(config(eval_world, out, restart=True, **kw))
     assert spy.scored == 3 and "discarding 3 record(s)" in capsys.readouterr().out
     spy.reset()
     spy.fail_at = 2  # a restarted sweep killed after one point, rerun with another --dtype
     with pytest.raises(Interrupted):
-        merge(config(world, out, restart=True, **kw))
+        merge(config(eval_world, out, restart=True, **kw))
     capsys.readouterr()
     spy.reset()
-    merge(config(world, out, restart=True, dtype="bfloat16", **kw))
+    merge(config(eval_world, out, restart=True, dtype="bfloat16", **kw))
     assert spy.scored == 3 and "discarding 1 record(s)" in capsys.readouterr().out
 
 
-def test_a_swapped_checkpoint_with_its_old_size_and_mtime_is_hashed_again(world, tmp_path, spy):
+def test_a_swapped_checkpoint_with_its_old_size_and_mtime_is_hashed_again(eval_world, tmp_path,
+                                                                          spy):
     """The hash cache's key holds the inode and ctime: another checkpoint of the same size put in
     place and given the old mtime (os.utime, cp -p, rsync -t) is not taken for the logged one."""
-    vlm = shutil.copytree(world.vlm, tmp_path / "vlm")
-    other = make_checkpoint(tmp_path / "other", world.tokenizer, seed=7) / "model.safetensors"
+    vlm = shutil.copytree(eval_world.vlm, tmp_path / "vlm")
+    other = make_checkpoint(tmp_path / "other", eval_world.tokenizer, seed=7) / "model.safetensors"
     out = tmp_path / "out"
-    kw = dict(vlm=[vlm], alpha_grid="0,1", keep="none", task=[world.specs["blimp"]])
-    merge(config(world, out, **kw))
+    kw = dict(vlm=[vlm], alpha_grid="0,1", keep="none", task=[eval_world.specs["blimp"]])
+    merge(config(eval_world, out, **kw))
     weights = vlm / "model.safetensors"
     original, st = weights.read_bytes(), weights.stat()
     assert other.stat().st_size == st.st_size and other.read_bytes() != original
@@ -274,10 +271,10 @@ def test_a_swapped_checkpoint_with_its_old_size_and_mtime_is_hashed_again(world,
         assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size,
                                                                           st.st_mtime_ns)
         with pytest.raises(MergeError, match=r"--vlm .*vlm: model.safetensors changed"):
-            merge(config(world, out, **kw))
+            merge(config(eval_world, out, **kw))
         weights.write_bytes(original)
     spy.reset()  # the logged weights back: hashed again, recognised, nothing scored
-    merge(config(world, out, **kw))
+    merge(config(eval_world, out, **kw))
     assert spy.scored == 0
 
 
@@ -290,22 +287,22 @@ def test_file_hash_needs_no_python_3_11(tmp_path, monkeypatch):
         hashlib.sha256(data).hexdigest()
 
 
-def test_a_damaged_log_line_is_named_and_kept_until_restart(world, tmp_path, spy, capsys):
+def test_a_damaged_log_line_is_named_and_kept_until_restart(eval_world, tmp_path, spy, capsys):
     """A bad line other than a last one cut short is not a kill's trace: the rerun names the file
     and line and leaves the log as it was; --restart discards it."""
     out = tmp_path / "out"
-    kw = dict(alpha_grid="0,1", keep="none", task=[world.specs["blimp"]])
-    merge(config(world, out, **kw))
+    kw = dict(alpha_grid="0,1", keep="none", task=[eval_world.specs["blimp"]])
+    merge(config(eval_world, out, **kw))
     metrics = out / "metrics.jsonl"
     lines = metrics.read_text().splitlines(keepends=True)
     damaged = lines[0] + '{"alpha": "half"}\n' + "".join(lines[1:])
     metrics.write_text(damaged)
     with pytest.raises(MergeError, match=r"metrics.jsonl:2: not a merge record.*--restart"):
-        merge(config(world, out, **kw))
+        merge(config(eval_world, out, **kw))
     assert metrics.read_text() == damaged
     capsys.readouterr()
     spy.reset()
-    merge(config(world, out, restart=True, **kw))
+    merge(config(eval_world, out, restart=True, **kw))
     assert spy.scored == 2 and "discarding 3 record(s)" in capsys.readouterr().out
     assert len(metrics.read_text().splitlines()) == 2
 

@@ -97,7 +97,7 @@ def test_a_bfloat16_merge_keeps_the_statistics_exact_in_its_kept_checkpoint(tmp_
 
     from babymerge.merge import MergeConfig, merge
     from babymerge.model import IMAGE_TOKEN, load_model, set_feature_statistics
-    from evalmerge_fixtures import FEATURE_DIM, make_tokenizer, write_features, write_tasks
+    from fixtures import FEATURE_DIM, make_tokenizer, write_features, write_tasks
 
     tok = make_tokenizer(tmp_path / "tokenizer")
     features = write_features(tmp_path / "features.h5", [f"img{i}" for i in range(8)])

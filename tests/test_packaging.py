@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_data_fixtures import world  # noqa: F401
+from fixtures import world  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 

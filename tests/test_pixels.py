@@ -13,7 +13,7 @@ from babymerge.features import (EncoderError, ExtractConfig, extract_features,
 from babymerge.model import IMAGE_TOKEN, MODEL_PRESETS, build_model, save_checkpoint
 from babymerge.pixels import load_vlm_with_encoder
 from babymerge.tokenizer import load_tokenizer
-from test_data_fixtures import world  # noqa: F401  (fixture)
+from fixtures import world  # noqa: F401  (fixture)
 
 TEXTS = ["a red cat is here.", "the dog sees the blue fish."]
 

@@ -1,3 +1,7 @@
+"""babymerge.tokenizer: the trained tokenizer loads as transformers' Llama tokenizer and segments
+like its training, the BOS + image prefix convention, its files loadable by transformers 4 (the
+BabyLM evaluation pipeline's), the word/subword statistics, reading the corpus, and the CLI."""
+
 import json
 
 import pytest
@@ -9,7 +13,7 @@ from babymerge.cli import main
 from babymerge.model import IMAGE_TOKEN, image_prefix_ids
 from babymerge.tokenizer import (TokenizerConfig, TokenizerError, iter_lines, load_tokenizer,
                                  train_tokenizer, word_start_mask)
-from test_data_fixtures import world  # noqa: F401  (fixture)
+from fixtures import world  # noqa: F401  (fixture)
 
 
 def test_auto_tokenizer_is_llama_and_segments_like_the_bert_pretokenized_training(world):
@@ -61,3 +65,32 @@ def test_cli_and_empty_corpus_error(tmp_path):
     assert load_tokenizer(tmp_path / "tok").convert_tokens_to_ids(IMAGE_TOKEN) == 4
     result = CliRunner().invoke(main, ["tokenizer", str(tmp_path / "nope.txt")])
     assert result.exit_code == 2 and "not a file" in result.output
+
+
+def _loadable_by_transformers_4(directory) -> None:
+    # transformers 4.50-4.57 (the BabyLM evaluation pipeline pins 4.51.3) read
+    # extra_special_tokens as a dict: `special_tokens.keys()`; the list transformers 5 wrote
+    # made every tokenizer and checkpoint of ours fail to load there with AttributeError
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert isinstance(config.get("extra_special_tokens", {}), dict), config
+
+
+def test_tokenizer_files_load_in_transformers_4_and_keep_the_named_image_token(world, tmp_path):
+    _loadable_by_transformers_4(world["tokenizer"])
+    tok = load_tokenizer(world["tokenizer"])
+    for step in range(2):  # every checkpoint re-saves the tokenizer it was given
+        out = tmp_path / f"resaved{step}"
+        tok.save_pretrained(out)
+        _loadable_by_transformers_4(out)
+        tok = load_tokenizer(out)
+        assert tok.image_token_id == tok.convert_tokens_to_ids(IMAGE_TOKEN) == 4
+        assert IMAGE_TOKEN in tok.all_special_tokens
+        assert tok("<image> the red cat").input_ids[:2] == [tok.bos_token_id, 4]
+
+
+def test_byte_order_mark_is_not_text(world, tmp_path):
+    # U+FEFF is no whitespace to str.split: it stayed on the first line and was tokenised
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("the red cat.\nthe dog.\n", encoding="utf-8")
+    marked.write_text("\ufeffthe red cat.\nthe dog.\n", encoding="utf-8")
+    assert list(iter_lines([marked])) == list(iter_lines([plain])) == ["the red cat.", "the dog."]

@@ -1,11 +1,19 @@
+"""babymerge.train: the BabyLM word-count checkpoint schedule, an LM that learns and a VLM that
+uses its images, resuming (stopped, SIGKILLed, torn logs, changed data, another tokenizer) to the
+weights of an uninterrupted run, DDP against single-process accumulation, bad inputs, bf16
+autocast, the black feature in checkpoints, standardised features, and training on features read
+out of core."""
+
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -15,12 +23,12 @@ from transformers import AutoModelForImageTextToText
 
 from babymerge.cli import main
 from babymerge.data import DataError
-from babymerge.featurefile import FeatureFileError, FeatureTable
+from babymerge.featurefile import FEATURES, FeatureFileError, FeatureTable
 from babymerge.model import image_prefix_ids, load_model
 from babymerge.tokenizer import load_tokenizer
-from babymerge.train import (TrainConfig, build_initial_model, checkpoint_schedule, train,
-                             words_label)
-from test_data_fixtures import DIM, caption_of, world, write_feature_file  # noqa: F401
+from babymerge.train import (TrainConfig, TrainError, build_initial_model, checkpoint_schedule,
+                             feature_memory_budget, make_optimizer, train, words_label)
+from fixtures import DIM, caption_of, world, write_feature_file  # noqa: F401  (world: fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -262,3 +270,170 @@ def test_checkpoints_carry_the_black_feature_eval_falls_back_to(world, tmp_path)
     with_file = evaluate(EvalConfig(model=out, task=[f"minimal_pairs:{pairs}"], features=features))
     without = evaluate(EvalConfig(model=out, task=[f"minimal_pairs:{pairs}"]))
     assert without["scores"] == with_file["scores"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming and starting runs
+
+
+def standardize_config(world, out, **kw) -> TrainConfig:
+    """One epoch, features standardised (the resume tests' default)."""
+    return lm_config(world, out, **{"epochs": 1, "feature_norm": "standardize", **kw})
+
+
+def test_standardize_run_resumes_to_identical_weights(world, tmp_path):
+    # from_pretrained made the frozen feature statistics trainable again, so the resumed
+    # optimizer had two more parameters than the saved state: load_state_dict raised
+    full = train(standardize_config(world, tmp_path / "full"))
+    out = tmp_path / "stopped"
+    train(standardize_config(world, out, max_steps=3))
+    train(standardize_config(world, out))
+    ref, got = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_init_from_keeps_feature_statistics_out_of_the_optimizer(world, tmp_path):
+    # a trainable parameter that never gets a gradient also stops DDP at its first step
+    init = train(standardize_config(world, tmp_path / "init", max_steps=1, save_every=1))
+    tok = load_tokenizer(world["tokenizer"])
+    fresh = build_initial_model(standardize_config(world, tmp_path / "a"), tok, DIM)
+    started = build_initial_model(standardize_config(world, tmp_path / "b",
+                                                     init_from=init / "resume"), tok, DIM)
+    for model in (fresh, started):
+        assert not model.model.feature_std.requires_grad
+        assert not model.model.feature_mean.requires_grad
+    sizes = [[len(g["params"]) for g in make_optimizer(m, standardize_config(world, tmp_path / "c"),
+                                                       torch.device("cpu")).param_groups]
+             for m in (fresh, started)]
+    assert sizes[0] == sizes[1]
+
+
+def test_resume_after_a_torn_metrics_line(world, tmp_path):
+    # a node that dies mid-write leaves a partial last line (or NUL bytes after a power loss),
+    # possibly cut inside a multi-byte character (not UTF-8 then); resuming read every line as
+    # JSON and stopped with a JSONDecodeError
+    out = tmp_path / "torn"
+    train(standardize_config(world, out, feature_norm="none", max_steps=4))
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 6, "epoch": 0, "lo\x00\x00 \xe2\x82')
+    train(standardize_config(world, out, feature_norm="none"))
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == sorted(set(steps)) and steps[-1] > 4
+
+
+def test_resume_refuses_data_that_changed(world, tmp_path):
+    # the saved step indexes the epoch plan of the data it was saved with; an appended corpus
+    # made another plan and the run went on silently at the same step of other batches
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(world["text"].read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "changed"
+    train(standardize_config(world, out, text=[corpus], feature_norm="none", max_steps=2))
+    with open(corpus, "a", encoding="utf-8") as f:
+        f.write("the red cat sees the blue dog.\n" * 40)
+    with pytest.raises(TrainError, match=r"training data changed.*text_sequences: \d+ -> \d+"):
+        train(standardize_config(world, out, text=[corpus], feature_norm="none"))
+
+
+def test_resume_refuses_captions_that_changed(world, tmp_path):
+    # as many captions as before, one of them longer: only the caption token count tells
+    lines = world["captions"].read_text(encoding="utf-8").splitlines()
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "changed"
+    vlm = dict(kind="vlm", text=[], captions=[captions], feature_norm="none")
+    train(standardize_config(world, out, max_steps=2, **vlm))
+    first = json.loads(lines[0])
+    first["caption"] += " the red cat sees the blue dog."
+    captions.write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n", encoding="utf-8")
+    with pytest.raises(TrainError, match=r"data changed since the run was saved "
+                                         r"\(caption_tokens: \d+ -> \d+\)"):
+        train(standardize_config(world, out, **vlm))
+
+
+def test_init_from_refuses_another_tokenizer_of_the_same_size(world, tmp_path):
+    # a retrained tokenizer keeps --vocab-size, so only the sizes were compared: the model went
+    # on with every embedding row meaning another token
+    init = train(standardize_config(world, tmp_path / "init", feature_norm="none", max_steps=1,
+                                    save_every=1)) / "resume"
+    other = tmp_path / "other_tok"
+    shutil.copytree(world["tokenizer"], other)
+    spec = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]  # two learned tokens trade ids
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(TrainError, match="another tokenizer"):
+        train(standardize_config(world, tmp_path / "z", feature_norm="none", init_from=init,
+                                 tokenizer=other, max_steps=1))
+    train(standardize_config(world, tmp_path / "same", feature_norm="none", init_from=init,
+                             max_steps=1))
+
+
+def test_resume_after_a_kill_between_the_checkpoint_swaps_renames(world, tmp_path):
+    # save_checkpoint moves the old directory aside, then renames the new one into place; a kill
+    # between the two left no resume/ at all and the next run started from step 0
+    full = train(standardize_config(world, tmp_path / "full"))
+    out = tmp_path / "stopped"
+    train(standardize_config(world, out, max_steps=3))
+    resume = out / "resume"
+    resume.rename(out / ".resume.old")
+    with pytest.warns(UserWarning, match="stopped while saving"):
+        train(standardize_config(world, out))
+    ref, got = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    # resumed at step 3, not restarted: every logged step once
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[:2] == [2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Features: out of core, standardised
+
+
+def test_training_out_of_core_equals_in_memory_and_default_is_in_memory(
+        world, tmp_path, one_thread):
+    base = dict(kind="vlm", text=[world["text"]], captions=[world["captions"]],
+                features=world["features"], tokenizer=world["tokenizer"], preset="tiny",
+                seq_len=32, batch_size=16, epochs=1, lr=3e-3, warmup_steps=2, log_every=1,
+                save_every=0, cache_dir=world["root"] / "cache", progress=False)
+    default = TrainConfig(**base, out=tmp_path / "memory")
+    assert default.feature_memory_gb < 0 and feature_memory_budget(default) > 2**20
+    with pytest.warns(UserWarning, match="captions skipped"):
+        train(default)
+    with pytest.warns(UserWarning, match="captions skipped"):
+        train(TrainConfig(**base, out=tmp_path / "disk", feature_memory_gb=0))
+
+    def run(name):
+        out = tmp_path / name
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+        config = json.loads((out / "train_config.json").read_text())
+        return losses, load_file(str(out / "model.safetensors")), config["features_in_memory"]
+
+    (loss_m, w_m, in_m), (loss_d, w_d, in_d) = run("memory"), run("disk")
+    assert in_m is True and in_d is False
+    assert len(loss_m) > 3 and loss_m == loss_d
+    assert all(torch.equal(w_m[k], w_d[k]) for k in w_m)
+    # the feature file's encoder is recorded, so the model can be run on pixels later
+    assert load_model(tmp_path / "memory").config.encoder == "test/random"
+
+
+def test_standardize_stores_the_feature_files_statistics(world, tmp_path, one_thread):
+    from babymerge.featurefile import feature_statistics
+
+    with h5py.File(world["features"], "r") as f:
+        x = np.asarray(f[FEATURES][:], dtype=np.float64)
+    mean, std = feature_statistics(world["features"], chunk_rows=3)  # several chunks
+    assert np.allclose(mean.numpy(), x.mean(0), atol=1e-5)
+    assert np.allclose(std.numpy(), x.std(0), atol=1e-5)
+    cfg = TrainConfig(kind="lm", text=[world["text"]], features=world["features"],
+                      tokenizer=world["tokenizer"], preset="tiny", seq_len=32, batch_size=16,
+                      epochs=1, warmup_steps=1, save_every=0, progress=False,
+                      cache_dir=world["root"] / "cache", out=tmp_path / "lm",
+                      feature_norm="standardize")
+    train(cfg)
+    model = load_model(tmp_path / "lm")
+    assert model.config.feature_norm == "standardize"
+    assert torch.allclose(model.model.feature_mean, mean)
+    assert torch.allclose(model.model.feature_std, std.clamp_min(1e-6))

@@ -98,7 +98,7 @@ def _fitted(**dims: tuple[int, int]) -> dict[str, int]:
 
 # Block sizes are >= 16 everywhere: tl.dot on the GPU needs every dimension >= 16. Every config
 # compiles for sm_90 with the JIT's usual specialisation (babymerge/kernels/gpu_compile.py;
-# ptxas -v) without register spills (Triton 3.6 and 3.9; tests/test_kernels_compile.py); bf16 at
+# ptxas -v) without register spills (Triton 3.6 and 3.9; tests/test_kernels_gpu_compile.py); bf16 at
 # 72-255 registers and 37-110 KB of shared memory, every 64-row tile on warpgroup MMAs (wgmma).
 _FWD = ("BLOCK_M", "BLOCK_N", "BLOCK_H", "BLOCK_K")
 _FWD_CONFIGS = {

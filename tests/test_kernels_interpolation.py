@@ -1,12 +1,15 @@
-"""Fused interpolation merge (babymerge/kernels/interpolation.py) against its torch reference, on a
-real model's parameter list, and the dispatch rules (babymerge/kernels/dispatch.py)."""
+"""Fused interpolation merge (babymerge/kernels/interpolation.py) against its torch reference
+(interpolation_reference.py), on a real model's parameter list; ``kernels.interpolate_`` /
+``interpolate`` on the reference path; tied and overlapping tensors in a merge. The dispatch rules
+are test_kernels_dispatch.py's."""
+
+import os
 
 import pytest
 import torch
 
 from babymerge import kernels
 from babymerge.model import MODEL_PRESETS, build_model
-from babymerge.kernels.dispatch import backend
 from babymerge.kernels.interpolation import interpolate_triton_
 from babymerge.kernels.interpolation_reference import interpolate_reference_
 
@@ -133,19 +136,40 @@ def test_reference_path_and_out_of_place():
     assert torch.equal(dst[0], torch.lerp(d[0], c[0], 0.5))
 
 
-def test_dispatch_modes(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.delenv("BABYMERGE_KERNELS", raising=False)
-    assert backend(cpu) == "torch"
-    assert backend(torch.device("cuda")) == "triton"
-    monkeypatch.setenv("BABYMERGE_KERNELS", "torch")
-    assert backend(torch.device("cuda")) == "torch"
-    monkeypatch.setenv("BABYMERGE_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="need CUDA tensors"):
-        backend(cpu)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backend(cpu) == "triton"
-    monkeypatch.setenv("BABYMERGE_KERNELS", "fast")
-    with pytest.raises(ValueError, match="BABYMERGE_KERNELS='fast'"):
-        backend(cpu)
+# ---------------------------------------------------------------------------------------------
+# Tensors listed twice or overlapping (both paths)
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_a_tied_tensor_listed_twice_is_merged_once(monkeypatch, mode):
+    """Lists built from state_dict() hold a tied weight (an LM's tied embeddings) under two names:
+    merging in place into b interpolated it twice, alpha*a + (1-alpha)*(alpha*a + (1-alpha)*b),
+    on both paths (the second merge read the first's output); on a GPU the two merges race."""
+    if mode == "triton" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("CPU tensors on the Triton path need TRITON_INTERPRET=1")
+    monkeypatch.setenv("BABYMERGE_KERNELS", mode)
+    from babymerge import kernels
+
+    g = torch.Generator().manual_seed(0)
+    tied_a, tied_b, other_a, other_b = (torch.randn(7, generator=g) for _ in range(4))
+    want = [torch.lerp(tied_b, tied_a, 0.3), torch.lerp(other_b, other_a, 0.3)]
+    a, b = [tied_a, other_a, tied_a], [tied_b, other_b, tied_b]
+    kernels.interpolate_(b, a, b, 0.3)
+    torch.testing.assert_close(tied_b, want[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(other_b, want[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_dst_overlapping_another_index_is_refused(monkeypatch, mode):
+    """dst[0] is a[1]: the result depended on the order the tensors were merged in (a race on a
+    GPU); refused with an error naming both indices."""
+    if mode == "triton" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("CPU tensors on the Triton path need TRITON_INTERPRET=1")
+    monkeypatch.setenv("BABYMERGE_KERNELS", mode)
+    from babymerge import kernels
+
+    x, y, z, w = (torch.randn(5) for _ in range(4))
+    with pytest.raises(ValueError, match=r"dst\[0\] overlaps a\[1\]"):
+        kernels.interpolate_([x, torch.empty(5)], [y, x], [z, w], 0.5)
+    with pytest.raises(ValueError, match=r"dst\[1\] overlaps dst\[0\]"):
+        kernels.interpolate_([x, x[1:3]], [y, y[:2].clone()], [z, z[:2].clone()], 0.5)
