@@ -37,6 +37,14 @@ IMAGE_TOKEN = "<image>"
 # so text-only scoring needs no feature file.
 BLACK_FEATURE_FILE = "black_feature.safetensors"
 
+# The self-contained modeling file written into every BabyLLaVA checkpoint, and the auto_map that
+# points transformers at it: the folder then loads with trust_remote_code=True and no babymerge.
+MODELING_FILE = Path(__file__).with_name("modeling_babyllava.py")
+AUTO_MAP = {"AutoConfig": "modeling_babyllava.BabyLlavaConfig",
+            "AutoModel": "modeling_babyllava.BabyLlavaModel",
+            "AutoModelForCausalLM": "modeling_babyllava.BabyLlavaForConditionalGeneration",
+            "AutoModelForImageTextToText": "modeling_babyllava.BabyLlavaForConditionalGeneration"}
+
 
 @dataclass
 class ModelConfig:
@@ -157,6 +165,19 @@ def register_with_auto_classes() -> None:
 register_with_auto_classes()
 
 
+def encoder_name(name: str) -> str:
+    """How a checkpoint's config names its encoder, the same on every machine: a hub id as it is;
+    a hub cache snapshot (``.../models--facebook--dinov2-large/snapshots/<commit>``) as the hub id
+    it caches; any other local folder by its folder name only (give the folder itself where it is
+    needed: ``load_vlm_with_encoder(..., encoder=PATH)``)."""
+    parts = str(name).rstrip("/").split("/")
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    if len(parts) == 2 and not Path(name).is_absolute() and not Path(name).exists():
+        return str(name)  # org/name: a hub id
+    return parts[-1]
+
+
 def build_config(model: ModelConfig, *, vocab_size: int, image_token_id: int, pad_token_id: int,
                  bos_token_id: int, eos_token_id: int, encoder: str = "facebook/dinov2-large",
                  feature_norm: str = "none"
@@ -170,7 +191,7 @@ def build_config(model: ModelConfig, *, vocab_size: int, image_token_id: int, pa
                        tie_word_embeddings=False)
     return BabyLlavaConfig(text_config=text, vision_config={"model_type": "dinov2",
                                                             "hidden_size": model.feature_dim},
-                           image_token_index=image_token_id, encoder=encoder,
+                           image_token_index=image_token_id, encoder=encoder_name(encoder),
                            feature_norm=feature_norm,
                            pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                            eos_token_id=eos_token_id)
@@ -275,6 +296,9 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=Non
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
+        if isinstance(model, BabyLlavaForConditionalGeneration):
+            model.config.auto_map = dict(AUTO_MAP)
+            shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
