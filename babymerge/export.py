@@ -3,10 +3,15 @@
 For tools that know only transformers' own classes (the BabyLM evaluation pipeline among them):
 any checkpoint babymerge writes (``run/lm``, ``run/vlm``, its word-count checkpoints, a kept
 ``alpha_<a>/``) becomes a directory that ``LlamaForCausalLM.from_pretrained`` and
-``AutoTokenizer.from_pretrained`` load. The models were trained on ``[BOS, <image>] + text`` with
-the black image's feature in the image slot; the export writes that feature's projection into the
-``<image>`` embedding row, so the same ids score the same in the export. A tool that does not put
-``<image>`` after BOS feeds the model text it was never trained on.
+``AutoTokenizer.from_pretrained`` load, in transformers 4.x and 5.x. The models were trained on
+``[BOS, <image>] + text`` with the black image's feature in the image slot; the export writes that
+feature's projection into the ``<image>`` embedding row, and its tokenizer puts ``[BOS, <image>]``
+before every text, so a tool that calls ``tokenizer(text)`` scores text-only tasks exactly as
+``babymerge eval`` does.
+
+Export after merging, not before: the ``<image>`` row is the projector's output for the black
+feature, and the projector is not linear, so the merge of two exports is not the export of their
+merge.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import LlamaForCausalLM
+
 from babymerge.config import InputError, arg, atomic_write_text, opt
-from babymerge.model import (BLACK_FEATURE_FILE, IMAGE_TOKEN, export_language_model,
-                             image_prefix_ids, load_black_feature, load_model)
-from babymerge.tokenizer import TokenizerError, load_tokenizer
+from babymerge.model import (BLACK_FEATURE_FILE, IMAGE_TOKEN, BabyLlavaForConditionalGeneration,
+                             image_prefix_ids, load_black_feature, load_model, save_checkpoint)
+from babymerge.tokenizer import TokenizerError, load_tokenizer, save_image_prefixed_tokenizer
 
 EXPORT_NOTE_FILE = "babymerge_export.json"
 
@@ -29,7 +37,9 @@ class ExportConfig:
 
     checkpoint: Path = arg(help="BabyLLaVA checkpoint directory written by train or merge")
     out: Path = opt(Path("run/export"), "output folder: a LlamaForCausalLM directory with the "
-                    f"tokenizer and {EXPORT_NOTE_FILE}")
+                    "tokenizer (every text starts [BOS, <image>]) and "
+                    f"{EXPORT_NOTE_FILE}; export after merging (merging exports is not "
+                    "exporting a merge: the <image> row is the projected black feature)")
 
 
 class ExportError(InputError):
@@ -59,6 +69,34 @@ def export(cfg: ExportConfig) -> Path:
             "prefix": f"{tokenizer.bos_token} {IMAGE_TOKEN}",
             "why": "the model was trained with every sequence starting [BOS, <image>], the image "
                    "slot holding the black image's feature; the <image> embedding row holds that "
-                   "feature's projection, so start every input with these ids"}
+                   "feature's projection, and the tokenizer adds these ids before every text "
+                   "(tokenizer(text, add_special_tokens=False) leaves them out)"}
     atomic_write_text(out / EXPORT_NOTE_FILE, json.dumps(note, indent=1) + "\n")
     return out
+
+
+def export_language_model(model: BabyLlavaForConditionalGeneration, directory: str | Path,
+                          tokenizer, black_feature: torch.Tensor) -> Path:
+    """The decoder + LM head as a plain ``LlamaForCausalLM`` directory (no image path), with the
+    image-prefixed tokenizer (:func:`babymerge.tokenizer.save_image_prefixed_tokenizer`).
+
+    The ``<image>`` token's embedding row becomes what the model puts there for text-only input,
+    the projected ``black_feature`` (the checkpoint's own ``/black``), so ``[BOS, <image>] + text``
+    scores in the export exactly as text-only input does in the model. (The checkpoint's own row
+    is never used in training: the projector's output replaces it at every step.)
+    """
+    lm = LlamaForCausalLM(model.config.text_config)
+    lm.model.load_state_dict(model.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(model.lm_head.state_dict())
+    if model.config.text_config.tie_word_embeddings:
+        raise ValueError("export: this checkpoint ties its LM head to the embeddings, so the "
+                         "<image> row cannot take the black feature without changing the head")
+    with torch.no_grad():
+        inner = model.model
+        feature = black_feature.reshape(1, -1).to(inner.multi_modal_projector.linear_1.weight)
+        row = inner.get_image_features(feature).pooler_output[0].reshape(-1)
+        # the LM head is its own matrix (tie_word_embeddings=False): only the input row moves
+        lm.model.embed_tokens.weight[model.config.image_token_index] = row.to(
+            lm.model.embed_tokens.weight.dtype)
+    return save_checkpoint(lm, directory,
+                           write_extra=lambda d: save_image_prefixed_tokenizer(tokenizer, d))

@@ -8,8 +8,9 @@ the black image's feature.
 
 Checkpoints are HF directories (``model_type: babyllava``); ``import babymerge`` registers the
 classes with the ``Auto*`` factories so ``AutoModelForImageTextToText.from_pretrained(dir)`` works,
-and :func:`export_language_model` writes a plain ``LlamaForCausalLM`` directory for tools that only
-know transformers.
+and every checkpoint folder carries a self-contained copy of the model code
+(:mod:`babymerge.modeling_babyllava`) for tools without babymerge; ``babymerge export``
+(:mod:`babymerge.export`) writes the language part as a plain ``LlamaForCausalLM`` directory.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
-                          LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
+                          LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaModel)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -336,33 +337,6 @@ def load_black_feature(directory: str | Path) -> torch.Tensor | None:
 
     path = Path(directory) / BLACK_FEATURE_FILE
     return load_file(str(path))["black"] if path.is_file() else None
-
-
-def export_language_model(model: BabyLlavaForConditionalGeneration, directory: str | Path,
-                          tokenizer=None, black_feature: torch.Tensor | None = None) -> Path:
-    """The decoder + LM head as a plain ``LlamaForCausalLM`` directory (no image path).
-
-    With ``black_feature`` (the checkpoint's own ``/black``), the ``<image>`` token's embedding
-    row becomes what the model puts there for text-only input, the projected black feature, so
-    ``[BOS, <image>] + text`` scores in the export exactly as text-only input does in the model.
-    Without it that row is the one in the checkpoint, which training never uses (the projector's
-    output replaces it at every step) and which therefore scores differently.
-    """
-    lm = LlamaForCausalLM(model.config.text_config)
-    lm.model.load_state_dict(model.model.language_model.state_dict())
-    lm.lm_head.load_state_dict(model.lm_head.state_dict())
-    if black_feature is not None:
-        if model.config.text_config.tie_word_embeddings:
-            raise ValueError("export: this checkpoint ties its LM head to the embeddings, so the "
-                             "<image> row cannot take the black feature without changing the head")
-        with torch.no_grad():
-            inner = model.model
-            feature = black_feature.reshape(1, -1).to(inner.multi_modal_projector.linear_1.weight)
-            row = inner.get_image_features(feature).pooler_output[0].reshape(-1)
-            # the LM head is its own matrix (tie_word_embeddings=False): only the input row moves
-            lm.model.embed_tokens.weight[model.config.image_token_index] = row.to(
-                lm.model.embed_tokens.weight.dtype)
-    return save_checkpoint(lm, directory, tokenizer)
 
 
 def image_prefix_ids(tokenizer) -> list[int]:
