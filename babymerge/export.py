@@ -17,6 +17,7 @@ merge.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from transformers import LlamaForCausalLM
 
 from babymerge.config import InputError, arg, atomic_write_text, opt
 from babymerge.model import (BLACK_FEATURE_FILE, IMAGE_TOKEN, BabyLlavaForConditionalGeneration,
-                             image_prefix_ids, load_black_feature, load_model, save_checkpoint)
+                             image_prefix_ids, load_black_feature, load_model, save_checkpoint,
+                             transformers_bars_off)
 from babymerge.tokenizer import TokenizerError, load_tokenizer, save_image_prefixed_tokenizer
 
 EXPORT_NOTE_FILE = "babymerge_export.json"
@@ -40,6 +42,12 @@ class ExportConfig:
                     "tokenizer (every text starts [BOS, <image>]) and "
                     f"{EXPORT_NOTE_FILE}; export after merging (merging exports is not "
                     "exporting a merge: the <image> row is the projected black feature)")
+    submission: bool = opt(False, "write instead a multimodal submission folder: the BabyLLaVA "
+                           "with its DINOv2 encoder and black feature inside, its own modeling "
+                           "and processor files (AutoModelForCausalLM / AutoProcessor with "
+                           "trust_remote_code, no babymerge needed), pixels in")
+    encoder: str | None = opt(None, "--submission: the encoder (hub id or folder) the checkpoint's "
+                              "features came from (default: the one its config names)")
 
 
 class ExportError(InputError):
@@ -47,7 +55,7 @@ class ExportError(InputError):
 
 
 def export(cfg: ExportConfig) -> Path:
-    """Write ``cfg.out``; returns it."""
+    """Write ``cfg.out`` (a plain Llama, or with ``--submission`` the multimodal folder)."""
     if not (cfg.checkpoint / "config.json").is_file():
         raise ExportError(f"{cfg.checkpoint}: not a checkpoint directory (no config.json)")
     black = load_black_feature(cfg.checkpoint)
@@ -60,6 +68,9 @@ def export(cfg: ExportConfig) -> Path:
     except TokenizerError as e:
         raise ExportError(f"{cfg.checkpoint}: {e}") from e
     model = load_model(cfg.checkpoint)
+    if cfg.submission:
+        return export_submission(model, cfg.out, tokenizer, black,
+                                 cfg.encoder or model.config.encoder)
     try:
         out = export_language_model(model, cfg.out, tokenizer, black_feature=black)
     except ValueError as e:  # a checkpoint export_language_model cannot write (tied LM head)
@@ -100,3 +111,52 @@ def export_language_model(model: BabyLlavaForConditionalGeneration, directory: s
             lm.model.embed_tokens.weight.dtype)
     return save_checkpoint(lm, directory,
                            write_extra=lambda d: save_image_prefixed_tokenizer(tokenizer, d))
+
+
+PROCESSING_FILE = Path(__file__).with_name("processing_babyllava.py")
+
+
+def export_submission(model: BabyLlavaForConditionalGeneration, directory: str | Path, tokenizer,
+                      black_feature: torch.Tensor, encoder: str) -> Path:
+    """A self-contained multimodal folder (:mod:`babymerge.modeling_babyllava` with
+    ``vision_tower``): the model's weights, the encoder's, the black feature, the image-prefixed
+    tokenizer, the encoder's image processor and :mod:`babymerge.processing_babyllava`."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import cached_file
+
+    from babymerge import modeling_babyllava as portable
+
+    try:
+        with transformers_bars_off():
+            encoder_config = AutoConfig.from_pretrained(encoder)
+            encoder_model = AutoModel.from_pretrained(encoder, dtype=torch.float32)
+            processor_file = cached_file(encoder, "preprocessor_config.json")
+    except OSError as e:
+        raise ExportError(f"--encoder {encoder}: cannot load it ({e}); pass the encoder the "
+                          "checkpoint's features came from: --encoder PATH") from e
+    if encoder_config.model_type not in ("dinov2", "dinov2_with_registers"):
+        raise ExportError(f"--encoder {encoder}: model_type {encoder_config.model_type!r} is not "
+                          "dinov2 or dinov2_with_registers")
+    dim = model.config.vision_config.hidden_size
+    if encoder_config.hidden_size != dim:
+        raise ExportError(f"--encoder {encoder}: {encoder_config.hidden_size}-d features, but the "
+                          f"checkpoint's projector takes {dim}-d ones (another encoder?)")
+    fields = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("model_type", "auto_map", "architectures", "transformers_version")}
+    config = portable.BabyLlavaConfig(**{**fields, "vision_config": encoder_config.to_dict(),
+                                         "vision_tower": True})
+    submission = portable.BabyLlavaForConditionalGeneration(config).eval()
+    weights = {**model.state_dict(), "model.black_feature": black_feature.float(),
+               **{f"model.vision_tower.{k}": v for k, v in encoder_model.state_dict().items()}}
+    submission.load_state_dict(weights, strict=True)
+
+    def write_processor(folder: Path) -> None:
+        save_image_prefixed_tokenizer(tokenizer, folder)
+        shutil.copyfile(processor_file, folder / "preprocessor_config.json")
+        shutil.copyfile(PROCESSING_FILE, folder / PROCESSING_FILE.name)
+        atomic_write_text(folder / "processor_config.json", json.dumps({
+            "processor_class": "BabyLlavaProcessor",
+            "auto_map": {"AutoProcessor": "processing_babyllava.BabyLlavaProcessor"}},
+            indent=2) + "\n")
+
+    return save_checkpoint(submission, directory, write_extra=write_processor)

@@ -297,7 +297,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=Non
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        if isinstance(model, BabyLlavaForConditionalGeneration):
+        if getattr(model.config, "model_type", None) == BabyLlavaConfig.model_type:
             model.config.auto_map = dict(AUTO_MAP)
             shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
         model.save_pretrained(tmp, safe_serialization=True)

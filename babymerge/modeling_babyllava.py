@@ -11,7 +11,13 @@ The computation is babymerge's (``babymerge.model``): ONE image token whose inpu
 ``projector(feature)``, the feature being the image's pooled encoder feature (``pixel_values`` of
 shape (batch, feature_dim)), standardised first when the model was trained with
 ``feature_norm="standardize"``; text-only input carries the black image's feature (the folder's
-``black_feature.safetensors``). Module and parameter names are those of the checkpoint. It is a
+``black_feature.safetensors``).
+
+A submission folder (``babymerge export --submission``, ``config.vision_tower = True``) also holds
+the DINOv2 encoder and the black feature as weights: ``pixel_values`` may then be images
+(batch, 3, H, W) from the folder's processor, pooled as stage 1 pools them (``hidden_states[-2]``,
+CLS and register tokens dropped, mean over patches), and input without ``pixel_values`` gets the
+black feature in its image slot. Module and parameter names are those of the checkpoint. It is a
 second implementation on purpose: babymerge's own classes build on transformers' Llava classes of
 the installed 5.x release and on babymerge's Triton projector; this one must stand alone on either
 major version of transformers, so it is written out on Llama's decoder and plain PyTorch layers
@@ -23,19 +29,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (Dinov2Config, GenerationMixin, LlamaConfig, LlamaModel, PretrainedConfig,
-                          PreTrainedModel)
+from transformers import (AutoConfig, AutoModel, Dinov2Config, GenerationMixin, LlamaConfig,
+                          LlamaModel, PretrainedConfig, PreTrainedModel)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 IGNORE_INDEX = -100  # label of positions without a loss, as in transformers
 
 
 def _sub_config(value, config_class, **defaults):
-    """A sub-config from what config.json holds (a dict) or a config object."""
+    """A sub-config from what config.json holds (a dict) or a config object; a dict naming another
+    model type (dinov2_with_registers) gets that type's config class."""
     if value is None:
         return config_class(**defaults)
     if isinstance(value, dict):
         fields = {k: v for k, v in value.items() if k != "model_type"}
+        model_type = value.get("model_type", config_class.model_type)
+        if model_type != config_class.model_type:
+            return AutoConfig.for_model(model_type, **{**defaults, **fields})
         return config_class(**{**defaults, **fields})
     return value
 
@@ -52,7 +62,8 @@ class BabyLlavaConfig(PretrainedConfig):
     def __init__(self, text_config=None, vision_config=None, image_token_index: int = 32000,
                  projector_hidden_act: str = "gelu", multimodal_projector_bias: bool = True,
                  feature_norm: str = "none", encoder: str = "facebook/dinov2-large",
-                 pooling: str = "mean_patch", image_seq_length: int = 1, **kwargs):
+                 pooling: str = "mean_patch", image_seq_length: int = 1,
+                 vision_tower: bool = False, vision_feature_layer: int = -2, **kwargs):
         self.text_config = _sub_config(text_config, LlamaConfig)
         self.vision_config = _sub_config(vision_config, Dinov2Config, hidden_size=1024)
         self.image_token_index = image_token_index
@@ -62,6 +73,8 @@ class BabyLlavaConfig(PretrainedConfig):
         self.encoder = encoder
         self.pooling = pooling
         self.image_seq_length = image_seq_length
+        self.vision_tower = vision_tower
+        self.vision_feature_layer = vision_feature_layer
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -115,6 +128,10 @@ class BabyLlavaModel(BabyLlavaPreTrainedModel):
             self.feature_std = nn.Parameter(torch.ones(dim), requires_grad=False)
         elif config.feature_norm != "none":
             raise ValueError(f"feature_norm {config.feature_norm!r}: expected none or standardize")
+        if config.vision_tower:
+            self.vision_tower = AutoModel.from_config(config.vision_config)
+            dim = config.vision_config.hidden_size
+            self.black_feature = nn.Parameter(torch.zeros(dim), requires_grad=False)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -123,8 +140,18 @@ class BabyLlavaModel(BabyLlavaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(batch, feature_dim) float32: the encoder's hidden_states[vision_feature_layer], CLS
+        and register tokens dropped, mean over patch tokens."""
+        hidden = self.vision_tower(pixel_values=images, output_hidden_states=True).hidden_states
+        prefix = 1 + int(getattr(self.config.vision_config, "num_register_tokens", 0) or 0)
+        return hidden[self.config.vision_feature_layer][:, prefix:].float().mean(dim=1)
+
     def image_embeddings(self, features: torch.Tensor) -> torch.Tensor:
-        """(batch, hidden): what the image token's embedding becomes for each pooled feature."""
+        """(batch, hidden): what the image token's embedding becomes for each pooled feature (or
+        image, in a folder with the encoder)."""
+        if features.dim() == 4 and self.config.vision_tower:
+            features = self.pooled_features(features)
         if features.dim() != 2:
             raise ValueError("BabyLLaVA takes pooled image features of shape (batch, feature_dim)"
                              f"; got {tuple(features.shape)}")
@@ -138,6 +165,10 @@ class BabyLlavaModel(BabyLlavaPreTrainedModel):
                 inputs_embeds=None, **kwargs) -> BaseModelOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None and input_ids is not None and self.config.vision_tower:
+            # text-only input (the pipeline's text tasks): the black image, as in training
+            rows = int((input_ids == self.config.image_token_index).sum())
+            pixel_values = self.black_feature.expand(rows, -1)
         if pixel_values is not None and input_ids is not None:
             slots = input_ids == self.config.image_token_index
             # generation's later steps see only new tokens (4.x passes pixel_values every step)

@@ -5,15 +5,20 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from babymerge.evaluate import EvalConfig, evaluate, load_tasks, score_candidates
 from babymerge.export import EXPORT_NOTE_FILE, ExportConfig, ExportError, export
-from babymerge.model import (MODEL_PRESETS, build_model, image_prefix_ids, load_model,
-                             save_black_feature, save_checkpoint, set_feature_statistics)
+from babymerge.featurefile import FeatureTable
+from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
+from babymerge.model import (MODEL_PRESETS, build_model, image_prefix_ids, load_black_feature,
+                             load_model, save_black_feature, save_checkpoint,
+                             set_feature_statistics)
 from babymerge.tokenizer import load_tokenizer
 from test_data_fixtures import world  # noqa: F401  (fixture)
 
@@ -178,3 +183,116 @@ def test_the_official_pipeline_scores_the_export_as_babymerge_eval(world, tmp_pa
                                progress=False, device="cpu"))
     assert {u: float(a) for u, a in uids.items()} == {
         u: round(100 * a, 2) for u, a in ours["groups"]["blimp"].items()}
+
+
+# What the pipeline's multimodal causal path does with one candidate (its dataset.py and
+# compute_results.py at bf55c11): processor(text, images, return_offsets_mapping=True), the
+# offset rule for the scored tokens, model(input_ids, attention_mask, pixel_values).
+SUBMISSION_RULES = r"""
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
+folder, items = sys.argv[1], json.loads(sys.argv[2])
+proc = AutoProcessor.from_pretrained(folder, padding_side="right", trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+
+def score(sentence, completion, image):
+    enc = proc(text=sentence, images=image, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    start = len(sentence) - len(completion) + offsets[0][0]
+    mask = torch.tensor([end > start for _, end in offsets])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]),
+                       attention_mask=torch.ones(1, len(ids)).long(),
+                       pixel_values=torch.FloatTensor(enc["pixel_values"])).logits
+    picked = logits[0, :-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return float((picked * mask[1:]).sum())
+
+scores = [score(sentence, completion, Image.open(path).convert("RGB"))
+          for sentence, completion, path in items]
+with torch.no_grad():  # text only: no pixel_values, the black feature fills the image slot
+    text = model(**{k: torch.tensor([v]) for k, v in proc(text="the cat is here.").items()})
+print(json.dumps({"scores": scores, "text_logits": text.logits[0].tolist()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def vlm_with_encoder(world, tmp_path_factory):  # noqa: F811
+    """A tiny VLM (standardised 64-d features) of a random DINOv2, two images, their features."""
+    root = tmp_path_factory.mktemp("submission")
+    encoder = save_random_dinov2(root / "enc", image_size=56)
+    tok = load_tokenizer(world["tokenizer"])
+    preset = type(MODEL_PRESETS["tiny"])(**{**MODEL_PRESETS["tiny"].__dict__, "feature_dim": 64})
+    model = build_model(preset, seed=0, vocab_size=len(tok),
+                        image_token_id=image_prefix_ids(tok)[1], pad_token_id=tok.pad_token_id,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        encoder=str(encoder),
+                        feature_norm="standardize")
+    g = torch.Generator().manual_seed(0)
+    set_feature_statistics(model, torch.randn(64, generator=g), torch.rand(64, generator=g) + 0.5)
+    images = root / "images"
+    images.mkdir()
+    for name, size in (("a", (90, 70)), ("b", (64, 64))):
+        pixels = (torch.rand(*size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{name}.png")
+    # float32 storage: the feature file then differs from the pixel path only in resizing
+    extract_features(ExtractConfig(source=str(images), out=root / "f.h5", encoder=str(encoder),
+                                   num_workers=0, dtype="float32", progress=False))
+    save_checkpoint(model, root / "vlm", tok)
+    save_black_feature(root / "vlm", FeatureTable(root / "f.h5").black.float())
+    return {"root": root, "encoder": encoder, "vlm": root / "vlm", "images": images,
+            "features": root / "f.h5", "tokenizer": tok}
+
+
+def _run_submission_rules(folder, items, python=sys.executable, tmp=None):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(Path(tmp) / "modules")
+    done = subprocess.run([python, "-c", SUBMISSION_RULES, str(folder), json.dumps(items)],
+                          env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _submission_check(s, tmp_path, python=sys.executable):
+    out = export(ExportConfig(checkpoint=s["vlm"], out=tmp_path / "sub", submission=True,
+                              encoder=str(s["encoder"])))
+    wg, vqa = tmp_path / "wg.jsonl", tmp_path / "vqa.jsonl"
+    captions, answers = ["a red cat is here.", "the dog sees the blue fish."], ["a cat", "red"]
+    wg.write_text("".join(json.dumps({"image_id": i, "caption_0": captions[0],
+                                      "caption_1": captions[1]}) + "\n" for i in "ab"))
+    vqa.write_text("".join(json.dumps({"image_id": i, "question": "what is here ?",
+                                       "target_ans": answers[0], "distractors": answers[1:]})
+                           + "\n" for i in "ab"))
+    tasks = load_tasks([f"winoground:{wg}", f"vqa:{vqa}"], s["tokenizer"], s["features"])
+    model = load_model(s["vlm"])
+    ours = torch.cat([score_candidates(model, t, progress=False) for t in tasks])
+    items = [(c, c, str(s["images"] / f"{i}.png")) for i in "ab" for c in captions]
+    items += [(f"what is here ? {a}", f" {a}", str(s["images"] / f"{i}.png"))
+              for i in "ab" for a in answers]
+    got = _run_submission_rules(out, items, python, tmp_path)
+    # the feature file's resize (torch, uint8) and the processor's (PIL) differ by at most a grey
+    # level: ~1e-5 of a score here
+    torch.testing.assert_close(torch.tensor(got["scores"], dtype=torch.float64), ours,
+                               rtol=1e-5, atol=1e-3)
+    tok = s["tokenizer"]
+    ids = torch.tensor([image_prefix_ids(tok) + tok("the cat is here.",
+                                                     add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        text = model(input_ids=ids, pixel_values=load_black_feature(s["vlm"])[None]).logits
+    torch.testing.assert_close(torch.tensor(got["text_logits"]), text[0], rtol=1e-5, atol=1e-5)
+
+
+def test_submission_folder_scores_raw_images_as_eval_scores_features(vlm_with_encoder, tmp_path):
+    """``export --submission``, loaded through AutoProcessor and AutoModelForCausalLM with
+    trust_remote_code in an interpreter without babymerge, scores Winoground- and VQA-format items
+    from raw images as ``babymerge eval`` does from the feature file, and text alone with the
+    black feature."""
+    _submission_check(vlm_with_encoder, tmp_path)
+
+
+@pytest.mark.skipif(not os.environ.get("BABYMERGE_TRANSFORMERS4_PYTHON"),
+                    reason="set BABYMERGE_TRANSFORMERS4_PYTHON to a Python with transformers "
+                           "4.51.3 (the BabyLM pipeline's pin), torch and pillow")
+def test_submission_folder_in_transformers_4(vlm_with_encoder, tmp_path):
+    _submission_check(vlm_with_encoder, tmp_path, os.environ["BABYMERGE_TRANSFORMERS4_PYTHON"])
