@@ -49,7 +49,7 @@ from transformers import AutoConfig
 from babymerge.config import InputError, arg, atomic_write_text, config_to_dict, opt
 from babymerge.distributed import resolve_device
 from babymerge.featurefile import FeatureFileError, FeatureTable
-from babymerge.model import image_prefix_ids, load_black_feature, load_model
+from babymerge.model import encoder_name, image_prefix_ids, load_black_feature, load_model
 from babymerge.textfiles import numbered_lines
 from babymerge.tokenizer import TokenizerError, load_tokenizer
 
@@ -359,12 +359,7 @@ def check_feature_encoder(checkpoint: Path, features: Path | None) -> str | None
     trained_on = str(getattr(AutoConfig.from_pretrained(str(checkpoint)), "encoder", "") or "")
 
     def stem(name: str) -> str:
-        parts = name.rstrip("/").split("/")
-        # a hub cache snapshot (.../models--facebook--dinov2-large/snapshots/<commit>) is the
-        # hub model it caches; its last part is a commit hash
-        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-            return parts[-3].rsplit("--", 1)[-1].lower()
-        return parts[-1].lower()
+        return encoder_name(name).split("/")[-1].lower()
 
     if not made_with or not trained_on or stem(made_with) == stem(trained_on):
         return None

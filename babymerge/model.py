@@ -8,8 +8,9 @@ the black image's feature.
 
 Checkpoints are HF directories (``model_type: babyllava``); ``import babymerge`` registers the
 classes with the ``Auto*`` factories so ``AutoModelForImageTextToText.from_pretrained(dir)`` works,
-and :func:`export_language_model` writes a plain ``LlamaForCausalLM`` directory for tools that only
-know transformers.
+and every checkpoint folder carries a self-contained copy of the model code
+(:mod:`babymerge.modeling_babyllava`) for tools without babymerge; ``babymerge export``
+(:mod:`babymerge.export`) writes the language part as a plain ``LlamaForCausalLM`` directory.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
-                          LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
+                          LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaModel)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -36,6 +37,14 @@ IMAGE_TOKEN = "<image>"
 # The /black feature a model was trained with (text-only inputs carry it), saved in its checkpoint
 # so text-only scoring needs no feature file.
 BLACK_FEATURE_FILE = "black_feature.safetensors"
+
+# The self-contained modeling file written into every BabyLLaVA checkpoint, and the auto_map that
+# points transformers at it: the folder then loads with trust_remote_code=True and no babymerge.
+MODELING_FILE = Path(__file__).with_name("modeling_babyllava.py")
+AUTO_MAP = {"AutoConfig": "modeling_babyllava.BabyLlavaConfig",
+            "AutoModel": "modeling_babyllava.BabyLlavaModel",
+            "AutoModelForCausalLM": "modeling_babyllava.BabyLlavaForConditionalGeneration",
+            "AutoModelForImageTextToText": "modeling_babyllava.BabyLlavaForConditionalGeneration"}
 
 
 @dataclass
@@ -157,6 +166,19 @@ def register_with_auto_classes() -> None:
 register_with_auto_classes()
 
 
+def encoder_name(name: str) -> str:
+    """How a checkpoint's config names its encoder, the same on every machine: a hub id as it is;
+    a hub cache snapshot (``.../models--facebook--dinov2-large/snapshots/<commit>``) as the hub id
+    it caches; any other local folder by its folder name only (give the folder itself where it is
+    needed: ``load_vlm_with_encoder(..., encoder=PATH)``)."""
+    parts = str(name).rstrip("/").split("/")
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    if len(parts) == 2 and not Path(name).is_absolute() and not Path(name).exists():
+        return str(name)  # org/name: a hub id
+    return parts[-1]
+
+
 def build_config(model: ModelConfig, *, vocab_size: int, image_token_id: int, pad_token_id: int,
                  bos_token_id: int, eos_token_id: int, encoder: str = "facebook/dinov2-large",
                  feature_norm: str = "none"
@@ -170,7 +192,7 @@ def build_config(model: ModelConfig, *, vocab_size: int, image_token_id: int, pa
                        tie_word_embeddings=False)
     return BabyLlavaConfig(text_config=text, vision_config={"model_type": "dinov2",
                                                             "hidden_size": model.feature_dim},
-                           image_token_index=image_token_id, encoder=encoder,
+                           image_token_index=image_token_id, encoder=encoder_name(encoder),
                            feature_norm=feature_norm,
                            pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                            eos_token_id=eos_token_id)
@@ -275,6 +297,9 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=Non
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
+        if getattr(getattr(model, "config", None), "model_type", None) == "babyllava":
+            model.config.auto_map = dict(AUTO_MAP)
+            shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -312,33 +337,6 @@ def load_black_feature(directory: str | Path) -> torch.Tensor | None:
 
     path = Path(directory) / BLACK_FEATURE_FILE
     return load_file(str(path))["black"] if path.is_file() else None
-
-
-def export_language_model(model: BabyLlavaForConditionalGeneration, directory: str | Path,
-                          tokenizer=None, black_feature: torch.Tensor | None = None) -> Path:
-    """The decoder + LM head as a plain ``LlamaForCausalLM`` directory (no image path).
-
-    With ``black_feature`` (the checkpoint's own ``/black``), the ``<image>`` token's embedding
-    row becomes what the model puts there for text-only input, the projected black feature, so
-    ``[BOS, <image>] + text`` scores in the export exactly as text-only input does in the model.
-    Without it that row is the one in the checkpoint, which training never uses (the projector's
-    output replaces it at every step) and which therefore scores differently.
-    """
-    lm = LlamaForCausalLM(model.config.text_config)
-    lm.model.load_state_dict(model.model.language_model.state_dict())
-    lm.lm_head.load_state_dict(model.lm_head.state_dict())
-    if black_feature is not None:
-        if model.config.text_config.tie_word_embeddings:
-            raise ValueError("export: this checkpoint ties its LM head to the embeddings, so the "
-                             "<image> row cannot take the black feature without changing the head")
-        with torch.no_grad():
-            inner = model.model
-            feature = black_feature.reshape(1, -1).to(inner.multi_modal_projector.linear_1.weight)
-            row = inner.get_image_features(feature).pooler_output[0].reshape(-1)
-            # the LM head is its own matrix (tie_word_embeddings=False): only the input row moves
-            lm.model.embed_tokens.weight[model.config.image_token_index] = row.to(
-                lm.model.embed_tokens.weight.dtype)
-    return save_checkpoint(lm, directory, tokenizer)
 
 
 def image_prefix_ids(tokenizer) -> list[int]:

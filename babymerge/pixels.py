@@ -71,7 +71,16 @@ def load_vlm_with_encoder(model_dir: str | Path, encoder: str | Path | None = No
                           device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float32) -> ImageTextModel:
     """A checkpoint directory (model + its tokenizer) and the image encoder its features came
-    from: ``encoder`` defaults to the checkpoint config's ``encoder`` (hub id or directory)."""
+    from: ``encoder`` (hub id or folder) defaults to the checkpoint config's ``encoder``, which is
+    a hub id, or only the name of a local folder (:func:`babymerge.model.encoder_name`)."""
     model = load_model(model_dir, device, dtype)
-    name = encoder if encoder is not None else model.config.encoder
-    return ImageTextModel(model, load_tokenizer(model_dir), load_encoder(name, device))
+    if encoder is not None:
+        return ImageTextModel(model, load_tokenizer(model_dir), load_encoder(encoder, device))
+    # the config names the encoder portably (a hub id, or a local folder's name only)
+    name = model.config.encoder
+    try:
+        loaded = load_encoder(name, device)
+    except EncoderError as e:
+        raise EncoderError(f"{model_dir} was trained on features of encoder {name!r}, which does "
+                           f"not load here ({e}); pass its folder: encoder=PATH") from e
+    return ImageTextModel(model, load_tokenizer(model_dir), loaded)

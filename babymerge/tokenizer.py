@@ -185,6 +185,35 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def save_image_prefixed_tokenizer(tokenizer, directory: Path) -> None:
+    """Write a copy of ``tokenizer`` into ``directory`` whose ``tokenizer(text)`` is
+    ``[BOS, <image>] + ids(text)``, the layout every text is trained and scored in, for tools that
+    add only a tokenizer's default special tokens (the BabyLM pipeline's text-only tasks never add
+    an image token). Offsets stay those of the text; the two special tokens get (0, 0).
+
+    Saved as plain ``PreTrainedTokenizerFast``, which transformers 4.x (the pipeline pins 4.51.3)
+    and 5.x both load with this template: 4.x's ``LlamaTokenizerFast`` rebuilds its template from
+    ``add_bos_token`` and drops ``<image>``."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    specials = [(tokenizer.bos_token, tokenizer.bos_token_id),
+                (IMAGE_TOKEN, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} {IMAGE_TOKEN} $A",
+        pair=f"{tokenizer.bos_token} {IMAGE_TOKEN} $A $B", special_tokens=specials)
+    prefixed = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=tokenizer.bos_token,
+                                       eos_token=tokenizer.eos_token, unk_token=tokenizer.unk_token,
+                                       pad_token=tokenizer.pad_token, padding_side="right")
+    prefixed.save_pretrained(directory)
+    # transformers 5 names the class TokenizersBackend, which 4.x does not know
+    config_path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
+
+
 def word_start_mask(tokenizer) -> np.ndarray:
     """Boolean per token id: True where the token begins a whitespace-separated word."""
     mask = np.zeros(len(tokenizer), dtype=bool)

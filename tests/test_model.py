@@ -1,8 +1,7 @@
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from babymerge.model import (MODEL_PRESETS, BabyLlavaConfig, build_model, export_language_model,
-                             save_checkpoint)
+from babymerge.model import MODEL_PRESETS, BabyLlavaConfig, build_model, save_checkpoint
 
 IDS = dict(vocab_size=50, image_token_id=4, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -19,7 +18,7 @@ def test_same_seed_same_weights_and_one_image_token():
     assert not torch.allclose(la[:, 1:], lb[:, 1:])  # the image token's embedding is the feature's
 
 
-def test_checkpoint_loads_with_auto_classes_and_exports_llama(tmp_path):
+def test_checkpoint_loads_with_auto_classes(tmp_path):
     m = build_model(MODEL_PRESETS["tiny"], seed=0, **IDS).eval()
     save_checkpoint(m, tmp_path / "ck")
     ids = torch.tensor([[1, 4, 9, 10, 11]])
@@ -28,11 +27,6 @@ def test_checkpoint_loads_with_auto_classes_and_exports_llama(tmp_path):
     for auto in (AutoModelForImageTextToText, AutoModelForCausalLM):
         m2 = auto.from_pretrained(tmp_path / "ck")
         assert torch.allclose(m2(input_ids=ids, pixel_values=feat).logits, ref, atol=1e-6)
-    export_language_model(m, tmp_path / "llama")
-    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama")
-    text = torch.tensor([[1, 9, 10, 11]])
-    emb = m.model.language_model(input_ids=text).last_hidden_state
-    assert torch.allclose(llama(input_ids=text).logits, m.lm_head(emb), atol=1e-5)
 
 
 def test_standardized_features_are_stored_frozen_and_applied(tmp_path):

@@ -48,7 +48,7 @@ def test_scores_from_pixels_equal_scores_from_the_extracted_feature(saved):
     tasks = root / "wg.jsonl"
     tasks.write_text("".join(json.dumps({"image_id": i, "caption_0": TEXTS[0],
                                          "caption_1": TEXTS[1]}) + "\n" for i in ("a", "b")))
-    vlm = load_vlm_with_encoder(saved["vlm"])  # the encoder named in the checkpoint's config
+    vlm = load_vlm_with_encoder(saved["vlm"], encoder=saved["encoder"])
     [task] = load_tasks([f"winoground:{tasks}"], vlm.tokenizer, root / "f.h5")
     cached = score_candidates(vlm.model, task, progress=False).view(2, 2)
     from_pixels = torch.tensor([vlm.score(Image.open(saved["images"] / f"{i}.png"), TEXTS)
@@ -65,3 +65,24 @@ def test_encoder_of_another_width_is_a_clear_error(saved):
     other = save_random_dinov2(saved["root"] / "enc32", hidden_size=32)
     with pytest.raises(EncoderError, match="32-d features but the model takes 64-d"):
         load_vlm_with_encoder(saved["vlm"], encoder=other)
+
+
+def test_checkpoint_names_a_local_encoder_by_its_folder_name_only(saved):
+    """No machine path in config.json: a local encoder folder is recorded by its name, and
+    loading without the folder says to pass it."""
+    config = json.loads((saved["vlm"] / "config.json").read_text())
+    assert config["encoder"] == "enc" and str(saved["root"]) not in json.dumps(config)
+    with pytest.raises(EncoderError, match=r"(?s)encoder 'enc'.*pass its folder: encoder=PATH"):
+        load_vlm_with_encoder(saved["vlm"])
+
+
+@pytest.mark.parametrize("recorded, name", [
+    ("facebook/dinov2-large", "facebook/dinov2-large"),
+    ("/home/u/.cache/huggingface/hub/models--facebook--dinov2-large/snapshots/0123abc",
+     "facebook/dinov2-large"),
+    ("/data/models/dinov2-with-registers-large/", "dinov2-with-registers-large"),
+])
+def test_encoder_name_is_portable(recorded, name):
+    from babymerge.model import encoder_name
+
+    assert encoder_name(recorded) == name
