@@ -112,6 +112,9 @@ def test_file_values_of_the_wrong_shape_are_errors_naming_the_key(key, value, sa
     # stage as "[...]" and failed far from the file
     with pytest.raises(ConfigError, match=f"c.toml: {key}: {says}"):
         build_config(NamedCfg, {"sources": ["x"], key: value}, source="c.toml")
+
+
+def test_a_whole_float_in_a_file_is_an_int():
     assert build_config(DemoCfg, {"sources": ["x"], "batch_size": 32.0}).batch_size == 32
 
 

@@ -50,7 +50,7 @@ def test_corpus_cached_once_and_packed_behind_the_image_prefix(world, tok, tmp_p
     assert abs(packed.words.sum() - 2 * n_words) <= 2 * chunk
 
 
-def test_image_token_written_in_text_stays_text(world, tok, tmp_path):
+def test_image_token_written_in_text_stays_text(tok, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("look <image> here\n")
     tf = tokenize_file(corpus, tok, tmp_path / "cache", "text", progress=False)

@@ -127,8 +127,10 @@ def test_sigkilled_cli_run_resumes_to_identical_weights(world, uninterrupted, tm
     while not state.is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # killed mid-run, or the test would not be testing a resume
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     assert state.is_file(), "the run saved no resume state before the deadline"
+    assert not json.loads(state.read_text())["finished"]
     train(cfg)
     ref, got = weights(uninterrupted), weights(out)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
