@@ -28,7 +28,9 @@ import torch
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("bench_kernels: unset TRITON_INTERPRET (timings of interpreted kernels mean nothing)")
 
+from babymerge import kernels  # noqa: E402
 from babymerge.benchmark import environment, peak_flops  # noqa: E402
+from babymerge.kernels import measured  # noqa: E402
 from babymerge.model import MODEL_PRESETS, build_model  # noqa: E402
 from babymerge.kernels.projector_reference import project_reference  # noqa: E402
 
@@ -105,6 +107,8 @@ def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: 
     if device.type == "cuda":
         from babymerge.kernels.projector import project_triton
         paths["triton"] = project_triton
+        # what BABYMERGE_KERNELS=auto runs: the faster of triton and eager, measured per bucket
+        paths["auto"] = kernels.project
     peak = peak_flops(device, dtype)
     rows = []
     for m in ms:
@@ -125,6 +129,8 @@ def bench_projector(device, dtype, ms: list[int], k: int, h: int, n: int, reps: 
                 row[f"{name}_pct_peak"] = round(100 * flops / sec / peak, 1)
             if device.type == "cuda":
                 row[f"{name}_peak_mem_mb"] = steady_peak_mb(step, device)
+        if "auto" in paths:
+            row["auto_chose"] = auto_choice("project", m)
         if "triton" in paths:
             row |= triton_breakdown(x, weights, dy, device, reps)
             row["triton_speedup_vs_eager"] = round(row["torch_eager_ms"] / row["triton_ms"], 3)
@@ -160,8 +166,9 @@ def triton_breakdown(x, weights, dy, device, reps: int) -> dict:
         lambda: project_reference(x, w1, b1, w2, b2), device, reps)
     out = {k: round(v * 1e3, 4) for k, v in out.items()}
     out["triton_measured_plans"] = {  # keys: (kind, device, dtype, precision, M bucket, ...)
-        key[0]: plan for key, plan in kp._MEASURED_PLANS.items()
-        if key[2] == x.dtype and key[4] == triton.next_power_of_2(m)}
+        key[0]: plan for key, plan in measured.measured_choices().items()
+        if key[0] in ("forward", "backward") and key[2] == x.dtype
+        and key[4] == triton.next_power_of_2(m)}
     out["triton_configs"] = {
         name: getattr(getattr(kp, name), "best_config", None).__str__()
         for name in ("_projector_fwd_kernel", "_linear_kernel", "_projector_bwd_dz_kernel",
@@ -193,6 +200,7 @@ def bench_merge(device, dtype, preset: str, reps: int) -> dict:
     if device.type == "cuda":
         from babymerge.kernels.interpolation import interpolate_triton_
         paths["triton"] = lambda: interpolate_triton_(dst, a, b, alpha)
+        paths["auto"] = lambda: kernels.interpolate_(dst, a, b, alpha)  # the faster, measured
         for block in (1024, 2048, 4096, 8192, 16384):
             for warps in (4, 8):
                 paths[f"triton_block{block}_warps{warps}"] = (
@@ -208,7 +216,19 @@ def bench_merge(device, dtype, preset: str, reps: int) -> dict:
         if name != "copy":
             result[f"{name}_pct_of_copy"] = round(
                 100 * result[f"{name}_gbps"] / result["copy_gbps"], 1)
+    if "auto" in paths:
+        result["auto_chose"] = auto_choice("interpolate", elems)
     return result
+
+
+def auto_choice(kind: str, size: int) -> str | None:
+    """The path BABYMERGE_KERNELS=auto measured as faster for ``kind`` at ``size`` (projector rows
+    or merged elements; keys hold the power-of-two bucket at index 4 or 3)."""
+    index = 4 if kind == "project" else 3
+    bucket = 1 << max(0, size - 1).bit_length()
+    found = [path for key, path in measured.measured_choices().items()
+             if key[0] == kind and key[index] == bucket]
+    return found[-1] if found else None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,6 +13,7 @@ from transformers import LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from babymerge import kernels
+from babymerge.kernels import measured
 from babymerge.model import MODEL_PRESETS, build_model
 from babymerge.kernels.modules import FusedProjector
 from babymerge.kernels.projector import project_triton
@@ -88,7 +89,7 @@ def test_two_kernel_forward_and_split_weight_grads(kernel_device, dtype, monkeyp
 
     # On CUDA plans are measured, which would ignore these rules (and at 67 rows try no split):
     # pin the rules so the GPU run checks the compiled two-GEMM forward and split reduction too.
-    monkeypatch.setenv(projector.PLAN_ENV_VAR, "rule")
+    monkeypatch.setenv(measured.PLAN_ENV_VAR, "rule")
     monkeypatch.setattr(projector, "FUSED_FORWARD_MAX_ROWS", 16)
     monkeypatch.setattr(projector, "ROWS_PER_WEIGHT_GRAD_SPLIT", 16)
     assert projector.weight_grad_splits(67) == 4
@@ -140,9 +141,9 @@ def test_measured_plans_pick_the_fastest_once(kernel_device, monkeypatch):
     split (1, 2, 4 at 67 rows with 16-row slices allowed)."""
     from babymerge.kernels import projector
 
-    monkeypatch.setattr(projector, "_MEASURED_PLANS", {})
+    monkeypatch.setattr(measured, "_MEASURED", {})
     monkeypatch.setattr(projector, "MIN_ROWS_PER_WEIGHT_GRAD_SPLIT", 16)
-    monkeypatch.setattr(projector, "_plans_are_measured", lambda device: True)
+    monkeypatch.setattr(measured, "plans_are_measured", lambda device: True)
     scripted = iter([3.0, 1.0,  # forward: fused, two_gemm
                      5.0, 1.0, 3.0])  # backward: split 1, 2, 4
     timed = []
@@ -152,13 +153,13 @@ def test_measured_plans_pick_the_fastest_once(kernel_device, monkeypatch):
         timed.append(1)
         return next(scripted)
 
-    monkeypatch.setattr(projector, "_measure", fake_measure)
+    monkeypatch.setattr(measured, "measure", fake_measure)
     assert projector.weight_grad_split_candidates(67) == (1, 2, 4)
     inputs = _inputs(67, 300, 160, 130, torch.float32, kernel_device)
     tol = GPU_FP32_TOL if kernel_device.type == "cuda" else TOL[torch.float32]
     _check_against_reference(inputs, tol)
     assert len(timed) == 5
-    assert sorted(map(str, projector._MEASURED_PLANS.values())) == ["2", "two_gemm"]
+    assert sorted(map(str, measured._MEASURED.values())) == ["2", "two_gemm"]
     _check_against_reference(_inputs(70, 300, 160, 130, torch.float32, kernel_device, seed=3), tol)
     assert len(timed) == 5  # 70 rows share 67's bucket: nothing timed again
 
@@ -168,18 +169,18 @@ def test_plan_timing_out_of_memory_falls_back_to_the_rule(kernel_device, monkeyp
     GPU the first step of a new shape must not fail for want of room to time plans."""
     from babymerge.kernels import projector
 
-    monkeypatch.setattr(projector, "_MEASURED_PLANS", {})
-    monkeypatch.setattr(projector, "_plans_are_measured", lambda device: True)
+    monkeypatch.setattr(measured, "_MEASURED", {})
+    monkeypatch.setattr(measured, "plans_are_measured", lambda device: True)
 
     def no_room(fn):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(projector, "_measure", no_room)
+    monkeypatch.setattr(measured, "measure", no_room)
     x, w1, b1, w2, b2 = (t.detach() if t is not None else None
                          for t in _inputs(20, 32, 16, 16, torch.float32, kernel_device))
     y, _ = projector.projector_forward(x, w1, b1, w2, b2, save_z=False)
     assert _rel_err(y, project_reference(x, w1, b1, w2, b2)) < 1e-4
-    assert list(projector._MEASURED_PLANS.values()) == ["fused"]  # the rule's choice, kept
+    assert list(measured._MEASURED.values()) == ["fused"]  # the rule's choice, kept
 
 
 def test_plan_switch(kernel_device, monkeypatch):
@@ -188,20 +189,20 @@ def test_plan_switch(kernel_device, monkeypatch):
     tracing or during CUDA graph capture."""
     from babymerge.kernels import projector
 
-    monkeypatch.setenv(projector.PLAN_ENV_VAR, "rule")
-    assert not projector._plans_are_measured(torch.device("cuda"))
-    monkeypatch.setenv(projector.PLAN_ENV_VAR, "fastest")
+    monkeypatch.setenv(measured.PLAN_ENV_VAR, "rule")
+    assert not measured.plans_are_measured(torch.device("cuda"))
+    monkeypatch.setenv(measured.PLAN_ENV_VAR, "fastest")
     with pytest.raises(ValueError, match="BABYMERGE_PROJECTOR_PLAN='fastest'"):
-        projector._plans_are_measured(kernel_device)
-    monkeypatch.delenv(projector.PLAN_ENV_VAR)
-    assert projector._plans_are_measured(kernel_device) == (kernel_device.type == "cuda")
+        measured.plans_are_measured(kernel_device)
+    monkeypatch.delenv(measured.PLAN_ENV_VAR)
+    assert measured.plans_are_measured(kernel_device) == (kernel_device.type == "cuda")
     # compiled kernels on CUDA: measured, except while torch.compile traces or a graph is captured
-    monkeypatch.setattr(projector, "INTERPRET", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     for compiling, capturing in ((False, False), (True, False), (False, True)):
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
-        measured = projector._plans_are_measured(torch.device("cuda"))
-        assert measured == (not compiling and not capturing)
+        timed = measured.plans_are_measured(torch.device("cuda"))
+        assert timed == (not compiling and not capturing)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="plan 'fast'"):
         projector.projector_forward(*_inputs(4, 16, 16, 16, torch.float32, kernel_device)[:5],
@@ -219,7 +220,7 @@ def test_paper_shape_gpu(kernel_device, dtype, rows, monkeypatch):
         pytest.skip("paper-size shape only on the GPU (minutes in the interpreter)")
     from babymerge.kernels import projector
 
-    monkeypatch.setenv(projector.PLAN_ENV_VAR, "rule")
+    monkeypatch.setenv(measured.PLAN_ENV_VAR, "rule")
     want = {1000: ("fused", 1), 4099: ("two_gemm", 1), 16411: ("two_gemm", 4)}[rows]
     assert (("fused" if rows <= projector.FUSED_FORWARD_MAX_ROWS else "two_gemm"),
             projector.weight_grad_splits(rows)) == want
@@ -348,9 +349,9 @@ def test_plans_are_timed_on_the_tensors_device(kernel_device, monkeypatch):
         finally:
             inside.pop()
 
-    monkeypatch.setattr(projector, "_MEASURED_PLANS", {})
-    monkeypatch.setattr(projector, "_plans_are_measured", lambda device: True)
-    monkeypatch.setattr(projector, "_on_device", recording)
+    monkeypatch.setattr(measured, "_MEASURED", {})
+    monkeypatch.setattr(measured, "plans_are_measured", lambda device: True)
+    monkeypatch.setattr(measured, "on_device", recording)
     seen = []
 
     def fake_measure(fn):
@@ -358,7 +359,7 @@ def test_plans_are_timed_on_the_tensors_device(kernel_device, monkeypatch):
         fn()
         return 1.0
 
-    monkeypatch.setattr(projector, "_measure", fake_measure)
+    monkeypatch.setattr(measured, "measure", fake_measure)
     x, w1, b1, w2, b2 = (t.detach() for t in _inputs(20, 32, 16, 16, torch.float32,
                                                       kernel_device))
     projector.projector_forward(x, w1, b1, w2, b2, save_z=False)
@@ -372,8 +373,6 @@ def test_plan_timing_counts_host_time(monkeypatch):
     call, behind which that much host time per call vanished. CUDA events are faked with the
     host clock here: the GPU side is idle, so host time is all there is to see. The clock is
     simulated (each call advances it 1 ms), so the figure does not depend on the machine's load."""
-    from babymerge.kernels import projector
-
     clock = [0.0]  # host milliseconds
 
     class HostEvent:
@@ -397,7 +396,7 @@ def test_plan_timing_counts_host_time(monkeypatch):
         calls.append(1)
         clock[0] += 1.0
 
-    ms = projector._measure(host_bound, budget_ms=5.0)
+    ms = measured.measure(host_bound, budget_ms=5.0)
     assert ms == 1.0
     assert len(calls) == 1 + 2 + 4 + 8  # the untimed first call, then doubling batches to 5 ms
 

@@ -17,7 +17,6 @@ with torch.lerp's formula, which is exact at alpha = 0 and alpha = 1.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 import os
@@ -27,6 +26,7 @@ import triton
 import triton.language as tl
 
 from babymerge.kernels.interpolation_reference import check_interpolation_args, distinct_indices
+from babymerge.kernels.measured import on_device
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -38,11 +38,6 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 # The interpreter pays ~ms per program, so it takes larger blocks.
 BLOCK = 16384 if INTERPRET else 4096
 NUM_WARPS = 8
-
-
-def _on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' device for the launch."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 _PLAN_CACHE: dict[tuple, list[tuple]] = {}
@@ -187,7 +182,7 @@ def interpolate_triton_(dst: list[torch.Tensor], a: list[torch.Tensor], b: list[
     if not (len(dst) == len(a) == len(b)) or not math.isfinite(alpha):
         check_interpolation_args(dst, a, b, alpha)  # raises the error naming the problem
     for device, (dt, at, bt), table, programs, aligned, n in _plan(dst, a, b, alpha, block):
-        with _on_device(device):
+        with on_device(device):
             _interpolate_kernel[(programs,)](table, n, alpha, DST=dt, A=at, B=bt, BLOCK=block,
                                              ALIGNED=aligned, num_warps=num_warps)
     # Raw-pointer writes bypass autograd's version counters; bump them as an in-place op would

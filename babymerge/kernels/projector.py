@@ -28,7 +28,6 @@ between steps and every accumulation is fp32, so bf16/fp16 results match eager t
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -37,17 +36,14 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from babymerge.kernels.measured import choose, on_device
+
 # Triton decides when a @triton.jit function is decorated whether it is interpreted; read the same
 # switch. The interpreter runs only ONE autotune config, and its tl.dot multiplies bf16 bit patterns
 # (shared/TRITON.md), so interpreted kernels upcast dot operands to fp32.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _on_device(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' device for the launch."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _configs(names: tuple[str, ...], tuned: list[tuple]) -> list[triton.Config]:
@@ -141,11 +137,11 @@ _LIN_CONFIGS = {
 # weight-gradient reduction takes depend on the GPU, the dtype and M in ways one H100 profile does
 # not settle (fused forward at M = 1024: 74 us on an H100; the two-GEMM forward there unmeasured),
 # so on CUDA each is MEASURED once per shape bucket, as the autotuner measures block sizes
-# (:func:`_choose`). The rules below are what the interpreter, and BABYMERGE_PROJECTOR_PLAN=rule,
-# use instead: fused up to FUSED_FORWARD_MAX_ROWS rows (a training batch of images is small, its
-# GEMMs take microseconds and the launch count is what costs; above it the first GEMM's recompute
-# per column block, the price of never writing the activation, outgrows one write and one read of
-# z, which training saves anyway).
+# (babymerge/kernels/measured.py). The rules below are what the interpreter, and
+# BABYMERGE_PROJECTOR_PLAN=rule, use instead: fused up to FUSED_FORWARD_MAX_ROWS rows (a training
+# batch of images is small, its GEMMs take microseconds and the launch count is what costs; above
+# it the first GEMM's recompute per column block, the price of never writing the activation,
+# outgrows one write and one read of z, which training saves anyway).
 FORWARD_PLANS = ("fused", "two_gemm")
 FUSED_FORWARD_MAX_ROWS = 1024
 # Weight-gradient reductions over M by rule are split into slices of at least this many rows (up
@@ -159,9 +155,6 @@ MAX_WEIGHT_GRAD_SPLITS = 8
 WEIGHT_GRAD_SPLITS = (1, 2, 4, 8)
 MIN_ROWS_PER_WEIGHT_GRAD_SPLIT = 256
 
-PLAN_ENV_VAR = "BABYMERGE_PROJECTOR_PLAN"
-PLAN_MODES = ("measured", "rule")
-_MEASURED_PLANS: dict[tuple, object] = {}
 
 # Autotuning is keyed on M rounded up to a power of two (M_BUCKET), not on M: the last batch of an
 # epoch or an evaluation batch must not trigger a fresh search.
@@ -377,70 +370,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _plans_are_measured(device: torch.device) -> bool:
-    """Whether launch plans are timed on ``device`` (CUDA, compiled kernels, and
-    BABYMERGE_PROJECTOR_PLAN unset or ``measured``) or follow the fixed rules. ``rule`` pins them,
-    for runs that must repeat bit for bit: a measured choice can differ from one run to the next
-    when two plans time alike, and plans differ in summation order."""
-    mode = os.environ.get(PLAN_ENV_VAR, "measured").strip().lower() or "measured"
-    if mode not in PLAN_MODES:
-        raise ValueError(f"{PLAN_ENV_VAR}={os.environ[PLAN_ENV_VAR]!r}: expected one of "
-                         f"{', '.join(PLAN_MODES)}")
-    if mode != "measured" or device.type != "cuda" or INTERPRET:
-        return False
-    # Nothing can be timed while torch.compile traces (fake tensors) or a CUDA graph is being
-    # captured (a synchronising benchmark would break the capture): the rules decide there.
-    return not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()
-
-
-def _measure(fn, budget_ms: float = 10.0) -> float:
-    """Milliseconds per call of ``fn``, calls queued back to back on the current CUDA stream, as
-    in a training loop: a GPU-bound plan shows its GPU time, a host-bound one its host time (its
-    launches, allocations and small torch ops). Not triton.testing.do_bench: it enqueues a 256 MB
-    L2-flush memset (~85 us on an H100) before every call, which hides up to that much host time
-    per call, so a plan that adds launches or host ops to a host-bound step (a split reduction's
-    workspace, sum and cast; a second forward launch) would time as if they were free. The
-    first call (compiles, autotuning) is not timed; the calls double until ``budget_ms``."""
-    fn()
-    torch.cuda.synchronize()
-    calls = 2
-    while True:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end)
-        if ms >= budget_ms or calls >= 1024:
-            return ms / calls
-        calls *= 2
-
-
-def _choose(key: tuple, device: torch.device, rule_choice, candidates: tuple, run):
-    """The fastest of ``candidates`` for ``key``, timed once per process with ``run(candidate)``
-    on the real inputs; ``rule_choice`` where plans are not measured. The first call of a
-    candidate also runs its kernels' autotuning, outside the timed calls."""
-    if len(candidates) < 2 or not _plans_are_measured(device):
-        return rule_choice
-    choice = _MEASURED_PLANS.get(key)
-    if choice is None:
-        try:
-            # the timing's events and synchronisation (and the autotuner's do_bench with its
-            # 256 MB L2-flush buffer) use the CURRENT device: for tensors on another GPU (cuda:1
-            # without set_device) they would time nothing and fill GPU 0, so time on theirs.
-            with _on_device(device):
-                times = {c: _measure(lambda c=c: run(c)) for c in candidates}
-            choice = min(times, key=times.get)
-        except torch.cuda.OutOfMemoryError:
-            # timing needs room for every candidate's outputs and, on its first call, for the
-            # autotuner's do_bench and its 256 MB L2-flush buffer; on a nearly full GPU the rule
-            # decides instead of the step failing
-            choice = rule_choice
-        _MEASURED_PLANS[key] = choice
-    return choice
-
-
 def _check_inputs(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                   b2: torch.Tensor | None) -> None:
     """Clear errors for what the kernels cannot take (they index flat, contiguous memory)."""
@@ -479,14 +408,15 @@ def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
                       b2: torch.Tensor | None, save_z: bool, plan: str | None = None,
                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y (M, N) for x (M, K), and the pre-activation z (M, H) when ``save_z`` (for backward).
-    ``plan`` is one of FORWARD_PLANS; None measures them on CUDA (:func:`_choose`). ``out``: a
-    contiguous (M, N) tensor to write y into (returned as y)."""
+    ``plan`` is one of FORWARD_PLANS; None measures them on CUDA
+    (:mod:`~babymerge.kernels.measured`). ``out``: a contiguous (M, N) tensor to write y into
+    (returned as y)."""
     m, k = x.shape
     hidden, n = w1.shape[0], w2.shape[0]
     if plan is None:
         key = ("forward", x.device, x.dtype, _precision(x.dtype), _next_power_of_2(m), k,
                hidden, n, b1 is None, b2 is None, save_z)
-        plan = _choose(key, x.device, "fused" if m <= FUSED_FORWARD_MAX_ROWS else "two_gemm",
+        plan = choose(key, x.device, "fused" if m <= FUSED_FORWARD_MAX_ROWS else "two_gemm",
                        FORWARD_PLANS,
                        lambda p: projector_forward(x, w1, b1, w2, b2, save_z, plan=p))
     if plan not in FORWARD_PLANS:
@@ -499,7 +429,7 @@ def projector_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None
     def grid(meta):
         return _cdiv(m, meta["BLOCK_M"]), _cdiv(n, meta["BLOCK_N"])
 
-    with _on_device(x.device):
+    with on_device(x.device):
         if plan == "fused":
             # Absent biases and z get a dummy pointer; constexpr flags keep the kernel off them.
             _projector_fwd_kernel[grid](
@@ -525,7 +455,7 @@ def _linear(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: to
     def grid(meta):
         return (_cdiv(m, meta["BLOCK_A"]) * _cdiv(n, meta["BLOCK_B"]),)
 
-    with _on_device(a.device):
+    with on_device(a.device):
         _linear_kernel[grid](a, w, bias if bias is not None else a, out, m, n, k,
                              _next_power_of_2(m), GELU_A=gelu_in, HAS_BIAS=bias is not None,
                              UPCAST=INTERPRET, PRECISION=_precision(a.dtype),
@@ -548,7 +478,7 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
                        split: int | None = None) -> tuple[torch.Tensor | None, ...]:
     """(dx, dW1, db1, dW2, db2) for the flags in ``needs`` (autograd's needs_input_grad); None for
     the gradients not asked for. ``split``: slices of the weight gradients' reduction over M;
-    None measures the candidates on CUDA (:func:`_choose`)."""
+    None measures the candidates on CUDA (:mod:`~babymerge.kernels.measured`)."""
     need_x, need_w1, need_b1, need_w2, need_b2 = needs
     do_w1, do_w2 = need_w1 or need_b1, need_w2 or need_b2
     m, k = x.shape
@@ -558,7 +488,7 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
     elif split is None:
         key = ("backward", x.device, x.dtype, _precision(x.dtype), _next_power_of_2(m), k,
                hidden, n, tuple(needs), has_b1, has_b2)
-        split = _choose(key, x.device, weight_grad_splits(m), weight_grad_split_candidates(m),
+        split = choose(key, x.device, weight_grad_splits(m), weight_grad_split_candidates(m),
                         lambda s: projector_backward(dy, x, w1, w2, z, needs, has_b1, has_b2, s))
     # The weight gradients' shapes in the kernel's order (dW2, db2, dW1, db1); absent ones None.
     shapes = ((n, hidden) if do_w2 else None, (n,) if do_w2 and has_b2 else None,
@@ -596,7 +526,7 @@ def projector_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: 
         def or_dummy(t):  # absent outputs get a dummy pointer the constexpr flags never touch
             return t if t is not None else dy
 
-        with _on_device(x.device):
+        with on_device(x.device):
             if dz is not None:
                 _projector_bwd_dz_kernel[dz_grid](
                     dy, w2, z, dz, m, k, hidden, n, _next_power_of_2(m), UPCAST=INTERPRET,
