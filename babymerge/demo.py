@@ -28,10 +28,9 @@ from typing import Iterator
 import click
 
 from babymerge.config import InputError, atomic_write_text, opt, save_config
-from babymerge.evaluate import GRAMMAR_KINDS, MULTIMODAL_KINDS
 from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
 from babymerge.merge import MergeConfig, merge
-from babymerge.merge_report import objective
+from babymerge.merge_report import DEFAULT_OBJECTIVE, objective, parse_objective
 from babymerge.merge_resume import read_metrics
 from babymerge.model import transformers_bars_off
 from babymerge.tokenizer import TokenizerConfig, train_tokenizer
@@ -190,6 +189,10 @@ def _train_throughput(run_dir: Path) -> dict:
     last = steps[-1]
     return {"steps": last["step"], "tokens": last["tokens"], "words": last["words"],
             "final_loss": last["loss"]}
+
+
+# the finding reads the default rule's two groups
+GRAMMAR_KINDS, MULTIMODAL_KINDS = parse_objective(DEFAULT_OBJECTIVE).values()
 
 
 def _variance(record: dict, tasks: dict[str, dict], kinds) -> float:
@@ -360,7 +363,7 @@ def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
     info["reused"] = info["scored_alphas"] == 0
 
     for r in results["records"]:
-        r.update(objective(r["scores"], results["tasks"]))
+        r.update(objective(r["scores"], results["tasks"], results["objective_groups"]))
     holds, sentence = finding(results)
     table = results_table(results)
     plot = run / "merge" / "alpha_curve.png"

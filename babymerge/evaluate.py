@@ -1,44 +1,42 @@
-"""Stage 3a: score a checkpoint on the BabyLM evaluation pipeline's zero-shot tasks.
+"""Stage 3a: score a checkpoint on the BabyLM evaluation pipeline's zero-shot tasks, with the
+pipeline's numbers.
 
 ``babymerge eval MODEL_DIR --task KIND:PATH ... --features FILE.h5 --out scores.json``
 
-Three task kinds, read in the pipeline's own jsonl formats (``../shared/DESIGN.md``):
+Task files are read as the pipeline reads them (:mod:`babymerge.tasks`: minimal pairs, EWoK, entity
+tracking, COMPS, wug, Winoground, VQA). Every candidate is ``[BOS, <image>] + tokens(sentence)``,
+the image token carrying the image's cached feature (the feature file's ``/black`` for text-only
+tasks, the paper's text-only input). Scored as the pipeline scores (its
+``sentence_zero_shot/{dataset,compute_results,run}.py`` at bf55c11):
 
-- ``minimal_pairs`` (BLiMP, BLiMP supplement): ``sentence_good`` vs ``sentence_bad``;
-- ``winoground`` (image-text matching): ``caption_0`` (gold) vs ``caption_1`` with the image;
-- ``vqa``: ``question + " " + answer`` for ``target_ans`` (gold) and each of ``distractors``, only
-  the answer tokens scored.
+- a candidate's score is the sum of the log-probabilities of its completion's tokens, those whose
+  character span ends past where the completion starts (no length normalisation);
+- an item is correct when the gold candidate (the first) has the highest score, the first maximum
+  winning, so a tie counts as correct; identical candidates are scored once, so they tie exactly;
+- a task's accuracy is the unweighted mean over its groups (UIDs) of the accuracy within each;
+  entity tracking's is the mean over its splits (regular, ambiref, move_contents) of the mean
+  over their UIDs; wug's score is Spearman's rho between the model's probability of the first
+  sentence (softmax over the item's sentences) and the human ratio.
 
-Every candidate is ``[BOS, <image>] + tokens`` with the image token carrying the image's cached
-feature (the feature file's ``/black`` for minimal pairs, the paper's text-only input). A
-candidate's score is the sum of its scored tokens' log-probabilities (no length normalisation); an
-item is won when the gold candidate's score is strictly higher than every other one's, as the
-pipeline scores.
-Accuracy is the mean over items within each group (the record's ``UID``; for minimal pairs without
-one, the file stem; otherwise the task) and the task's score is the macro-average over groups.
+Accuracies are fractions in [0, 1] here and in every babymerge file (the pipeline prints percent);
+rho is in [-1, 1]. ``--predictions DIR`` writes ``DIR/<task>/predictions.json`` in the pipeline's
+layout (``{UID: {"predictions": [{"id": "<UID>_<n>", "pred": ...}]}}``), so the two can be diffed
+item by item.
 
-Image ids are looked up in the feature file, so no image is encoded here. A record's id is its
-``image_id`` (ours; the pipeline's VQA files carry the COCO ``image_id`` of the question's image).
-The pipeline's Winoground files carry none: their ``image_idx`` is the row of
-``facebook/winoground`` (its test split, in id order) and ``image_key`` its column (``image_0``
-or ``image_1``), so the id is ``ex_<image_idx>_img_<k>``, that image's stem in Winoground's own
-``images.zip`` (``extract-features`` on the unzipped folder stores exactly these ids). Either
-field alone names no single image and is an error.
-
-The scoring loop (:func:`score_candidates`) is what :mod:`babymerge.merge` runs on its live model
-at every alpha: tasks are read and tokenised once (:func:`load_tasks`), then scored many times.
+Image ids are looked up in the feature file, so no image is encoded here (:func:`babymerge.tasks.
+image_id` says how a line names its image). The scoring loop (:func:`score_candidates`) is what
+:mod:`babymerge.merge` runs on its live model at every alpha: tasks are read and tokenised once
+(:func:`load_tasks`), then scored many times.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import click
 import torch
@@ -46,18 +44,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from babymerge.config import InputError, arg, atomic_write_text, config_to_dict, opt
+from babymerge.config import arg, atomic_write_text, config_to_dict, opt
 from babymerge.distributed import resolve_device
 from babymerge.featurefile import FeatureFileError, FeatureTable
 from babymerge.model import encoder_name, image_prefix_ids, load_black_feature, load_model
-from babymerge.textfiles import numbered_lines
+from babymerge.tasks import (CORRELATION_KINDS, ENTITY_TRACKING_SPLITS, KIND_ALIASES,
+                             MULTIMODAL_KINDS, TASK_KINDS, Item, TaskError, TaskSpec,
+                             parse_task_spec, read_items)
 from babymerge.tokenizer import TokenizerError, load_tokenizer
 
-TASK_KINDS = ("minimal_pairs", "winoground", "vqa")
-GRAMMAR_KINDS = ("minimal_pairs",)
-MULTIMODAL_KINDS = ("winoground", "vqa")
-# Winoground's image_key values (facebook/winoground's image columns) -> k of ex_<idx>_img_<k>
-WINOGROUND_IMAGE_KEY = re.compile(r"image_(\d+)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Scored positions go through the LM head this many at a time: bounds the transient logits to
 # chunk x vocab floats (1024 x 30k x 4 B = 123 MB) however long or wide the batch is.
@@ -70,10 +65,13 @@ class EvalConfig:
 
     model: Path = arg(help="checkpoint directory (BabyLLaVA, tokenizer inside)")
     task: list[str] = opt([], "task as KIND:PATH or NAME=KIND:PATH, KIND in "
-                          + "|".join(TASK_KINDS) + " (repeatable)", short="-t")
+                          + "|".join(TASK_KINDS + tuple(KIND_ALIASES)) + " (repeatable)",
+                          short="-t")
     features: Path | None = opt(None, "feature file (extract-features) with the tasks' image ids "
                                 "and the black feature used for text-only inputs")
     out: Path | None = opt(None, "write the scores here as JSON")
+    predictions: Path | None = opt(None, "also write DIR/<task>/predictions.json per task, in the "
+                                   "BabyLM pipeline's layout (to diff item by item)")
     batch_size: int = opt(64, "sequences per forward pass")
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     dtype: str = opt("float32", "model dtype for scoring", choices=tuple(DTYPES))
@@ -88,121 +86,6 @@ class EvalConfig:
             parse_task_spec(spec)  # syntax only: a bad spec fails before anything is loaded
 
 
-class TaskError(InputError):
-    """Bad evaluation data or task spec; the message names the task, file and line."""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    kind: str
-    path: Path
-
-
-def parse_task_spec(text: str) -> TaskSpec:
-    """``KIND:PATH`` or ``NAME=KIND:PATH``; NAME defaults to the file or folder stem."""
-    name = None
-    head, colon, path = text.partition(":")
-    if "=" in head:
-        name, _, head = head.partition("=")
-    kind = head.strip()
-    if not colon or not path or kind not in TASK_KINDS or (name is not None and not name.strip()):
-        raise TaskError(f"--task {text!r}: expected KIND:PATH or NAME=KIND:PATH with KIND one of "
-                        f"{', '.join(TASK_KINDS)}")
-    path_ = Path(path)
-    return TaskSpec(name=(name.strip() if name else path_.stem), kind=kind, path=path_)
-
-
-@dataclass
-class Item:
-    """One multiple-choice item as read: candidate 0 is gold."""
-
-    where: str  # "file:line", for errors
-    group: str
-    context: str  # scored-not text before each candidate ("" or the VQA question)
-    candidates: list[str]
-    image_id: str | None
-
-
-def _task_files(spec: TaskSpec) -> list[Path]:
-    if spec.path.is_dir():
-        # hidden files are never task files: macOS leaves binary ._NAME.jsonl twins in copies
-        files = sorted(p for p in spec.path.glob("*.jsonl") if not p.name.startswith("."))
-        if not files:
-            raise TaskError(f"task {spec.name}: no .jsonl files in folder {spec.path}")
-        return files
-    if not spec.path.is_file():
-        raise TaskError(f"task {spec.name}: {spec.path} does not exist")
-    return [spec.path]
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    for lineno, line in numbered_lines(path, TaskError):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-        if not isinstance(record, dict):
-            raise TaskError(f"{path}:{lineno}: expected a JSON object, got "
-                            f"{type(record).__name__}")
-        yield lineno, record
-
-
-def _text(record: dict, key: str, where: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise TaskError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
-    return value
-
-
-def _image_id(record: dict, where: str) -> str:
-    """The feature-file id of a record's image (module docstring). Neither Winoground field alone
-    is an id: image_key as the id would give every item image_0's or image_1's one feature."""
-    if record.get("image_id") is not None:
-        return str(record["image_id"])
-    idx, key = record.get("image_idx"), record.get("image_key")
-    if idx is not None and key is not None:
-        match = WINOGROUND_IMAGE_KEY.fullmatch(str(key))
-        if match is None:
-            raise TaskError(f"{where}: image_key {key!r} is not a Winoground image column "
-                            "(image_0 or image_1)")
-        return f"ex_{idx}_img_{match.group(1)}"
-    raise TaskError(f"{where}: no image id: give 'image_id', or 'image_idx' with 'image_key' "
-                    "(the pipeline's Winoground files)")
-
-
-def read_items(spec: TaskSpec) -> list[Item]:
-    """Every item of a task, validated; malformed lines are errors naming file and line."""
-    items: list[Item] = []
-    for path in _task_files(spec):
-        for lineno, rec in _read_jsonl(path):
-            where = f"{path}:{lineno}"
-            uid = rec.get("UID")
-            if spec.kind == "minimal_pairs":
-                group = str(uid) if uid is not None else path.stem
-                items.append(Item(where, group, "", [_text(rec, "sentence_good", where),
-                                                     _text(rec, "sentence_bad", where)], None))
-            elif spec.kind == "winoground":
-                items.append(Item(where, str(uid) if uid is not None else spec.name, "",
-                                  [_text(rec, "caption_0", where), _text(rec, "caption_1", where)],
-                                  _image_id(rec, where)))
-            else:  # vqa
-                distractors = rec.get("distractors")
-                if (not isinstance(distractors, list) or not distractors
-                        or not all(isinstance(d, str) and d.strip() for d in distractors)):
-                    raise TaskError(f"{where}: field 'distractors' must be a non-empty list of "
-                                    f"non-empty strings, got {distractors!r}")
-                items.append(Item(where, str(uid) if uid is not None else spec.name,
-                                  _text(rec, "question", where),
-                                  [_text(rec, "target_ans", where), *distractors],
-                                  _image_id(rec, where)))
-    if not items:
-        raise TaskError(f"task {spec.name} ({spec.kind}:{spec.path}): no items")
-    return items
-
-
 @dataclass
 class PreparedTask:
     """A task tokenised and flattened into candidates, ready to be scored any number of times.
@@ -210,6 +93,8 @@ class PreparedTask:
     Candidates of one item are contiguous, gold first: item ``i`` owns candidates
     ``item_start[i]:item_start[i+1]``. Candidate ``c`` is ``input_ids[c]``; its tokens from
     ``score_from[c]`` on are scored; its image token carries ``features[feature_rows[c]]``.
+    Candidates with the same ids and image are one sequence: ``same_as[c]`` is the first such
+    candidate, the one scored.
     """
 
     name: str
@@ -221,32 +106,77 @@ class PreparedTask:
     features: torch.Tensor  # (unique images, D)
     item_start: torch.Tensor  # (items + 1,) long
     groups: list[str]  # per item
+    same_as: torch.Tensor | None = None  # (candidates,) long; None: every candidate its own
+    ratios: list[float] | None = None  # per item, correlation kinds
+    predictions: list[str] | None = None  # per candidate: what predictions.json calls it
+
+    def __post_init__(self) -> None:
+        if self.same_as is None:
+            first: dict[tuple, int] = {}
+            self.same_as = torch.tensor(
+                [first.setdefault((tuple(ids), int(row)), c) for c, (ids, row) in
+                 enumerate(zip(self.input_ids, self.feature_rows.tolist(), strict=True))],
+                dtype=torch.long)
 
     @property
     def num_items(self) -> int:
         return len(self.groups)
 
     @property
+    def metric(self) -> str:
+        return "spearman" if self.kind in CORRELATION_KINDS else "accuracy"
+
+    @property
     def chance(self) -> float:
-        """Expected accuracy of a random guess (mean of 1/candidates over items)."""
+        """Expected score of a random guess: mean of 1/candidates over items; 0 for a
+        correlation."""
+        if self.metric == "spearman":
+            return 0.0
         return float((1.0 / self.item_start.diff().double()).mean())
 
 
-def pack_task(spec: TaskSpec, prefix: list[int], contexts: list[list[int]],
-              continuations: list[list[list[int]]], groups: list[str], image_index: list[int],
-              features: torch.Tensor) -> PreparedTask:
-    """Flatten token ids per item (context, candidate continuations) into a :class:`PreparedTask`;
+def pack_task(spec: TaskSpec, prefix: list[int], sequences: list[list[list[int]]],
+              first_scored: list[list[int]], groups: list[str], image_index: list[int],
+              features: torch.Tensor, **extra) -> PreparedTask:
+    """Flatten token ids per item (one list per candidate) into a :class:`PreparedTask`;
+    ``first_scored[i][j]`` is the index of the first scored token of item i's candidate j, and
     ``image_index[i]`` is item i's row in ``features``."""
     input_ids, score_from, rows, starts = [], [], [], [0]
-    for ctx, conts, img in zip(contexts, continuations, image_index, strict=True):
-        for cont in conts:
-            input_ids.append(prefix + ctx + cont)
-            score_from.append(len(prefix) + len(ctx))
+    for seqs, firsts, img in zip(sequences, first_scored, image_index, strict=True):
+        for seq, first in zip(seqs, firsts, strict=True):
+            input_ids.append(prefix + seq)
+            score_from.append(len(prefix) + first)
             rows.append(img)
         starts.append(len(input_ids))
     return PreparedTask(spec.name, spec.kind, str(spec.path), input_ids, score_from,
                         torch.tensor(rows, dtype=torch.long), features,
-                        torch.tensor(starts, dtype=torch.long), groups)
+                        torch.tensor(starts, dtype=torch.long), groups, **extra)
+
+
+def _tokenize_candidates(items: list[Item], tokenizer, prefix_len: int,
+                         max_positions: int | None) -> tuple[list, list]:
+    """Per item and candidate: the sentence's token ids and the index of its first scored token,
+    the first whose character span ends past the completion's start (the pipeline's rule)."""
+    sentences = [sentence for it in items for sentence, _ in it.candidates]
+    enc = tokenizer(sentences, add_special_tokens=False, return_offsets_mapping=True)
+    sequences, firsts, k = [], [], 0
+    for it in items:
+        seqs, item_firsts = [], []
+        for sentence, completion in it.candidates:
+            ids, offsets = enc["input_ids"][k], enc["offset_mapping"][k]
+            k += 1
+            start = len(sentence) - len(completion)
+            first = next((j for j, (_, end) in enumerate(offsets) if end > start), None)
+            if first is None:
+                raise TaskError(f"{it.where}: candidate {completion!r} has no tokens to score")
+            if max_positions is not None and prefix_len + len(ids) > max_positions:
+                raise TaskError(f"{it.where}: {prefix_len + len(ids)} tokens exceed the model's "
+                                f"{max_positions} positions")
+            seqs.append(ids)
+            item_firsts.append(first)
+        sequences.append(seqs)
+        firsts.append(item_firsts)
+    return sequences, firsts
 
 
 def prepare_task(spec: TaskSpec, tokenizer, table: FeatureTable | None,
@@ -254,10 +184,10 @@ def prepare_task(spec: TaskSpec, tokenizer, table: FeatureTable | None,
     """Read, validate and tokenise one task; look up its images' features (or the black one)."""
     items = read_items(spec)
     if table is None:
-        need = "the black feature for text-only inputs" if spec.kind in GRAMMAR_KINDS else \
-            "the features of its images"
+        need = "the black feature for text-only inputs" if spec.kind not in MULTIMODAL_KINDS \
+            else "the features of its images"
         raise TaskError(f"task {spec.name} needs {need}: pass --features FILE.h5")
-    if spec.kind in GRAMMAR_KINDS:
+    if spec.kind not in MULTIMODAL_KINDS:
         features, image_index = table.black[None], [0] * len(items)
     else:
         try:
@@ -266,35 +196,12 @@ def prepare_task(spec: TaskSpec, tokenizer, table: FeatureTable | None,
             raise TaskError(f"task {spec.name} ({spec.path}): {e}") from e
         unique, inverse = torch.unique(rows, return_inverse=True)
         features, image_index = table.gather(unique), inverse.tolist()
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-    # As the pipeline does: the context is tokenised alone, the continuation is the whole text's
-    # tokens past the context's length (so the answer tokenises as it would inside the sentence).
-    with_context = [i for i, it in enumerate(items) if it.context]
-    contexts: list[list[int]] = [[] for _ in items]
-    for i, ids in zip(with_context, encode([items[i].context for i in with_context]),
-                      strict=True):
-        contexts[i] = ids
-    whole = encode([(it.context + " " + c) if it.context else c
-                    for it in items for c in it.candidates])
     prefix = image_prefix_ids(tokenizer)
-    continuations, k = [], 0
-    for it, ctx in zip(items, contexts, strict=True):
-        conts = []
-        for cand in it.candidates:
-            ids = whole[k][len(ctx):] if it.context else whole[k]
-            k += 1
-            if not ids:
-                raise TaskError(f"{it.where}: candidate {cand!r} has no tokens to score")
-            if max_positions is not None and len(prefix) + len(ctx) + len(ids) > max_positions:
-                raise TaskError(f"{it.where}: {len(prefix) + len(ctx) + len(ids)} tokens exceed "
-                                f"the model's {max_positions} positions")
-            conts.append(ids)
-        continuations.append(conts)
-    return pack_task(spec, prefix, contexts, continuations, [it.group for it in items],
-                     image_index, features)
+    sequences, firsts = _tokenize_candidates(items, tokenizer, len(prefix), max_positions)
+    return pack_task(spec, prefix, sequences, firsts, [it.group for it in items], image_index,
+                     features, ratios=([it.ratio for it in items]
+                                       if spec.kind in CORRELATION_KINDS else None),
+                     predictions=[p for it in items for p in it.predictions])
 
 
 def load_tasks(specs: list[str], tokenizer, features: str | Path | FeatureTable | None,
@@ -311,7 +218,7 @@ def load_tasks(specs: list[str], tokenizer, features: str | Path | FeatureTable 
     if isinstance(features, (str, Path)):
         try:
             table = FeatureTable(features,
-                                 load_features=any(p.kind not in GRAMMAR_KINDS for p in parsed),
+                                 load_features=any(p.kind in MULTIMODAL_KINDS for p in parsed),
                                  max_memory_bytes=0)
         except FeatureFileError as e:
             raise TaskError(f"--features: {e}") from e
@@ -334,7 +241,7 @@ def _prepare_all(parsed: list[TaskSpec], tokenizer, table: FeatureTable | None,
     # prepare_task reads only ``.black`` of a text-only task's table; image tasks still need
     # --features (and say so)
     black_only = SimpleNamespace(black=black) if black is not None else None
-    return [prepare_task(p, tokenizer, table if table is not None or p.kind not in GRAMMAR_KINDS
+    return [prepare_task(p, tokenizer, table if table is not None or p.kind in MULTIMODAL_KINDS
                          else black_only, max_positions) for p in parsed]
 
 
@@ -382,8 +289,10 @@ def score_candidates(model, task: PreparedTask, batch_size: int = 64,
     """
     device = next(model.parameters()).device
     lengths = torch.tensor([len(s) for s in task.input_ids])
-    order = torch.argsort(lengths, descending=True, stable=True).tolist()
-    scores = torch.zeros(len(order), dtype=torch.float64)
+    scored = task.same_as == torch.arange(len(task.input_ids))  # one of each identical set
+    candidates = torch.nonzero(scored).flatten()
+    order = candidates[torch.argsort(lengths[candidates], descending=True, stable=True)].tolist()
+    scores = torch.zeros(len(task.input_ids), dtype=torch.float64)
     # in their stored dtype: the model casts them to its projector's dtype, after standardising
     # them in float32 (feature_norm="standardize"); rounded to bfloat16 first, the large shared
     # offset of the features would lose what the standardisation is there to keep
@@ -417,41 +326,102 @@ def score_candidates(model, task: PreparedTask, batch_size: int = 64,
             total = torch.zeros(len(idx), dtype=torch.float64, device=device)
             scores[idx] = total.index_add_(0, rows, logp.double()).cpu()
             bar.update(len(idx))
-    return scores
+    return scores[task.same_as]
 
 
-def accuracy(task: PreparedTask, scores: torch.Tensor) -> dict:
-    """Strict wins of the gold candidate, per group and macro-averaged over groups."""
-    n = task.num_items
-    item_of = torch.repeat_interleave(torch.arange(n), task.item_start.diff())
-    is_gold = torch.zeros(len(scores), dtype=torch.bool)
-    is_gold[task.item_start[:-1]] = True
-    best_other = torch.full((n,), float("-inf"), dtype=scores.dtype).scatter_reduce(
-        0, item_of[~is_gold], scores[~is_gold], reduce="amax")
-    wins = (scores[is_gold] > best_other).double()
+def chosen_candidates(task: PreparedTask, scores: torch.Tensor) -> torch.Tensor:
+    """Per item, the index (within the item) of its highest-scoring candidate, the first maximum
+    on a tie (``torch.max``'s index, as the pipeline takes it)."""
+    per_item = torch.split(scores, task.item_start.diff().tolist())
+    return torch.tensor([int(torch.nonzero(s == s.max())[0]) for s in per_item],
+                        dtype=torch.long)
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho: Pearson's correlation of the ranks, ties given their mean rank (as
+    ``scipy.stats.spearmanr``, which the pipeline calls). NaN when either side is constant."""
+    def ranks(values: list[float]) -> torch.Tensor:
+        v = torch.tensor(values, dtype=torch.float64)
+        order = torch.argsort(v, stable=True)
+        r = torch.empty_like(v)
+        r[order] = torch.arange(1, len(v) + 1, dtype=torch.float64)
+        for value in torch.unique(v):  # ties: the mean of the ranks they span
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+
+    a, b = ranks(x), ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    denominator = (a.square().sum() * b.square().sum()).sqrt()
+    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def first_probabilities(task: PreparedTask, scores: torch.Tensor) -> list[float]:
+    """Per item, the softmax over its candidates' scores, at the first candidate (wug). In
+    float32, as the pipeline computes it: where one sentence is far likelier, float32 rounds the
+    probability to 1, and items so rounded tie in the ranks, as they do there."""
+    return [float(torch.softmax(s.float(), 0)[0])
+            for s in torch.split(scores, task.item_start.diff().tolist())]
+
+
+def task_score(task: PreparedTask, scores: torch.Tensor) -> dict:
+    """``{"score", "metric", "groups"}``: the task's score as the pipeline computes it (module
+    docstring), and per group (UID) the accuracy, or for a correlation the rho over all items."""
+    if task.metric == "spearman":
+        rho = spearman(first_probabilities(task, scores), task.ratios)
+        return {"score": rho, "metric": "spearman", "groups": {task.groups[0]: rho}}
+    correct = (chosen_candidates(task, scores) == 0).double().tolist()
     per_group: dict[str, list[float]] = {}
-    for g, w in zip(task.groups, wins.tolist()):
-        per_group.setdefault(g, []).append(w)
+    for g, c in zip(task.groups, correct):
+        per_group.setdefault(g, []).append(c)
     groups = {g: sum(v) / len(v) for g, v in per_group.items()}
-    return {"accuracy": sum(groups.values()) / len(groups), "groups": groups}
+    if task.kind == "entity_tracking":
+        splits = [[a for g, a in groups.items() if g.startswith(split)]
+                  for split in ENTITY_TRACKING_SPLITS]
+        means = [sum(v) / len(v) for v in splits if v]
+        score = sum(means) / len(means) if means else sum(groups.values()) / len(groups)
+    else:
+        score = sum(groups.values()) / len(groups)
+    return {"score": score, "metric": "accuracy", "groups": groups}
+
+
+def pipeline_predictions(task: PreparedTask, scores: torch.Tensor) -> dict:
+    """The pipeline's ``predictions.json`` of this task: per UID, in item order, ``{"id":
+    "<UID>_<n>", "pred": <the chosen candidate>}`` (the completion; COMPS: the sentence), wug
+    items also with ``"prob"``, the first sentence's probability."""
+    chosen = chosen_candidates(task, scores).tolist()
+    probs = first_probabilities(task, scores) if task.metric == "spearman" else None
+    out: dict[str, dict] = {}
+    for i, (group, j) in enumerate(zip(task.groups, chosen)):
+        preds = out.setdefault(group, {"predictions": []})["predictions"]
+        entry = {"id": f"{group}_{len(preds)}",
+                 "pred": task.predictions[int(task.item_start[i]) + j]}
+        if probs is not None:
+            entry["prob"] = probs[i]
+        preds.append(entry)
+    return out
 
 
 def evaluate_tasks(model, tasks: list[PreparedTask], batch_size: int = 64,
-                   progress: bool = True) -> dict[str, dict]:
-    """Score the live ``model`` on every prepared task: ``{name: {"accuracy", "groups"}}``."""
+                   progress: bool = True, with_scores: bool = False) -> dict[str, dict]:
+    """Score the live ``model`` on every prepared task: ``{name: {"score", "metric",
+    "groups"}}`` (:func:`task_score`), with each candidate's ``"scores"`` if asked."""
     was_training = model.training
     model.eval()
     try:
-        return {t.name: accuracy(t, score_candidates(model, t, batch_size, progress))
-                for t in tasks}
+        out = {}
+        for t in tasks:
+            scores = score_candidates(model, t, batch_size, progress)
+            out[t.name] = {**task_score(t, scores), **({"scores": scores} if with_scores else {})}
+        return out
     finally:
         model.train(was_training)
 
 
 def task_summary(tasks: list[PreparedTask]) -> dict[str, dict]:
-    """The ``tasks`` block of results files: kind, chance, items, path."""
-    return {t.name: {"kind": t.kind, "chance": t.chance, "items": t.num_items, "path": t.path}
-            for t in tasks}
+    """The ``tasks`` block of results files: kind, metric, chance, items, path."""
+    return {t.name: {"kind": t.kind, "metric": t.metric, "chance": t.chance,
+                     "items": t.num_items, "path": t.path} for t in tasks}
 
 
 def checkpoint_tokenizer(directory: str | Path, flag: str):
@@ -479,17 +449,24 @@ def evaluate(cfg: EvalConfig) -> dict:
     model = load_model(cfg.model, resolve_device(cfg.device), DTYPES[cfg.dtype])
     check_feature_dim(model, tasks)
     t0 = time.perf_counter()
-    scores = evaluate_tasks(model, tasks, cfg.batch_size, cfg.progress)
+    results = evaluate_tasks(model, tasks, cfg.batch_size, cfg.progress,
+                             with_scores=cfg.predictions is not None)
     seconds = time.perf_counter() - t0
     report = {"model": str(cfg.model), "tasks": task_summary(tasks),
-              "scores": {name: s["accuracy"] for name, s in scores.items()},
-              "groups": {name: s["groups"] for name, s in scores.items()},
+              "scores": {name: r["score"] for name, r in results.items()},
+              "groups": {name: r["groups"] for name, r in results.items()},
               "seconds": seconds,
               # batch size, dtype, device, feature file: what two runs on one model differ in
               "config": config_to_dict(cfg)}
-    for name, acc in report["scores"].items():
-        click.echo(f"{name}: {acc:.4f} (chance {report['tasks'][name]['chance']:.3f}, "
-                   f"{report['tasks'][name]['items']} items)")
+    for name, score in report["scores"].items():
+        summary = report["tasks"][name]
+        shown = (f"{score:.4f} ({100 * score:.2f}%)" if summary["metric"] == "accuracy"
+                 else f"rho {score:.4f}")
+        click.echo(f"{name}: {shown} (chance {summary['chance']:.3f}, {summary['items']} items)")
+    if cfg.predictions is not None:
+        for task in tasks:
+            atomic_write_text(cfg.predictions / task.name / "predictions.json", json.dumps(
+                pipeline_predictions(task, results[task.name]["scores"])) + "\n")
     if cfg.out is not None:
         atomic_write_text(cfg.out, json.dumps(report, indent=2) + "\n")
     return report

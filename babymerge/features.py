@@ -79,7 +79,11 @@ class ExtractConfig:
                            "minus the main process")
     image_root: Path | None = opt(None, "folder that relative paths in a .jsonl/.tsv are under "
                                   "(default: the list's folder)")
-    id_column: str = opt("image_id", "id key of a .jsonl or datasets SOURCE")
+    id_column: str = opt("image_id", "id key of a .jsonl or datasets SOURCE, or a template "
+                         "filled from its fields: '{dataset_id}_{image_id}' keeps two data sets' "
+                         "ids apart; {row} is a datasets SOURCE's row ('vqav2_{row}': the BabyLM "
+                         "pipeline's VQA idx_in_hf_dataset; 'ex_{row}_img_0' with --path-column "
+                         "image_0: its Winoground image_idx and image_key)")
     path_column: str = opt("path", "image path key of a .jsonl SOURCE, or a template filled from "
                            "each line such as '{dataset_id}/{image_id}.jpg'; image column of a "
                            "datasets SOURCE (default: its only Image column)")

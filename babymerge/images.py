@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import string
 import tarfile
 import warnings
 from collections.abc import Iterator
@@ -217,9 +218,20 @@ def _list_arrow(folder: Path, id_column: str, path_column: str) -> list[ImageIte
 
     ds = datasets.load_from_disk(str(folder))
     columns = ", ".join(ds.column_names)
-    if id_column not in ds.column_names:
-        raise SourceError(f"{folder}: no {id_column!r} column (set --id-column); columns: "
-                          f"{columns}")
+    if "{" in id_column:  # a template over columns and {row}, e.g. 'vqav2_{row}'
+        fields = [f for f in _template_fields(id_column) if f != "row"]
+        missing = [f for f in fields if f not in ds.column_names]
+        if missing:
+            raise SourceError(f"{folder}: --id-column template {id_column!r} names "
+                              f"{', '.join(map(repr, missing))}, not a column; columns: {columns}")
+        values = {f: ds[f] for f in fields}
+        ids = [id_column.format_map({**{f: v[row] for f, v in values.items()}, "row": row})
+               for row in range(len(ds))]
+    elif id_column in ds.column_names:
+        ids = ds[id_column]
+    else:
+        raise SourceError(f"{folder}: no {id_column!r} column (set --id-column, a column or a "
+                          f"template such as 'vqav2_{{row}}'); columns: {columns}")
     column = path_column
     if column not in ds.column_names:
         images = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
@@ -228,7 +240,12 @@ def _list_arrow(folder: Path, id_column: str, path_column: str) -> list[ImageIte
                               f"columns; set --path-column (columns: {columns})")
         column = images[0]
     return [ImageItem(str(image_id), str(folder), row, where=f"{folder}[row {row}]", column=column)
-            for row, image_id in enumerate(ds[id_column])]
+            for row, image_id in enumerate(ids)]
+
+
+def _template_fields(template: str) -> list[str]:
+    """The field names a str.format template uses ('{a}/{b:0>12}' -> ['a', 'b'])."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def _resolve(path: str, root: Path) -> str:
@@ -250,24 +267,32 @@ def _list_jsonl(path: Path, image_root: Path | None, id_column: str,
             raise SourceError(f"{where}: not valid JSON ({e.msg})") from e
         if not isinstance(row, dict):
             raise SourceError(f"{where}: expected a JSON object")
-        template = "{" in path_column  # e.g. "{dataset_id}/{image_id}.jpg"
-        for key, flag in ((id_column, "--id-column"),
-                          *([] if template else [(path_column, "--path-column")])):
+        # templates, e.g. "{dataset_id}/{image_id}.jpg": Localized Narratives' COCO and
+        # Flickr30k ids are both bare numbers, so '{dataset_id}_{image_id}' keeps them apart
+        path_template, id_template = "{" in path_column, "{" in id_column
+        keys = ([] if id_template else [(id_column, "--id-column")]) + \
+            ([] if path_template else [(path_column, "--path-column")])
+        for key, flag in keys:
             if key not in row:
                 raise SourceError(f"{where}: no {key!r} key (set {flag}); keys: "
                                   f"{', '.join(sorted(row))}")
-        try:
-            image_path = path_column.format_map(row) if template else str(row[path_column])
-        except (KeyError, IndexError, ValueError) as e:
-            raise SourceError(f"{where}: --path-column template {path_column!r} cannot be "
-                              f"filled from this line ({type(e).__name__}: {e})") from e
-        image_id = row[id_column]
+        image_path = (_fill(path_column, row, where, "--path-column") if path_template
+                      else str(row[path_column]))
+        image_id = _fill(id_column, row, where, "--id-column") if id_template else row[id_column]
         # str() would make a null id the image "None" (and a list its repr): refuse instead.
         if isinstance(image_id, bool) or not isinstance(image_id, (str, int)) or image_id == "":
             raise SourceError(f"{where}: {id_column!r} is {json.dumps(image_id)}; an image id "
                               "must be a non-empty string or an integer")
         items.append(ImageItem(str(image_id), _resolve(image_path, root), where=where))
     return items
+
+
+def _fill(template: str, row: dict, where: str, flag: str) -> str:
+    try:
+        return template.format_map(row)
+    except (KeyError, IndexError, ValueError) as e:
+        raise SourceError(f"{where}: {flag} template {template!r} cannot be filled from this "
+                          f"line ({type(e).__name__}: {e})") from e
 
 
 def _list_tsv(path: Path, image_root: Path | None) -> list[ImageItem]:

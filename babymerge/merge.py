@@ -31,8 +31,9 @@ differs; ``--restart`` discards the logged points instead, once: the same ``--re
 again after an interruption resumes the sweep it began (see
 :func:`babymerge.merge_resume._restart`).
 
-The chosen alpha follows :data:`babymerge.merge_report.RULE`: the grid point maximising the mean of
-the grammar score (mean over minimal-pairs tasks) and the multimodal score (mean over image tasks).
+The chosen alpha follows the rule of :mod:`babymerge.merge_report`: the grid point maximising the
+mean of the group scores, by default grammar (mean over minimal-pairs tasks) and multimodal (mean
+over the image tasks); ``--objective`` regroups the tasks (EWoK or wug in a group of their own).
 
 The stage in parts: this module is the sweep itself (the live model, one VLM at a time, and
 :func:`merge`, the stage's story top-down); :mod:`babymerge.merge_inputs` checks what it is
@@ -56,14 +57,16 @@ from babymerge.config import atomic_write_bytes, atomic_write_text, opt
 from babymerge.distributed import resolve_device
 from babymerge.evaluate import (DTYPES, PreparedTask, check_feature_dim, check_feature_encoder,
                                 checkpoint_max_positions, checkpoint_tokenizer, evaluate_tasks,
-                                load_tasks, parse_task_spec, task_summary)
+                                load_tasks, task_summary)
+from babymerge.tasks import parse_task_spec
 from babymerge.merge_inputs import (MergeError, check_mergeable, check_same_computation,
                                     check_tokenizers, checkpoint_names, expand_checkpoint_patterns,
                                     order_by_training, parse_alpha_grid, parse_keep, read_shapes,
                                     read_tensors)
 from babymerge.merge_methods import MERGE_METHODS, MergeMethod
-from babymerge.merge_report import (RULE, choose, objective, plot_alpha_curve,
-                                    plot_checkpoint_curve, results_markdown)
+from babymerge.merge_report import (DEFAULT_OBJECTIVE, choose, objective, parse_objective,
+                                    plot_alpha_curve, plot_checkpoint_curve, results_markdown,
+                                    rule_text)
 from babymerge.merge_resume import (is_kept, kept_identity, kept_path, log_record, method_settings,
                                     open_run, reuse_line, save_run_config)
 from babymerge.model import BLACK_FEATURE_FILE, load_model, save_checkpoint
@@ -98,6 +101,9 @@ class MergeConfig:
     device: str = opt("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     dtype: str = opt("float32", "dtype of the live model and the resident endpoints",
                      choices=tuple(DTYPES))
+    objective: str = opt(DEFAULT_OBJECTIVE, "the rule's groups, NAME=MEMBER,...;NAME=...: each "
+                         "group's score is the mean of its tasks' scores (members: task kinds or "
+                         "task names), the chosen alpha maximises the mean of the groups")
     restart: bool = opt(False, "discard the points already logged in OUT/metrics.jsonl and sweep "
                         "afresh (by default a rerun reuses those made with the same checkpoints, "
                         "tasks, method and dtype); the same --restart command run again after an "
@@ -124,6 +130,7 @@ class MergeConfig:
             raise ValueError(f"--density must be in (0, 1], got {self.density}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        parse_objective(self.objective)
         parse_alpha_grid(self.alpha_grid, self.allow_extrapolation)
         parse_keep(self.keep, self.allow_extrapolation)
         for spec in self.task:
@@ -142,6 +149,7 @@ class _Sweep:
         self.kept_identity = kept_identity
         self.tasks, self.tokenizer, self.device = tasks, tokenizer, device
         self.summary = task_summary(tasks)
+        self.groups = parse_objective(cfg.objective)
         self.model = load_model(self.vlm_dir, device, dtype)
         check_feature_dim(self.model, tasks)
         params = dict(self.model.named_parameters())
@@ -157,9 +165,9 @@ class _Sweep:
     def _score(self, alpha: float | None, merge_s: float) -> dict:
         t0 = time.perf_counter()
         result = evaluate_tasks(self.model, self.tasks, self.cfg.batch_size, self.cfg.progress)
-        scores = {n: r["accuracy"] for n, r in result.items()}
+        scores = {n: r["score"] for n, r in result.items()}
         return {"alpha": alpha, "vlm": self.vlm_name, "scores": scores,
-                **objective(scores, self.summary),
+                **objective(scores, self.summary, self.groups),
                 "groups": {n: r["groups"] for n, r in result.items() if len(r["groups"]) > 1},
                 "merge_s": merge_s, "eval_s": time.perf_counter() - t0}
 
@@ -257,6 +265,14 @@ class _Run:
         return self.keep + ([chosen] if chosen not in self.keep else [])
 
 
+def with_objective(rec: dict, summary: dict, groups: dict) -> dict:
+    """A logged record with its group means and objective under ``groups`` (its other fields as
+    they were, in :meth:`_Sweep._score`'s order)."""
+    head, tail = ("alpha", "vlm", "scores"), ("groups", "merge_s", "eval_s", "endpoint")
+    return {**{k: rec[k] for k in head if k in rec}, **objective(rec["scores"], summary, groups),
+            **{k: rec[k] for k in tail if k in rec}}
+
+
 def _sweep_vlm(run: _Run, index: int) -> tuple[list[dict], dict, list[str]]:
     """VLM ``index``'s grid (logged points reused, the rest merged, scored and logged), its
     unmerged endpoints and its kept checkpoints: (records, endpoints, kept paths). Its live model
@@ -325,12 +341,22 @@ def merge(cfg: MergeConfig) -> dict:
     tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]),
                        checkpoint=cfg.vlm[0])
     check_feature_encoder(cfg.vlm[0], cfg.features)
+    try:
+        groups = parse_objective(cfg.objective, tuple(t.name for t in tasks))
+    except ValueError as e:  # a member naming no task: known only now
+        raise MergeError(str(e)) from None
+    summary = task_summary(tasks)
+    if not any(n in m or t["kind"] in m for n, t in summary.items() for m in groups.values()):
+        raise MergeError(f"--objective {cfg.objective!r}: none of the tasks is in a group, so no "
+                         "alpha can be chosen; name their kinds or names in a group")
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     identity, logged = open_run(cfg, tasks, vlm_names)
     run = _Run(cfg, grid, keep, keep_chosen, method_cls, names, tasks, tokenizer, device, dtype,
                vlm_names, identity,
-               points={(r["vlm"], r["alpha"]): r for r in logged if "endpoint" not in r},
+               # the objective from the logged scores: --objective may change on a resume
+               points={(r["vlm"], r["alpha"]): with_objective(r, summary, groups)
+                       for r in logged if "endpoint" not in r},
                end_scores={(r["vlm"], r["endpoint"]): r["scores"]
                            for r in logged if "endpoint" in r})
     line = reuse_line(run.points, run.end_scores, vlm_names, grid)
@@ -353,12 +379,13 @@ def merge(cfg: MergeConfig) -> dict:
             sweep.save(method, best["alpha"])
         kept.append(str(kept_path(cfg, best["vlm"], best["alpha"])))
 
-    results = {"tasks": task_summary(tasks), "records": records, "chosen_alpha": best["alpha"],
+    results = {"tasks": summary, "records": records, "chosen_alpha": best["alpha"],
                "chosen_vlm": best["vlm"],
                "chosen_per_vlm": {
                    n: choose([r for r in records if r["vlm"] == n], vlm_names)["alpha"]
                    for n in vlm_names},
-               "rule": RULE,
+               "rule": rule_text(groups),
+               "objective_groups": {g: list(members) for g, members in groups.items()},
                "method": {"name": cfg.method, "reference": method_cls.reference,
                           **method_settings(cfg)},
                "lm": str(cfg.lm), "vlms": dict(zip(vlm_names, map(str, cfg.vlm))),

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from babymerge.evaluate import TaskSpec, pack_task, score_candidates
+from babymerge.evaluate import pack_task, score_candidates
+from babymerge.tasks import TaskSpec
 from babymerge.features import EncoderError, load_encoder
 from babymerge.model import BabyLlavaForConditionalGeneration, image_prefix_ids, load_model
 from babymerge.tokenizer import load_tokenizer
@@ -48,8 +49,8 @@ class ImageTextModel:
             if not t or len(self.prefix) + len(t) > limit:
                 raise ValueError(f"text {text!r}: {len(t)} tokens; need 1 to "
                                  f"{limit - len(self.prefix)} (the model's positions)")
-        task = pack_task(TaskSpec("image", "winoground", Path()), self.prefix, [[]], [ids],
-                         ["image"], [0], self.features([image]))
+        task = pack_task(TaskSpec("image", "winoground", Path()), self.prefix, [ids],
+                         [[0] * len(ids)], ["image"], [0], self.features([image]))
         return score_candidates(self.model, task, batch_size, progress=False).tolist()
 
     @torch.no_grad()

@@ -104,13 +104,14 @@ class WorldPaths:
     minimal_pairs: Path  # folder of <UID>.jsonl
     winoground: Path     # jsonl
     vqa: Path            # jsonl
+    ewok: Path           # jsonl, EWoK's format: text-only world knowledge about scenes
     manifest: Path       # world.json: config, counts, vocabulary
 
     def task_specs(self) -> list[str]:
         """Every evaluation set as a ``NAME=KIND:PATH`` task spec (DESIGN.md)."""
         return [f"blimp_world=minimal_pairs:{self.minimal_pairs}",
                 f"winoground_world=winoground:{self.winoground}",
-                f"vqa_world=vqa:{self.vqa}"]
+                f"vqa_world=vqa:{self.vqa}", f"ewok_world=ewok:{self.ewok}"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,6 +563,41 @@ def _swap(scene: Scene, rng: random.Random) -> tuple[str, str, str, str]:
             sentence(f"{group_np(g2)} {be(g2.number)} {place}"), tag, "replace")
 
 
+# EWoK-format items are made for this many held-out scenes (two lines each)
+EWOK_SCENES = 100
+
+
+def _ewok(scene: Scene, rng: random.Random) -> list[dict]:
+    """Two EWoK lines (its downloader writes each item twice, contexts and targets swapped) from
+    one scene's facts, in words only: Context1 states the scene, Context2 the same scene with one
+    group's colour or count changed; Target1 follows from Context1, Target2 from Context2. The
+    pipeline scores Target1 against Target2 after Context1, the target's tokens only."""
+    g = rng.choice(scene.groups)
+    domain = rng.choice(("colour", "count"))
+    g2 = Group(g.shape, g.colour, g.size, g.count)
+    if domain == "colour":
+        g2.colour = rng.choice([c for c in COLOURS if c != g.colour])
+
+        def target(h: Group) -> str:
+            return sentence(f"the {noun_form(h.shape, h.number)} {be(h.number)} {h.colour}")
+    else:
+        g2.count = rng.choice([c for c in NUMBER_WORDS if c != g.count])
+
+        def target(h: Group) -> str:
+            return sentence(f"there {be(h.number)} {NUMBER_WORDS[h.count]} "
+                            f"{noun_form(h.shape, h.number)}")
+
+    def context(h: Group) -> str:
+        return sentence(f"{group_np(h)} {be(h.number)} {PLACES[scene.where]}"
+                        if scene.where in PLACES else f"there {be(h.number)} {group_np(h)}")
+
+    c1, c2, t1, t2 = context(g), context(g2), target(g), target(g2)
+    common = {"Domain": domain, "ContextType": "scene", "ContextDiff": domain,
+              "TargetDiff": domain}
+    return [{"Context1": c1, "Context2": c2, "Target1": t1, "Target2": t2, **common},
+            {"Context1": c2, "Context2": c1, "Target1": t2, "Target2": t1, **common}]
+
+
 def _vqa(scene: Scene, rng: random.Random, asked: Counter) -> dict:
     """One question about the scene; distractors are the other values of the same kind, in the
     same grammatical number as the answer.
@@ -631,10 +667,11 @@ def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> 
                        corpus=root / "text" / "corpus.txt",
                        minimal_pairs=root / "eval" / "minimal_pairs",
                        winoground=root / "eval" / "winoground.jsonl",
-                       vqa=root / "eval" / "vqa.jsonl", manifest=root / "world.json")
+                       vqa=root / "eval" / "vqa.jsonl", ewok=root / "eval" / "ewok.jsonl",
+                       manifest=root / "world.json")
     # independent streams, so changing one size does not reshuffle the other parts
     seeds = {k: hash_seed(cfg.seed, k)
-             for k in ("train", "eval", "captions", "corpus", "pairs", "items")}
+             for k in ("train", "eval", "captions", "corpus", "pairs", "items", "ewok")}
 
     train = _draw_split("train", cfg.train_images, cfg, paths.images, seeds["train"],
                         progress)
@@ -680,13 +717,16 @@ def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> 
         vqa.append({"image_id": image_id, **_vqa(scene, rng, asked)})
     _write_jsonl(paths.winoground, wino)
     _write_jsonl(paths.vqa, vqa)
+    rng = random.Random(seeds["ewok"])  # its own stream: the other sets stay as they were
+    ewok = [row for _, scene in held_out[:EWOK_SCENES] for row in _ewok(scene, rng)]
+    _write_jsonl(paths.ewok, ewok)
 
     manifest = {"counts": {"train_images": len(train), "eval_images": len(held_out),
                            "captions": len(caption_rows), "corpus_sentences": len(lines),
                            "corpus_words": words,
                            "caption_words": sum(len(r["caption"].split()) for r in caption_rows),
                            "minimal_pairs": cfg.pairs_per_phenomenon * len(PHENOMENA),
-                           "winoground": len(wino), "vqa": len(vqa)},
+                           "winoground": len(wino), "vqa": len(vqa), "ewok": len(ewok)},
                 "phenomena": list(PHENOMENA),
                 "vocabulary": {"shapes": list(SHAPES), "colours": list(COLOURS),
                                "sizes": list(SIZES), "agents": list(AGENTS),

@@ -20,7 +20,8 @@ import time
 import torch
 
 from babymerge.benchmark import environment, peak_flops, synchronize
-from babymerge.evaluate import TaskSpec, pack_task, score_candidates
+from babymerge.evaluate import pack_task, score_candidates
+from babymerge.tasks import TaskSpec
 from babymerge.model import MODEL_PRESETS, build_model
 
 
@@ -77,9 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
         n = int(torch.randint(8, 21, (1,), generator=gen))
         return torch.randint(5, args.vocab, (n,), generator=gen).tolist()
 
-    task = pack_task(TaskSpec("bench", "minimal_pairs", "random"), [1, 4], [[]] * pairs,
-                     [[sentence(), sentence()] for _ in range(pairs)], ["bench"] * pairs,
-                     [0] * pairs, torch.randn(1, cfg.feature_dim, generator=gen))
+    task = pack_task(TaskSpec("bench", "minimal_pairs", "random"), [1, 4],
+                     [[sentence(), sentence()] for _ in range(pairs)], [[0, 0]] * pairs,
+                     ["bench"] * pairs, [0] * pairs, torch.randn(1, cfg.feature_dim, generator=gen))
 
     def timed(fn):
         synchronize(device)

@@ -49,7 +49,10 @@ def test_demo_end_to_end_shows_what_the_paper_needs(report):
     assert [r["alpha"] for r in results["records"]] == [round(0.1 * i, 1) for i in range(11)]
     tasks = results["tasks"]
     kinds = {t["kind"] for t in tasks.values()}
-    assert kinds == {"minimal_pairs", "winoground", "vqa"}
+    assert kinds == {"minimal_pairs", "winoground", "vqa", "ewok"}  # EWoK: the pipeline's format
+    ewok = json.loads(Path(tasks[next(n for n, t in tasks.items() if t["kind"] == "ewok")]["path"])
+                      .read_text().splitlines()[0])
+    assert {"Context1", "Context2", "Target1", "Target2", "Domain"} <= set(ewok)
     by_alpha = {r["alpha"]: r["scores"] for r in results["records"]}
     vlm, lm = by_alpha[0.0], by_alpha[1.0]
     name = {t["kind"]: n for n, t in tasks.items()}
@@ -83,11 +86,11 @@ def test_demo_vlm_beats_chance_and_lm_with_the_image(report, kind):
     vlm = load_model(out / "vlm")
     table = FeatureTable(out / "features.h5")
     right = evaluate_tasks(vlm, load_tasks([spec], load_tokenizer(out / "vlm"), table),
-                           progress=False)[name]["accuracy"]
+                           progress=False)[name]["score"]
     table.features = table.features[torch.randperm(len(table), generator=torch.Generator()
                                                    .manual_seed(0))]
     shuffled = evaluate_tasks(vlm, load_tasks([spec], load_tokenizer(out / "vlm"), table),
-                              progress=False)[name]["accuracy"]
+                              progress=False)[name]["score"]
     assert right == pytest.approx(by_alpha[0.0])
     assert right > shuffled + 0.05
 

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from transformers import AutoModelForImageTextToText
 
 from babymerge.cli import main
-from babymerge.evaluate import (EvalConfig, TaskError, accuracy, check_feature_dim,
-                                check_feature_encoder, evaluate, load_tasks, pack_task,
-                                parse_task_spec, read_items, score_candidates)
+from babymerge.evaluate import (EvalConfig, check_feature_dim, check_feature_encoder, evaluate,
+                                load_tasks, pack_task, score_candidates, task_score)
+from babymerge.tasks import TaskError, parse_task_spec
 from babymerge.featurefile import FeatureTable
 from babymerge.merge import MergeConfig, merge
 from babymerge.model import MODEL_PRESETS, build_model, load_model, save_checkpoint
@@ -68,14 +68,15 @@ def test_batched_scores_equal_plain_transformers(eval_world, monkeypatch):
         # batch 5: several padded, length-mixed batches
         got = score_candidates(ours, task, batch_size=5, progress=False)
         assert torch.allclose(got[:len(ref)], ref, atol=1e-4), task.name
-        wins = [float(got[s] > got[s + 1:e].max()) for s, e in
+        # the first maximum wins: a tie counts for the gold candidate
+        wins = [float(got[s] >= got[s + 1:e].max()) for s, e in
                 zip(task.item_start[:-1].tolist(), task.item_start[1:].tolist(), strict=True)]
-        acc = accuracy(task, got)
+        acc = task_score(task, got)
         if task.kind == "minimal_pairs":  # macro over UIDs: the file stem, or the UID field
             assert set(acc["groups"]) == {"agreement", "order"}
-            assert acc["accuracy"] == pytest.approx(np.mean(list(acc["groups"].values())))
+            assert acc["score"] == pytest.approx(np.mean(list(acc["groups"].values())))
         else:
-            assert acc["accuracy"] == pytest.approx(np.mean(wins))
+            assert acc["score"] == pytest.approx(np.mean(wins))
     assert [t.chance for t in tasks] == [0.5, 0.5, 0.25]
 
 
@@ -87,7 +88,8 @@ def test_eval_cli_writes_scores(eval_world, tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert set(report["scores"]) == {"blimp", "wg", "vqa"}
-    assert report["tasks"]["vqa"] == {"kind": "vqa", "chance": 0.25, "items": 8,
+    assert report["tasks"]["vqa"] == {"kind": "vqa", "metric": "accuracy", "chance": 0.25,
+                                      "items": 8,
                                       "path": eval_world.specs["vqa"].split(":", 1)[1]}
     assert all(0.0 <= s <= 1.0 for s in report["scores"].values())
     # the resolved config: what tells two runs on one model apart
@@ -96,17 +98,6 @@ def test_eval_cli_writes_scores(eval_world, tmp_path):
     again = evaluate(EvalConfig(model=eval_world.vlm, task=list(eval_world.specs.values()),
                                 features=eval_world.features, batch_size=64))
     assert again["scores"] == report["scores"]  # batch size does not change a score
-
-
-def test_task_spec_names_and_image_id_fields(tmp_path):
-    assert parse_task_spec("minimal_pairs:eval/blimp/").name == "blimp"
-    spec = parse_task_spec("wino=winoground:eval/wg.jsonl")
-    assert (spec.name, spec.kind, str(spec.path)) == ("wino", "winoground", "eval/wg.jsonl")
-    path = write_jsonl(tmp_path / "w.jsonl", [
-        {"caption_0": "a cat", "caption_1": "a dog", "image_key": "image_1", "image_idx": 3},
-        {"caption_0": "a cat", "caption_1": "a dog", "image_id": 7, "image_key": "image_0"}])
-    items = read_items(parse_task_spec(f"winoground:{path}"))
-    assert [it.image_id for it in items] == ["ex_3_img_1", "7"]
 
 
 def _error(eval_world, tmp_path, records, kind="vqa", features="default", raw=None):
@@ -200,7 +191,7 @@ def test_progress_bar_counts_items(eval_world, capsys):
     assert "/8.0" in err and "item/s" in err
     # no candidates at all (ImageTextModel.score with no texts): an empty result, not a crash
     empty = pack_task(parse_task_spec("vqa:none.jsonl"), [1, 4], [[]], [[]], ["none"], [0],
-                      task.features)
+                      task.features)  # one item without candidates
     assert score_candidates(load_model(eval_world.vlm), empty, progress=True).numel() == 0
 
 
@@ -221,19 +212,6 @@ def test_no_progress_is_silent(eval_world, tmp_path, capfd):
 
 PAIR = {"sentence_good": "the cat sees a dog .", "sentence_bad": "the cat see a dog .",
         "UID": "agreement", "field": "morphology", "linguistics_term": "agreement"}
-
-
-def test_hidden_twins_skipped_and_bad_bytes_named(tmp_path):
-    folder = tmp_path / "blimp_filtered"
-    write_jsonl(folder / "agreement.jsonl", [PAIR, PAIR])
-    # AppleDouble metadata: binary, never a task file
-    (folder / "._agreement.jsonl").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00\xff\xfe")
-    items = read_items(parse_task_spec(f"minimal_pairs:{folder}"))
-    assert len(items) == 2 and {it.group for it in items} == {"agreement"}
-    (folder / "latin1.jsonl").write_bytes(
-        b'{"sentence_good": "caf\xe9 .", "sentence_bad": "caf\xe9 caf\xe9 ."}\n')
-    with pytest.raises(TaskError, match=r"latin1.jsonl:1: not UTF-8"):
-        read_items(parse_task_spec(f"minimal_pairs:{folder}"))
 
 
 def test_byte_order_mark_is_read(tmp_path):
@@ -377,3 +355,204 @@ def test_hub_cache_snapshot_is_the_hub_model(checkpoint, tmp_path):
     other = SNAPSHOT.replace("dinov2-large", "dinov2-with-registers-large")
     with pytest.warns(UserWarning, match="dinov2-with-registers-large"):
         check_feature_encoder(checkpoint, feature_file(tmp_path / "h.h5", other))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conformance with the BabyLM pipeline's scoring rules (sentence_zero_shot/{dataset,
+# compute_results,run}.py at bf55c11), each computed here independently of babymerge's scorer:
+# one sequence at a time, full logits, the scored tokens picked by character offsets.
+
+
+def _pipeline_rule_score(model, tok, sentence, completion, feature):
+    """The pipeline's causal score: tokens whose span ends past the completion's start."""
+    enc = tok(sentence, add_special_tokens=False, return_offsets_mapping=True)
+    prefix = [tok.bos_token_id, tok.convert_tokens_to_ids("<image>")]
+    seq = torch.tensor([prefix + enc["input_ids"]])
+    start = len(sentence) - len(completion)
+    with torch.no_grad():
+        logp = model(input_ids=seq, pixel_values=feature[None]).logits.log_softmax(-1)[0]
+    return sum(logp[len(prefix) + j - 1, t].item()
+               for j, (t, (_, end)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"]))
+               if end > start)
+
+
+@pytest.fixture(scope="module")
+def scorer(eval_world):
+    black = FeatureTable(eval_world.features).black.float()
+    return load_model(eval_world.vlm), eval_world.tokenizer, black
+
+
+def _task(eval_world, tmp_path, kind, records, name="task"):
+    path = write_jsonl(tmp_path / f"{name}.jsonl", records)
+    return load_tasks([f"{kind}:{path}"], eval_world.tokenizer, eval_world.features)[0]
+
+
+def test_ties_count_for_the_gold_candidate(eval_world, scorer, tmp_path):
+    """The pipeline takes torch.max's index, the first maximum: identical sentences tie, exactly,
+    and the item counts as correct."""
+    model, _, _ = scorer
+    same = {"sentence_good": "the red cat sees a dog .", "sentence_bad": "the red cat sees a dog ."}
+    with pytest.warns(UserWarning, match="all the same sentence"):
+        task = _task(eval_world, tmp_path, "minimal_pairs", [same] * 3)
+    scores = score_candidates(model, task, batch_size=1, progress=False)
+    assert torch.equal(scores[0::2], scores[1::2])
+    assert task_score(task, scores)["score"] == 1.0
+
+
+def test_ewok_scores_only_the_target(eval_world, scorer, tmp_path):
+    model, tok, black = scorer
+    rec = {"Context1": "the red cat sees a dog .", "Context2": "the blue cat sees a dog .",
+           "Target1": "the cat is red .", "Target2": "the cat is blue .", "Domain": "colour",
+           "ContextType": "x", "ContextDiff": "x", "TargetDiff": "x"}
+    task = _task(eval_world, tmp_path, "ewok", [rec])
+    got = score_candidates(model, task, progress=False)
+    want = [_pipeline_rule_score(model, tok, f"{rec['Context1']} {t}", f" {t}", black)
+            for t in (rec["Target1"], rec["Target2"])]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-4)
+    whole = _pipeline_rule_score(model, tok, f"{rec['Context1']} {rec['Target1']}",
+                                 f"{rec['Context1']} {rec['Target1']}", black)
+    assert abs(whole - want[0]) > 1.0  # the context's tokens are not in the score
+
+
+def test_a_token_across_the_completion_boundary_is_scored(eval_world, scorer, tmp_path):
+    """Entity tracking joins prefix and option without a space: a token that starts in the
+    prefix and ends in the option is scored (its span ends past the option's start)."""
+    model, tok, black = scorer
+    rec = {"input_prefix": "the red ca", "options": ["t sees a dog .", "r sees a dog ."],
+           "numops": 0}
+    task = _task(eval_world, tmp_path, "entity_tracking", [rec], "regular")
+    got = score_candidates(model, task, progress=False)
+    want = [_pipeline_rule_score(model, tok, rec["input_prefix"] + o, o, black)
+            for o in rec["options"]]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-4)
+    enc = tok("the red cat", add_special_tokens=False, return_offsets_mapping=True)
+    spans = enc["offset_mapping"]
+    assert any(s < len("the red ca") < e for s, e in spans)  # the case this test is about
+
+
+def test_entity_tracking_averages_its_splits(eval_world):
+    """The mean over regular, ambiref and move_contents of the mean over each one's UIDs, not
+    the mean over UIDs."""
+    from babymerge.evaluate import pack_task
+    from babymerge.tasks import TaskSpec
+
+    groups = ["regular_1_ops", "regular_2_ops", "regular_2_ops", "ambiref_1_ops"]
+    task = pack_task(TaskSpec("et", "entity_tracking", "x"), [1, 4], [[[5], [6]]] * 4,
+                     [[0, 0]] * 4, groups, [0] * 4, torch.zeros(1, FEATURE_DIM))
+    # correct, correct, wrong, correct
+    scores = torch.tensor([0.0, -1.0, 0.0, -1.0, -1.0, 0.0, 0.0, -1.0], dtype=torch.float64)
+    result = task_score(task, scores)
+    assert result["groups"] == {"regular_1_ops": 1.0, "regular_2_ops": 0.5, "ambiref_1_ops": 1.0}
+    assert result["score"] == pytest.approx((0.75 + 1.0) / 2)  # not (1 + 0.5 + 1) / 3
+
+
+def test_wug_is_spearman_of_the_first_sentences_probability(eval_world, scorer, tmp_path):
+    model, tok, black = scorer
+    sentences = ["the red cat sees a dog .", "the red cat see a dog .", "a blue ball .",
+                 "the blue ball .", "the dog likes a cat .", "the dog like a cat ."]
+    records = [{"sentences": f"{sentences[i]}\t{sentences[i + 1]}", "ratio": r}
+               for i, r in zip(range(0, 6, 2), (0.9, 0.2, 0.6))]
+    records += [{"sentences": f"{sentences[1]}\t{sentences[0]}", "ratio": 0.1}]
+    task = _task(eval_world, tmp_path, "wug_adj", records)
+    result = task_score(task, score_candidates(model, task, progress=False))
+    probs = []
+    for rec in records:
+        a, b = rec["sentences"].split("\t")
+        sa, sb = (_pipeline_rule_score(model, tok, s, s, black) for s in (a, b))
+        probs.append(1 / (1 + np.exp(sb - sa)))  # softmax over the two, at the first
+    ratios = [r["ratio"] for r in records]
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731  (no ties in this data)
+    want = np.corrcoef(rank(probs), rank(ratios))[0, 1]
+    assert result["metric"] == "spearman" and result["score"] == pytest.approx(want)
+    assert task.chance == 0.0
+
+
+def test_spearman_gives_ties_their_mean_rank():
+    """As scipy.stats.spearmanr (the pipeline's): ties share the mean of their ranks."""
+    from babymerge.evaluate import spearman
+
+    x, y = [1.0, 2.0, 2.0, 3.0, 5.0], [0.3, 0.1, 0.4, 0.9, 0.5]
+    ranks_x = np.array([1, 2.5, 2.5, 4, 5])
+    ranks_y = np.array([2, 1, 3, 5, 4])
+    assert spearman(x, y) == pytest.approx(np.corrcoef(ranks_x, ranks_y)[0, 1])
+    try:
+        from scipy.stats import spearmanr
+    except ImportError:
+        return
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y)[0])
+
+
+def test_predictions_follow_the_pipelines_layout(eval_world, tmp_path):
+    """--predictions DIR: DIR/<task>/predictions.json, per UID the chosen candidate of each item
+    in order, ids <UID>_<n>: the completion (the VQA answer with its space)."""
+    out = tmp_path / "preds"
+    res = CliRunner().invoke(main, ["eval", str(eval_world.vlm), "-t", eval_world.specs["blimp"],
+                                    "-t", eval_world.specs["vqa"], "--features",
+                                    str(eval_world.features), "--predictions", str(out),
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    blimp = json.loads((out / "blimp" / "predictions.json").read_text())
+    assert set(blimp) == {"agreement", "order"}
+    records = [json.loads(line) for line in
+               (Path(eval_world.specs["blimp"].split(":", 1)[1]) / "agreement.jsonl")
+               .read_text().splitlines()]
+    preds = blimp["agreement"]["predictions"]
+    assert [p["id"] for p in preds] == [f"agreement_{n}" for n in range(len(records))]
+    assert all(p["pred"] in (r["sentence_good"], r["sentence_bad"])
+               for p, r in zip(preds, records))
+    vqa = json.loads((out / "vqa" / "predictions.json").read_text())["vqa"]["predictions"]
+    assert len(vqa) == 8 and all(p["pred"].startswith(" ") for p in vqa)
+
+
+def test_images_named_the_pipelines_way_work_end_to_end(tmp_path):
+    """The pipeline's VQA lines name their image by row of VQAv2 (idx_in_hf_dataset) and its
+    Winoground lines by row and column of facebook/winoground (image_idx, image_key). Both
+    saved with datasets' save_to_disk and extracted with an id template, they score: each line
+    gets its own image's feature."""
+    import datasets
+    from PIL import Image
+
+    from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
+
+    rng = np.random.default_rng(0)
+
+    def picture():
+        return Image.fromarray((rng.random((40, 50, 3)) * 255).astype(np.uint8))
+
+    vqa_rows = datasets.Dataset.from_dict({"image": [picture() for _ in range(3)],
+                                           "question_id": [10, 11, 12]},
+                                          features=datasets.Features({
+                                              "image": datasets.Image(),
+                                              "question_id": datasets.Value("int64")}))
+    vqa_rows.save_to_disk(str(tmp_path / "vqav2_validation"))
+    wg_rows = datasets.Dataset.from_dict({"image_0": [picture() for _ in range(2)],
+                                          "image_1": [picture() for _ in range(2)]},
+                                         features=datasets.Features({
+                                             "image_0": datasets.Image(),
+                                             "image_1": datasets.Image()}))
+    wg_rows.save_to_disk(str(tmp_path / "winoground_test"))
+    encoder = save_random_dinov2(tmp_path / "enc", hidden_size=FEATURE_DIM, image_size=28)
+    out = tmp_path / "eval.h5"
+    for source, id_column, path_column in (
+            ("vqav2_validation", "vqav2_{row}", "image"),
+            ("winoground_test", "ex_{row}_img_0", "image_0"),
+            ("winoground_test", "ex_{row}_img_1", "image_1")):
+        extract_features(ExtractConfig(source=str(tmp_path / source), out=out,
+                                       encoder=str(encoder), id_column=id_column,
+                                       path_column=path_column, num_workers=0, progress=False))
+    table = FeatureTable(out)
+    assert sorted(table.ids) == sorted(["vqav2_0", "vqav2_1", "vqav2_2", "ex_0_img_0",
+                                        "ex_1_img_0", "ex_0_img_1", "ex_1_img_1"])
+    vqa = write_jsonl(tmp_path / "vqa.jsonl", [
+        {"question": "what color is the ball ?", "target_ans": "red", "distractors": ["blue"],
+         "idx_in_hf_dataset": i} for i in (2, 0)])
+    wg = write_jsonl(tmp_path / "wg.jsonl", [
+        {"caption_0": "a red cat", "caption_1": "a cat red", "tag": "t", "secondary_tag": "",
+         "collapsed_tag": "c", "image_idx": i, "image_key": f"image_{k}"}
+        for i in (0, 1) for k in (1, 0)])
+    tok = make_tokenizer(tmp_path / "tok")
+    tasks = load_tasks([f"vqa:{vqa}", f"winoground:{wg}"], tok, out)
+    for task, ids in zip(tasks, (["vqav2_2", "vqav2_0"],
+                                 ["ex_0_img_1", "ex_0_img_0", "ex_1_img_1", "ex_1_img_0"])):
+        per_item = task.features[task.feature_rows[task.item_start[:-1]]]
+        assert torch.equal(per_item, table.lookup(ids)), task.name

@@ -20,7 +20,7 @@ from babymerge.model import (MODEL_PRESETS, build_model, image_prefix_ids, load_
                              load_model, save_black_feature, save_checkpoint,
                              set_feature_statistics)
 from babymerge.tokenizer import load_tokenizer
-from fixtures import world  # noqa: F401  (fixture)
+from fixtures import TEXT_ANIMALS, TEXT_COLORS, world, write_jsonl  # noqa: F401
 
 
 @pytest.mark.parametrize("feature_norm", ["none", "standardize"])
@@ -148,12 +148,50 @@ PIPELINE_DIR = os.environ.get("BABYMERGE_PIPELINE_DIR")
 PIPELINE_PYTHON = os.environ.get("BABYMERGE_PIPELINE_PYTHON")
 
 
+def _pipeline_task_files(kind: str, folder: Path) -> None:
+    """Small files of each text-only kind, in the pipeline's formats, from the world's words."""
+    folder.mkdir()
+    rows = [(c, a, o) for c in TEXT_COLORS[:3] for a in TEXT_ANIMALS[:2] for o in ("bird", "fish")]
+    if kind == "minimal_pairs":  # two BLiMP UIDs (with `field`) in their own files
+        for uid, verb in (("agr_sees", "sees"), ("agr_likes", "likes")):
+            lines = [{"sentence_good": f"the {c} {a} {verb} a {o}.",
+                      "sentence_bad": f"the {c} {a} {verb[:-1]} a {o}.", "field": "morphology",
+                      "UID": uid, "linguistics_term": "agreement"} for c, a, o in rows]
+            write_jsonl(folder / f"{uid}.jsonl", lines)
+    elif kind == "ewok":
+        write_jsonl(folder / "colour.jsonl", [
+            {"Context1": f"the {a} is {c}.", "Context2": f"the {a} is {o}.",
+             "Target1": f"the {c} {a} sees a {o}.", "Target2": f"the {o} {a} sees a {c}.",
+             "Domain": f"domain_{a}", "ContextType": "x", "ContextDiff": "x", "TargetDiff": "x"}
+            for c, a, o in rows])
+    elif kind == "entity_tracking":
+        for split in ("regular", "ambiref"):
+            write_jsonl(folder / f"{split}.jsonl", [
+                {"input_prefix": f"the {c} {a} sees", "options": [f" a {o}.", " the cat.",
+                                                                   f" a {c} dog."],
+                 "numops": n % 2} for n, (c, a, o) in enumerate(rows)])
+    elif kind == "comps":
+        write_jsonl(folder / "comps_base.jsonl", [
+            {"prefix_acceptable": f"the {c} {a}", "prefix_unacceptable": f"the {o}",
+             "property_phrase": f"sees a {o}."} for c, a, o in rows])
+    else:  # wug_adj
+        write_jsonl(folder / "wug_adj.jsonl", [
+            {"sentences": f"the {c} {a} sees a {o}.\tthe {c} {a} finds a {o}.",
+             "ratio": (n * 7 % 10) / 10} for n, (c, a, o) in enumerate(rows)])
+
+
+PIPELINE_TASK = {"minimal_pairs": "blimp", "ewok": "ewok", "entity_tracking": "entity_tracking",
+                 "comps": "comps", "wug_adj": "wug_adj"}
+
+
 @pytest.mark.skipif(not (PIPELINE_DIR and PIPELINE_PYTHON),
                     reason="set BABYMERGE_PIPELINE_DIR to a checkout of babylm/evaluation-pipeline-"
                            "2025 and BABYMERGE_PIPELINE_PYTHON to a Python with its requirements")
-def test_the_official_pipeline_scores_the_export_as_babymerge_eval(world, tmp_path):
-    """The unmodified pipeline (``--backend causal --task blimp``) on the export gives babymerge
-    eval's per-UID accuracies (its report: percent, two decimals)."""
+@pytest.mark.parametrize("kind", list(PIPELINE_TASK))
+def test_the_official_pipeline_scores_the_export_as_babymerge_eval(world, tmp_path, kind):
+    """The unmodified pipeline (``--backend causal``) on the export gives babymerge eval's
+    per-UID numbers (its report: percent or rho, two decimals), its average, and the same
+    predictions item by item."""
     tok = load_tokenizer(world["tokenizer"])
     model = build_model(MODEL_PRESETS["tiny"], seed=5, vocab_size=len(tok),
                         image_token_id=image_prefix_ids(tok)[1], pad_token_id=tok.pad_token_id,
@@ -161,28 +199,37 @@ def test_the_official_pipeline_scores_the_export_as_babymerge_eval(world, tmp_pa
     save_checkpoint(model, tmp_path / "ck", tok)
     save_black_feature(tmp_path / "ck", torch.randn(1024))
     out = export(ExportConfig(checkpoint=tmp_path / "ck", out=tmp_path / "llama"))
-    data = tmp_path / "blimp"
-    data.mkdir()
-    for uid, (noun, verb) in {"agr_cat": ("cat", "sees"), "agr_dog": ("dog", "likes")}.items():
-        lines = [{"sentence_good": f"the {c} {noun} {verb} a {o}.",
-                  "sentence_bad": f"the {c} {noun} {verb[:-1]} a {o}.", "field": "morphology",
-                  "UID": uid, "linguistics_term": "agreement"}
-                 for c in ("red", "blue", "green") for o in ("bird", "fish")]
-        (data / f"{uid}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    data = tmp_path / "data"
+    _pipeline_task_files(kind, data)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([PIPELINE_PYTHON, "-m", "evaluation_pipeline.sentence_zero_shot.run",
                            "--model_path_or_name", str(out), "--backend", "causal", "--task",
-                           "blimp", "--data_path", str(data), "--output_dir",
+                           PIPELINE_TASK[kind], "--data_path", str(data), "--output_dir",
                            str(tmp_path / "results"), "--save_predictions"], cwd=PIPELINE_DIR,
                           env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     (report,) = (tmp_path / "results").rglob("best_temperature_report.txt")
-    uids = dict(line.split(": ") for line in report.read_text().split("### UID ACCURACY\n")[1]
+    (predictions,) = (tmp_path / "results").rglob("predictions.json")
+    text = report.read_text()
+    metric = "SPEARMAN'S RHO" if kind == "wug_adj" else "ACCURACY"
+    uids = dict(line.split(": ") for line in text.split(f"### UID {metric}\n")[1]
                 .split("\n\n")[0].splitlines())
-    ours = evaluate(EvalConfig(model=tmp_path / "ck", task=[f"minimal_pairs:{data}"],
-                               progress=False, device="cpu"))
-    assert {u: float(a) for u, a in uids.items()} == {
-        u: round(100 * a, 2) for u, a in ours["groups"]["blimp"].items()}
+    average = float(text.split(f"### AVERAGE {metric}\n")[1].split()[0])
+    ours = evaluate(EvalConfig(model=tmp_path / "ck", task=[f"{kind}:{data}"], device="cpu",
+                               progress=False, predictions=tmp_path / "ours"))
+    scale = 1 if kind == "wug_adj" else 100
+    name = data.name
+    if kind == "wug_adj":  # one correlation, reported under the UID "avg"
+        assert float(uids["avg"]) == round(ours["scores"][name], 2)
+    else:
+        want = {u: round(scale * a, 2) for u, a in ours["groups"][name].items()}
+        # entity tracking's report also lists each split's mean among the UIDs
+        assert {u: float(a) for u, a in uids.items() if u in want} == want
+    assert average == round(scale * ours["scores"][name], 2)
+    theirs = json.loads(predictions.read_text())
+    mine = json.loads((tmp_path / "ours" / name / "predictions.json").read_text())
+    assert {u: [p["pred"] for p in v["predictions"]] for u, v in theirs.items()} == \
+        {u: [p["pred"] for p in v["predictions"]] for u, v in mine.items()}
 
 
 # What the pipeline's multimodal causal path does with one candidate (its dataset.py and

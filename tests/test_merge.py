@@ -75,7 +75,8 @@ def test_results_files_follow_the_contract(sweep):
     on_disk = json.loads((cfg.out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert set(on_disk["tasks"]) == {"blimp", "wg", "vqa"}
-    assert on_disk["tasks"]["blimp"] == {"kind": "minimal_pairs", "chance": 0.5, "items": 24,
+    assert on_disk["tasks"]["blimp"] == {"kind": "minimal_pairs", "metric": "accuracy",
+                                         "chance": 0.5, "items": 24,
                                          "path": cfg.task[0].split(":", 1)[1]}
     assert [r["alpha"] for r in on_disk["records"]] == [0.0, 0.3, 1.0]
     assert all(0 <= s <= 1 for r in on_disk["records"] for s in r["scores"].values())
@@ -219,3 +220,33 @@ def test_no_progress_is_silent(eval_world, tmp_path, capfd):
     assert (tmp_path / "m" / "alpha_1.0").is_dir()
     err = capfd.readouterr().err + result.stderr  # tqdm writes to the runner's stderr
     assert "it/s" not in err and "%|" not in err, err
+
+
+def test_objective_groups_are_a_config_field_and_take_a_correlation_task(eval_world, tmp_path):
+    """--objective regroups the tasks: here grammar (minimal pairs) and a wug task (Spearman's
+    rho), which results.json, results.md and the plot carry; a member that is neither a kind nor
+    a task, or groups that hold none of the tasks, are errors naming the flag."""
+    wug = tmp_path / "wug_adj.jsonl"
+    wug.write_text("".join(json.dumps({"sentences": f"the {c} cat sees a dog .\tthe {c} cat "
+                                                    "see a dog .", "ratio": r}) + "\n"
+                           for c, r in (("red", 0.9), ("blue", 0.1), ("green", 0.5))))
+    base = dict(lm=eval_world.lm, vlm=[eval_world.vlm], features=eval_world.features,
+                task=[eval_world.specs["blimp"], f"wug_adj:{wug}"], alpha_grid="0,1",
+                keep="none", progress=False)
+    results = merge(MergeConfig(**base, out=tmp_path / "m",
+                                objective="grammar=minimal_pairs;morphology=wug_adj"))
+    assert results["objective_groups"] == {"grammar": ["minimal_pairs"], "morphology": ["wug_adj"]}
+    assert results["tasks"]["wug_adj"]["metric"] == "spearman"
+    for r in results["records"]:
+        assert -1 <= r["scores"]["wug_adj"] <= 1
+        assert r["morphology"] == r["scores"]["wug_adj"]
+        assert r["objective"] == pytest.approx((r["grammar"] + r["morphology"]) / 2)
+    md = (tmp_path / "m" / "results.md").read_text()
+    assert "| wug_adj | wug_adj | spearman | 3 | 0.000 |" in md and "morphology" in md
+    assert (tmp_path / "m" / "alpha_curve.png").is_file()
+    with pytest.raises(MergeError, match="'nope' is neither a task kind"):
+        merge(MergeConfig(**base, out=tmp_path / "e1", objective="grammar=minimal_pairs,nope"))
+    with pytest.raises(MergeError, match="none of the tasks is in a group"):
+        merge(MergeConfig(**base, out=tmp_path / "e2", objective="multimodal=vqa"))
+    with pytest.raises(ValueError, match="--objective"):
+        MergeConfig(**base, out=tmp_path / "e3", objective="grammar")

@@ -9,15 +9,16 @@ import random
 
 import babymerge.merge_report as M
 from babymerge.merge_inputs import parse_alpha_grid
-from babymerge.merge_report import choose, objective
+from babymerge.merge_report import DEFAULT_OBJECTIVE, choose, objective, parse_objective
 
-TASKS = {"blimp": {"kind": "minimal_pairs", "chance": 0.5, "items": 1000},
-         "winoground": {"kind": "winoground", "chance": 0.5, "items": 300},
-         "vqa": {"kind": "vqa", "chance": 0.125, "items": 300}}
+TASKS = {"blimp": {"kind": "minimal_pairs", "metric": "accuracy", "chance": 0.5, "items": 1000},
+         "winoground": {"kind": "winoground", "metric": "accuracy", "chance": 0.5, "items": 300},
+         "vqa": {"kind": "vqa", "metric": "accuracy", "chance": 0.125, "items": 300}}
+GROUPS = parse_objective(DEFAULT_OBJECTIVE)
 
 
 def _record(alpha: float, vlm: str, scores: dict) -> dict:
-    return {"alpha": alpha, "vlm": vlm, "scores": scores, **objective(scores, TASKS)}
+    return {"alpha": alpha, "vlm": vlm, "scores": scores, **objective(scores, TASKS, GROUPS)}
 
 
 def test_exact_tie_goes_to_the_smaller_alpha_despite_float_rounding():
@@ -51,6 +52,7 @@ def _sweep(n_vlms: int, alphas: list[float]) -> dict:
     best = choose(records, vlms)
     return {"tasks": TASKS, "records": records, "chosen_alpha": best["alpha"],
             "chosen_vlm": best["vlm"], "method": {"name": "linear", "reference": "-"},
+            "objective_groups": GROUPS,
             "vlms": {v: v for v in vlms}, "endpoints": ends}
 
 

@@ -56,7 +56,8 @@ def test_bench_eval_flop_estimate_matches_torch_flop_counter(capsys, monkeypatch
     the batched path (batch size 1: no padding, which the estimate does not count)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from babymerge.evaluate import TaskSpec, pack_task, score_candidates
+    from babymerge.evaluate import pack_task, score_candidates
+    from babymerge.tasks import TaskSpec
     from babymerge.model import MODEL_PRESETS, build_model
 
     bench = load("bench_eval")
@@ -66,7 +67,7 @@ def test_bench_eval_flop_estimate_matches_torch_flop_counter(capsys, monkeypatch
     gen = torch.Generator().manual_seed(0)
     pairs = [[torch.randint(5, 300, (n,), generator=gen).tolist() for n in (9, 14)]
              for _ in range(3)]
-    task = pack_task(TaskSpec("b", "minimal_pairs", "random"), [1, 4], [[]] * 3, pairs,
+    task = pack_task(TaskSpec("b", "minimal_pairs", "random"), [1, 4], pairs, [[0, 0]] * 3,
                      ["b"] * 3, [0] * 3, torch.randn(1, cfg.feature_dim, generator=gen))
     with FlopCounterMode(display=False) as counter:
         score_candidates(model, task, 1, progress=False)

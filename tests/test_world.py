@@ -88,6 +88,27 @@ def test_layout_and_formats(small_world):
         assert r["target_ans"] not in r["distractors"] and len(r["distractors"]) >= 2
 
 
+def test_ewok_items_follow_the_pipelines_format_and_the_scene(small_world):
+    """EWoK's format (Context1/2, Target1/2, Domain, ...), each item twice with contexts and
+    targets swapped as EWoK's downloader writes it; Context2 changes one fact of Context1 and
+    each target restates its own context's fact."""
+    from babymerge.tasks import read_items, parse_task_spec
+
+    rows = _jsonl(small_world.ewok)
+    assert len(rows) == 2 * min(SMALL["eval_images"], 100)
+    for a, b in zip(rows[0::2], rows[1::2]):
+        assert {"Context1", "Context2", "Target1", "Target2", "Domain", "ContextType",
+                "ContextDiff", "TargetDiff"} <= set(a)
+        assert (b["Context1"], b["Target1"]) == (a["Context2"], a["Target2"])
+        assert a["Context1"] != a["Context2"] and a["Target1"] != a["Target2"]
+        fact = a["Target1"].rstrip(".").split()[-1 if a["Domain"] == "colour" else -2]
+        # a count of one is "a ..." in the context
+        assert fact in f" {a['Context1']}".replace(" a ", " one ").split()
+        assert a["Domain"] in ("colour", "count")
+    items = read_items(parse_task_spec(f"ewok:{small_world.ewok}"))
+    assert {it.group for it in items} == {r["Domain"] for r in rows}
+
+
 VERB_FORMS = {frozenset(("is", "are")), frozenset(("does", "do"))} | {
     frozenset(pair) for pair in VERBS}
 
