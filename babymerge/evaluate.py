@@ -31,6 +31,7 @@ image_id` says how a line names its image). The scoring loop (:func:`score_candi
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -121,6 +122,11 @@ class PreparedTask:
     @property
     def num_items(self) -> int:
         return len(self.groups)
+
+    @functools.cached_property
+    def packed(self) -> list[PackedItem]:
+        """The items packed for scoring (:func:`pack_items`), built once per task."""
+        return pack_items(self)
 
     @property
     def metric(self) -> str:
@@ -277,55 +283,119 @@ def check_feature_encoder(checkpoint: Path, features: Path | None) -> str | None
     return message
 
 
+@dataclass
+class PackedItem:
+    """One item's candidates as one sequence: their longest common prefix once, then each
+    candidate's remaining tokens, a branch that attends to the prefix and to itself only
+    (:func:`score_candidates`). ``scored`` lists, per scored token, the position whose output
+    predicts it, the token, and its candidate."""
+
+    ids: list[int]
+    positions: list[int]
+    branch: list[int]  # 0: the shared prefix; k: the k-th candidate's own tokens
+    scored: list[tuple[int, int, int]]
+
+
+def pack_items(task: PreparedTask) -> list[PackedItem]:
+    """:class:`PackedItem` s of ``task`` (one per item), identical candidates packed once. On real
+    BLiMP (67,000 pairs, a tokenizer trained on them) packing runs 24% fewer token positions."""
+    packed = []
+    same_as = task.same_as.tolist()
+    for i in range(task.num_items):
+        first, end = int(task.item_start[i]), int(task.item_start[i + 1])
+        own = [c for c in range(first, end) if same_as[c] == c]
+        seqs = [task.input_ids[c] for c in own]
+        if not seqs:  # an item without candidates (ImageTextModel.score with no texts)
+            packed.append(PackedItem([], [], [], []))
+            continue
+        shared = 0
+        while all(shared < len(s) and s[shared] == seqs[0][shared] for s in seqs):
+            shared += 1
+        ids, positions, branch = list(seqs[0][:shared]), list(range(shared)), [0] * shared
+        scored = []
+        for k, (c, seq) in enumerate(zip(own, seqs), 1):
+            offset = len(ids) - shared  # packed index of the candidate's token t >= shared
+            ids += seq[shared:]
+            positions += range(shared, len(seq))
+            branch += [k] * (len(seq) - shared)
+
+            def at(t: int) -> int:
+                return t if t < shared else t + offset
+
+            scored += [(at(t - 1), seq[t], c) for t in range(task.score_from[c], len(seq))]
+        packed.append(PackedItem(ids, positions, branch, scored))
+    return packed
+
+
+def _tree_mask(branch: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, L, L) boolean attention mask of packed rows: causal, and a candidate's token sees
+    the shared prefix and its own branch. Padding (branch -1) sees only itself: a row with nothing
+    to attend to would make the softmax NaN."""
+    length = branch.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=branch.device).tril()
+    key, query = branch[:, None, :], branch[:, :, None]
+    same = (key == 0) | (key == query)
+    own = torch.eye(length, dtype=torch.bool, device=branch.device)[None] & (query < 0)
+    return ((causal & same & (query >= 0)) | own)[:, None]
+
+
 @torch.no_grad()
 def score_candidates(model, task: PreparedTask, batch_size: int = 64,
                      progress: bool = True) -> torch.Tensor:
     """Sum of log-probabilities of each candidate's scored tokens, shape (candidates,), float64.
 
-    Batches are length-sorted (longest first, so an out-of-memory shows at once) and right-padded
-    (Llama positions ignore the attention mask, so left padding would shift them). Only the hidden
-    states of scored positions go through the LM head, in chunks, so the full (batch, length,
-    vocab) logits never exist.
+    Each item runs as ONE packed sequence (:func:`pack_items`): the candidates' common prefix
+    (``[BOS, <image>]``, a VQA question, an EWoK context, the first words of a minimal pair) is
+    computed once, each candidate's rest attends to it through a tree-shaped mask with position
+    ids that restart after it, which gives each candidate the same outputs as running it alone.
+    Batches of ``batch_size`` packed items are length-sorted (longest first, so an out-of-memory
+    shows at once) and right-padded. Only the hidden states of scored positions go through the
+    LM head, in chunks, so the full (batch, length, vocab) logits never exist.
     """
     device = next(model.parameters()).device
-    lengths = torch.tensor([len(s) for s in task.input_ids])
-    scored = task.same_as == torch.arange(len(task.input_ids))  # one of each identical set
-    candidates = torch.nonzero(scored).flatten()
-    order = candidates[torch.argsort(lengths[candidates], descending=True, stable=True)].tolist()
+    packed = task.packed
+    order = sorted(range(len(packed)), key=lambda i: -len(packed[i].ids))
     scores = torch.zeros(len(task.input_ids), dtype=torch.float64)
     # in their stored dtype: the model casts them to its projector's dtype, after standardising
     # them in float32 (feature_norm="standardize"); rounded to bfloat16 first, the large shared
     # offset of the features would lose what the standardisation is there to keep
     features = task.features.to(device)
-    # the bar advances per candidate (batches cut across items) but reads in items and items/s,
-    # the unit the task sizes and the pipeline's throughput are quoted in
-    with tqdm(total=len(order), unit="item", unit_scale=task.num_items / max(1, len(order)),
-              desc=f"eval {task.name}", disable=not progress, leave=False) as bar:
+    item_rows = task.feature_rows[task.item_start[:-1].clamp(max=len(task.feature_rows) - 1)] \
+        if len(task.feature_rows) else torch.zeros(0, dtype=torch.long)
+    with tqdm(total=len(order), unit="item", desc=f"eval {task.name}", disable=not progress,
+              leave=False) as bar:
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = int(lengths[idx[0]])
+            idx = [i for i in order[start:start + batch_size] if packed[i].scored]
+            if not idx:
+                bar.update(len(order[start:start + batch_size]))
+                continue
+            width = len(packed[idx[0]].ids)
             ids = torch.zeros(len(idx), width, dtype=torch.long)
-            keep = torch.zeros(len(idx), width, dtype=torch.long)
-            # positions whose next-token prediction is a scored token
-            sel = torch.zeros(len(idx), width, dtype=torch.bool)
-            for r, c in enumerate(idx):
-                seq = task.input_ids[c]
-                ids[r, :len(seq)] = torch.tensor(seq)
-                keep[r, :len(seq)] = 1
-                sel[r, task.score_from[c] - 1:len(seq) - 1] = True
-            ids, keep, sel = ids.to(device), keep.to(device), sel.to(device)
-            hidden = model.model(input_ids=ids, attention_mask=keep, use_cache=False,
-                                 pixel_values=features[task.feature_rows[idx].to(device)]
+            pos = torch.zeros(len(idx), width, dtype=torch.long)
+            branch = torch.full((len(idx), width), -1, dtype=torch.long)
+            rows, where, targets, cands = [], [], [], []
+            for r, i in enumerate(idx):
+                item = packed[i]
+                n = len(item.ids)
+                ids[r, :n], pos[r, :n] = torch.tensor(item.ids), torch.tensor(item.positions)
+                branch[r, :n] = torch.tensor(item.branch)
+                for at, target, c in item.scored:
+                    rows.append(r)
+                    where.append(at)
+                    targets.append(target)
+                    cands.append(c)
+            mask = _tree_mask(branch.to(device))
+            hidden = model.model(input_ids=ids.to(device), attention_mask=mask,
+                                 position_ids=pos.to(device), use_cache=False,
+                                 pixel_values=features[item_rows[idx].to(device)]
                                  ).last_hidden_state
-            targets = torch.roll(ids, -1, dims=1)[sel]
-            rows = torch.arange(len(idx), device=device)[:, None].expand_as(sel)[sel]
-            h = hidden[sel]
-            logp = torch.cat([-F.cross_entropy(model.lm_head(h[i:i + LOGIT_CHUNK]).float(),
-                                               targets[i:i + LOGIT_CHUNK], reduction="none")
-                              for i in range(0, len(h), LOGIT_CHUNK)])
-            total = torch.zeros(len(idx), dtype=torch.float64, device=device)
-            scores[idx] = total.index_add_(0, rows, logp.double()).cpu()
-            bar.update(len(idx))
+            h = hidden[torch.tensor(rows, device=device), torch.tensor(where, device=device)]
+            targets = torch.tensor(targets, device=device)
+            logp = torch.cat([-F.cross_entropy(model.lm_head(h[j:j + LOGIT_CHUNK]).float(),
+                                               targets[j:j + LOGIT_CHUNK], reduction="none")
+                              for j in range(0, len(h), LOGIT_CHUNK)])
+            scores.index_add_(0, torch.tensor(cands), logp.double().cpu())
+            bar.update(len(order[start:start + batch_size]))
     return scores[task.same_as]
 
 

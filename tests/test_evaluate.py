@@ -184,11 +184,12 @@ def test_too_long_and_wrong_feature_dim(eval_world, tmp_path):
 
 
 def test_progress_bar_counts_items(eval_world, capsys):
-    """The bar advances per scored sequence but reads in items (8 VQA items, 32 candidates)."""
+    """The bar counts items (8 VQA items, 32 candidates), the unit the pipeline's throughput and
+    the task sizes are quoted in."""
     task = load_tasks([eval_world.specs["vqa"]], eval_world.tokenizer, eval_world.features)[0]
     score_candidates(load_model(eval_world.vlm), task, batch_size=16, progress=True)
     err = capsys.readouterr().err
-    assert "/8.0" in err and "item/s" in err
+    assert "/8 " in err and "item/s" in err
     # no candidates at all (ImageTextModel.score with no texts): an empty result, not a crash
     empty = pack_task(parse_task_spec("vqa:none.jsonl"), [1, 4], [[]], [[]], ["none"], [0],
                       task.features)  # one item without candidates

@@ -44,16 +44,18 @@ def test_bench_merge_paths_agree(capsys, monkeypatch):
         gbps["copy (read P + write P)"] / 10)
 
 
-def test_bench_eval_batched_equals_one_at_a_time(capsys):
+def test_bench_eval_packed_equals_the_pipelines_way(capsys):
     result = load("bench_eval").main(["--preset", "tiny", "--vocab", "300", "--pairs", "4",
-                                      "--device", "cpu"])
+                                      "--device", "cpu", "--with-single"])
+    assert result["max_abs_score_diff_single"] == pytest.approx(0, abs=1e-4)
     assert result["max_abs_score_diff"] == pytest.approx(0, abs=1e-4)
-    assert set(result["pairs_per_s"]) == {"batched", "batched_size1", "one_at_a_time"}
+    assert set(result["pairs_per_s"]) == {"packed", "pipeline_like", "one_at_a_time"}
+    assert 0 < result["positions"]["saved_fraction"] < 1  # [BOS, <image>] and shared words
 
 
 def test_bench_eval_flop_estimate_matches_torch_flop_counter(capsys, monkeypatch):
     """The estimate behind bench_eval's % of peak on a GPU agrees with torch's FLOP counter on
-    the batched path (batch size 1: no padding, which the estimate does not count)."""
+    the packed path (batch size 1: no padding, which the estimate does not count)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from babymerge.evaluate import pack_task, score_candidates
@@ -74,13 +76,13 @@ def test_bench_eval_flop_estimate_matches_torch_flop_counter(capsys, monkeypatch
     estimate = bench.scoring_flops(model, task)
     assert estimate == pytest.approx(counter.get_total_flops(), rel=0.1)
     result = bench.main(["--preset", "tiny", "--vocab", "300", "--pairs", "4", "--device", "cpu"])
-    assert result["gflops_per_pass"] > 0 and result["pct_of_peak_batched"] is None  # CPU: no peak
+    assert result["gflops_per_pass"] > 0 and result["pct_of_peak_packed"] is None  # CPU: no peak
     # with a peak (a GPU's, stood in for), the % is the achieved rate over it
     monkeypatch.setattr(bench, "peak_flops", lambda device, dtype: 1e9)
     result = bench.main(["--preset", "tiny", "--vocab", "300", "--pairs", "4", "--device", "cpu"])
-    achieved = result["gflops_per_pass"] * 1e9 * result["pairs_per_s"]["batched"] / result["pairs"]
+    achieved = result["gflops_per_pass"] * 1e9 * result["pairs_per_s"]["packed"] / result["pairs"]
     assert result["peak_tflops"] == 1e-3
-    assert result["pct_of_peak_batched"] == pytest.approx(100 * achieved / 1e9, rel=0.01)
+    assert result["pct_of_peak_packed"] == pytest.approx(100 * achieved / 1e9, rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------
