@@ -48,7 +48,8 @@ from transformers import AutoConfig
 from babymerge.config import arg, atomic_write_text, config_to_dict, opt
 from babymerge.distributed import resolve_device
 from babymerge.featurefile import FeatureFileError, FeatureTable
-from babymerge.model import encoder_name, image_prefix_ids, load_black_feature, load_model
+from babymerge.model import (NonFiniteError, encoder_name, image_prefix_ids, load_black_feature,
+                             load_model)
 from babymerge.tasks import (CORRELATION_KINDS, ENTITY_TRACKING_SPLITS, KIND_ALIASES,
                              MULTIMODAL_KINDS, TASK_KINDS, Item, TaskError, TaskSpec,
                              parse_task_spec, read_items)
@@ -394,7 +395,12 @@ def score_candidates(model, task: PreparedTask, batch_size: int = 64,
             logp = torch.cat([-F.cross_entropy(model.lm_head(h[j:j + LOGIT_CHUNK]).float(),
                                                targets[j:j + LOGIT_CHUNK], reduction="none")
                               for j in range(0, len(h), LOGIT_CHUNK)])
-            scores.index_add_(0, torch.tensor(cands), logp.double().cpu())
+            logp = logp.double().cpu()
+            if not torch.isfinite(logp).all():  # finite weights and features, yet an overflow
+                raise NonFiniteError(f"task {task.name}: the model's log-probabilities are NaN "
+                                     f"or infinite (weights in {next(model.parameters()).dtype}; "
+                                     "float32 avoids an overflow)")
+            scores.index_add_(0, torch.tensor(cands), logp)
             bar.update(len(order[start:start + batch_size]))
     return scores[task.same_as]
 

@@ -26,8 +26,8 @@ from transformers import LlamaForCausalLM
 
 from babymerge.config import InputError, arg, atomic_write_text, opt
 from babymerge.model import (BLACK_FEATURE_FILE, IMAGE_TOKEN, BabyLlavaForConditionalGeneration,
-                             image_prefix_ids, load_black_feature, load_model, save_checkpoint,
-                             transformers_bars_off)
+                             check_replaceable, image_prefix_ids, load_black_feature, load_model,
+                             save_checkpoint, transformers_bars_off)
 from babymerge.tokenizer import TokenizerError, load_tokenizer, save_image_prefixed_tokenizer
 
 EXPORT_NOTE_FILE = "babymerge_export.json"
@@ -56,6 +56,7 @@ class ExportError(InputError):
 
 def export(cfg: ExportConfig) -> Path:
     """Write ``cfg.out`` (a plain Llama, or with ``--submission`` the multimodal folder)."""
+    check_replaceable(cfg.out)  # before any work: --out must be new, or an earlier export
     if not (cfg.checkpoint / "config.json").is_file():
         raise ExportError(f"{cfg.checkpoint}: not a checkpoint directory (no config.json)")
     black = load_black_feature(cfg.checkpoint)

@@ -89,6 +89,26 @@ class FeatureTable:
         self.dim = (int(self._rows.shape[1]) if self.features is None
                     else int(self.features.shape[1]) if self.features.ndim == 2
                     else int(self.black.shape[0]))
+        try:
+            self._validate()
+        except FeatureFileError:
+            self.close()
+            raise
+
+    def _validate(self) -> None:
+        """Unique ids, and finite values in /black and (held in memory) /features."""
+        path = self.path
+        if len(self.row) != len(self.ids):
+            # a caption's image would be whichever row came last: refuse instead of guessing
+            seen: set[str] = set()
+            dupes = sorted({i for i in self.ids if i in seen or seen.add(i)})
+            raise FeatureFileError(f"{path}: {len(dupes)} image id(s) stored twice in /{IDS} "
+                                   f"({', '.join(map(repr, dupes[:5]))}); not a file "
+                                   "extract-features or join-features wrote")
+        if not torch.isfinite(self.black).all():
+            raise FeatureFileError(f"{path}: /{BLACK} holds NaN or infinite values")
+        if self.features is not None:
+            self._check_finite(torch.arange(len(self.features)), self.features)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -128,7 +148,19 @@ class FeatureTable:
             # 0.24 ms row by row); rows sharing a chunk come in a row, so the chunk cache serves
             # them from one chunk read.
             block = np.stack([self._rows[int(r)] for r in unique])
-        return torch.from_numpy(block).to(self.dtype)[torch.from_numpy(inverse.reshape(-1))]
+        rows = torch.from_numpy(block).to(self.dtype)
+        self._check_finite(torch.from_numpy(unique), rows)
+        return rows[torch.from_numpy(inverse.reshape(-1))]
+
+    def _check_finite(self, rows: torch.Tensor, features: torch.Tensor) -> None:
+        """Refuse feature rows holding NaN or infinity, naming their ids: one such row silently
+        changes a score, one such column made a whole trained model NaN."""
+        bad = rows[~torch.isfinite(features).all(dim=1)].tolist() if len(features) else []
+        if bad:
+            shown = ", ".join(repr(self.ids[r]) for r in bad[:5]) + (" ..." if len(bad) > 5
+                                                                       else "")
+            raise FeatureFileError(f"{self.path}: {len(bad)} feature row(s) hold NaN or infinite "
+                                   f"values (ids {shown}); extract those images again")
 
     def close(self) -> None:
         """Close the file held open out of core (no-op in memory)."""

@@ -431,6 +431,7 @@ def _merge_into(out: Path, sources: list[Path], attrs: dict, black: np.ndarray,
             with h5py.File(src, "r") as g:
                 for start in range(0, len(mask), _READ_BLOCK):
                     block = g[FEATURES][start:start + _READ_BLOCK][mask[start:start + _READ_BLOCK]]
+                    _check_finite_rows(block, src, start)
                     dset[row:row + len(block)] = block
                     row += len(block)
         _write_strings(f, IDS, ids)
@@ -438,6 +439,13 @@ def _merge_into(out: Path, sources: list[Path], attrs: dict, black: np.ndarray,
         _write_failed(f, failed)
         f.attrs.update({**attrs, "count": len(ids), "complete": True})
     return {"rows": len(ids), "failed": len(failed)}
+
+
+def _check_finite_rows(block: np.ndarray, path: Path, first_row: int) -> None:
+    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+    if len(bad):
+        raise FeatureFileError(f"{path}: {len(bad)} feature row(s) from row {first_row + bad[0]} "
+                               "on hold NaN or infinite values; extract those images again")
 
 
 def _write_table(path: Path, ids: list[str], features: np.ndarray, failed: dict[str, str],
@@ -676,9 +684,16 @@ def _encode_into_parts(todo, encoder: ImageEncoder, cfg: ExtractConfig, parts_di
     pending = new = new_failed = 0
 
     def flush() -> None:
-        nonlocal part, ids, feats, failed, pending
+        nonlocal part, ids, feats, failed, pending, new, new_failed
         rows = (torch.cat(feats).cpu().numpy().astype(storage) if feats
                 else np.zeros((0, black.shape[0]), storage))
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():  # never stored: such a row would poison every score that reads it
+            for i in np.flatnonzero(~finite):
+                failed[ids[i]] = NON_FINITE_FEATURE
+            ids = [image_id for image_id, ok in zip(ids, finite, strict=True) if ok]
+            rows = rows[finite]
+            new, new_failed = new - int((~finite).sum()), new_failed + int((~finite).sum())
         _write_table(parts_dir / f"part-{part:06d}.h5", ids, rows, failed, black, attrs)
         part, ids, feats, failed, pending = part + 1, [], [], {}, 0
 
@@ -704,6 +719,10 @@ def _encode_into_parts(todo, encoder: ImageEncoder, cfg: ExtractConfig, parts_di
         if pending:
             flush()
     return new, new_failed
+
+
+NON_FINITE_FEATURE = ("the encoder's feature is not finite (NaN or infinity; in float16 storage, a "
+                      "value beyond 65504: --dtype float32 stores it)")
 
 
 def _with_gpu_decoded(batch, decoder: GpuJpegDecoder, device: torch.device):
@@ -773,6 +792,8 @@ def _join_virtual(out: Path, shards: list[Path], attrs: dict, black: np.ndarray)
                 ids.append(image_id)
             failed.update(_read_failed(f))
             counts.append(n)
+            for start in range(0, n, _READ_BLOCK):  # a read, no copy: what the join refers to
+                _check_finite_rows(f[FEATURES][start:min(n, start + _READ_BLOCK)], path, start)
     failed = {k: v for k, v in failed.items() if k not in owner}  # with a feature: not failed
     dim = black.shape[0]
     layout = h5py.VirtualLayout(shape=(len(ids), dim), dtype=STORAGE_DTYPES[attrs["dtype"]])

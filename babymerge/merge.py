@@ -59,7 +59,8 @@ from babymerge.evaluate import (DTYPES, PreparedTask, check_feature_dim, check_f
                                 checkpoint_max_positions, checkpoint_tokenizer, evaluate_tasks,
                                 load_tasks, task_summary)
 from babymerge.tasks import parse_task_spec
-from babymerge.merge_inputs import (MergeError, check_mergeable, check_same_computation,
+from babymerge.merge_inputs import (MergeError, check_config_matches_weights, check_mergeable,
+                                    check_same_computation,
                                     check_tokenizers, checkpoint_names, expand_checkpoint_patterns,
                                     order_by_training, parse_alpha_grid, parse_keep, read_shapes,
                                     read_tensors)
@@ -69,7 +70,7 @@ from babymerge.merge_report import (DEFAULT_OBJECTIVE, choose, objective, parse_
                                     rule_text)
 from babymerge.merge_resume import (is_kept, kept_identity, kept_path, log_record, method_settings,
                                     open_run, reuse_line, save_run_config)
-from babymerge.model import BLACK_FEATURE_FILE, load_model, save_checkpoint
+from babymerge.model import BLACK_FEATURE_FILE, check_replaceable, load_model, save_checkpoint
 
 
 @dataclass
@@ -131,8 +132,12 @@ class MergeConfig:
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         parse_objective(self.objective)
-        parse_alpha_grid(self.alpha_grid, self.allow_extrapolation)
-        parse_keep(self.keep, self.allow_extrapolation)
+        grid = parse_alpha_grid(self.alpha_grid, self.allow_extrapolation)
+        off_grid = [a for a in parse_keep(self.keep, self.allow_extrapolation)[0] if a not in grid]
+        if off_grid:
+            raise ValueError(f"--keep {', '.join(map(str, off_grid))}: not on --alpha-grid "
+                             f"{self.alpha_grid!r}; a kept merge is one that was scored: add it "
+                             "to the grid")
         for spec in self.task:
             parse_task_spec(spec)
 
@@ -202,7 +207,7 @@ class _Sweep:
         target = kept_path(self.cfg, self.vlm_name, alpha)
         return str(save_checkpoint(self.model, target, self.tokenizer,
                                    extra_files={"merge.json": json.dumps(provenance, indent=2)},
-                                   write_extra=copy_black))
+                                   write_extra=copy_black, flag="--keep"))
 
 
 @dataclass
@@ -324,10 +329,14 @@ def merge(cfg: MergeConfig) -> dict:
 
     # every check that reads only headers, configs and task files runs before any tensor is loaded
     lm_shapes = read_shapes(cfg.lm)
+    check_config_matches_weights(cfg.lm, lm_shapes, "--lm")
     base_shapes = read_shapes(cfg.base) if method_cls.needs_base else None
+    if base_shapes is not None:
+        check_config_matches_weights(cfg.base, base_shapes, "--base")
     names: list[str] = []
     for vlm_dir in cfg.vlm:
         vlm_shapes = read_shapes(vlm_dir)
+        check_config_matches_weights(vlm_dir, vlm_shapes, "--vlm")
         names = check_mergeable(lm_shapes, vlm_shapes, cfg.lm, vlm_dir)
         check_same_computation(cfg.lm, vlm_dir)
         if base_shapes is not None:
@@ -350,6 +359,9 @@ def merge(cfg: MergeConfig) -> dict:
         raise MergeError(f"--objective {cfg.objective!r}: none of the tasks is in a group, so no "
                          "alpha can be chosen; name their kinds or names in a group")
 
+    for name in vlm_names:  # before any scoring: a kept folder that is the user's is refused
+        for alpha in keep:
+            check_replaceable(kept_path(cfg, name, alpha), "--keep")
     cfg.out.mkdir(parents=True, exist_ok=True)
     identity, logged = open_run(cfg, tasks, vlm_names)
     run = _Run(cfg, grid, keep, keep_chosen, method_cls, names, tasks, tokenizer, device, dtype,

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from babymerge.config import InputError
 from babymerge.evaluate import checkpoint_tokenizer
-from babymerge.model import parameter_dtype
+from babymerge.model import check_finite, parameter_dtype
 
 MAX_GRID_POINTS = 1001  # more is a typo in the step, not a sweep anyone means to run
 
@@ -201,19 +201,34 @@ def read_tensors(directory: Path, names: list[str], device: torch.device,
         with safe_open(str(path), framework="pt") as f:  # reads only the wanted tensors
             found.update({k: f.get_tensor(k).to(device=device, dtype=parameter_dtype(k, dtype))
                           for k in f.keys() if k in wanted})
+    check_finite(found.items(), directory)
     return [found[n] for n in names]
+
+
+# Tensors a VLM may hold that the other checkpoint lacks (kept as the VLM's): the image path,
+# for an LM written without one. Any other tensor on one side only is another architecture (an
+# extra decoder layer would stay unmerged, and alpha = 1 would not be the LM).
+VLM_ONLY = ("model.multi_modal_projector.", "model.feature_mean", "model.feature_std")
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
 
 
 def check_mergeable(lm: dict[str, tuple], vlm: dict[str, tuple], lm_dir: Path,
                     vlm_dir: Path, lm_flag: str = "--lm") -> list[str]:
-    """Names to merge (all of the LM's); errors list every missing name and shape mismatch."""
+    """Names to merge (all of the LM's); errors list every missing name, in both directions
+    (bar :data:`VLM_ONLY`), and every shape mismatch."""
     missing = sorted(set(lm) - set(vlm))
+    extra = sorted(n for n in set(vlm) - set(lm) if not n.startswith(VLM_ONLY))
     mismatched = sorted(n for n in set(lm) & set(vlm) if lm[n] != vlm[n])
     problems = []
     if missing:
-        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         problems.append(f"{len(missing)} tensor(s) of {lm_flag} {lm_dir} not in --vlm {vlm_dir}: "
-                        f"{shown}")
+                        f"{_shown(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} tensor(s) of --vlm {vlm_dir} not in {lm_flag} {lm_dir}: "
+                        f"{_shown(extra)}")
     if mismatched:
         shown = ", ".join(f"{n} {lm[n]} vs {vlm[n]}" for n in mismatched[:8])
         problems.append(f"{len(mismatched)} shape mismatch(es) between {lm_flag} {lm_dir} and "
@@ -246,3 +261,32 @@ def check_same_computation(lm_dir: Path, vlm_dir: Path, lm_flag: str = "--lm") -
         raise MergeError(f"cannot merge: {lm_flag} {lm_dir} and --vlm {vlm_dir} compute "
                          f"differently ({'; '.join(diffs)}); the merged model runs with the VLM's "
                          "config, so train both with the same preset and --feature-norm")
+
+
+def check_config_matches_weights(directory: Path, shapes: dict[str, tuple[int, ...]],
+                                 flag: str) -> None:
+    """The tensors ``directory``'s config.json describes are the ones its weights hold (a model
+    built from the config on the meta device, no memory used): the merged model runs with the
+    VLM's config, so a config that disagrees with its weights would score other tensors than
+    those merged."""
+    from babymerge.model import BabyLlavaForConditionalGeneration
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+        with torch.device("meta"):
+            model = BabyLlavaForConditionalGeneration(config)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise MergeError(f"{flag} {directory}: config.json does not describe a BabyLLaVA model "
+                         f"({type(e).__name__}: {e})") from None
+    described = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    # an LM may be written without the image path (VLM_ONLY): the merge keeps the VLM's
+    missing = sorted(n for n in set(described) - set(shapes) if not n.startswith(VLM_ONLY))
+    extra = sorted(set(shapes) - set(described))
+    wrong = sorted(n for n in set(described) & set(shapes) if described[n] != shapes[n])
+    if missing or extra or wrong:
+        parts = [f"{what}: {_shown(names)}" for what, names in (
+            ("in the config but not the weights", missing),
+            ("in the weights but not the config", extra),
+            ("of another shape", [f"{n} {described[n]} vs {shapes[n]}" for n in wrong])) if names]
+        raise MergeError(f"{flag} {directory}: config.json disagrees with its weights ("
+                         + "; ".join(parts) + ")")

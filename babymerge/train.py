@@ -55,6 +55,10 @@ class TrainError(InputError):
     """A run that cannot start as asked (resume mismatch, model and data that do not fit)."""
 
 
+class NonFiniteStep(Exception):
+    """The step's gradients are NaN or infinite (:class:`_Stepper`); _train says where."""
+
+
 # Fields that may change between a run and its resumption without changing what it computes.
 RESUME_FREE_FIELDS = {"max_steps", "progress", "log_every", "save_every", "resume", "device",
                       "compile", "cache_dir", "feature_memory_gb"}
@@ -374,7 +378,11 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
     for epoch, k, batches, step_words, step_tokens in _plan_steps(plan, pos):
         lr = lr_at(pos.step, cfg, plan.total_steps)
         micro = plan.step_batches(batches, k, world.rank, world.world_size, cfg.grad_accum)
-        grad_norm = step_fn(micro, lr)
+        try:
+            grad_norm = step_fn(micro, lr)
+        except NonFiniteStep as e:
+            run_log.close()
+            raise _non_finite_error(pos.step + 1, e.args[0], resume_dir) from None
         pos.advance(int(step_words[k]), int(step_tokens[k]))
         run_log.bar.update(1)
         last = pos.step == plan.total_steps or (cfg.max_steps and pos.step >= cfg.max_steps)
@@ -398,6 +406,15 @@ def _train(cfg: TrainConfig, world: distributed.World) -> Path:
         save_state(plan.epochs, 0, finished=True)
     distributed.barrier(world)
     return out
+
+
+def _non_finite_error(step: int, norm: float, resume_dir: Path) -> TrainError:
+    saved = read_resume_state(resume_dir)
+    kept = (f"the last saved state is kept: {resume_dir} (step {saved['step']})" if saved
+            else "no state was saved yet")
+    return TrainError(f"step {step}: the loss or its gradients are NaN or infinite (gradient "
+                      f"norm {norm}); stopped before the optimizer step, no weight changed; "
+                      f"{kept}; lower --lr or fix the data, then run the same command")
 
 
 # --- set-up and resume ------------------------------------------------------------------------
@@ -604,11 +621,16 @@ class _Stepper:
             (loss / accum).backward()
             self.loss_sum += loss.detach().float()
             self.loss_n += 1
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
-                     if self.cfg.grad_clip > 0 else None)
+        # the norm over all gradients (DDP has averaged them, so every rank sees the same): a NaN
+        # or infinite loss makes it non-finite, and the step stops before any weight changes
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.raw.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteStep(float(grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm if self.cfg.grad_clip > 0 else None
 
     def take_loss_and_data_time(self) -> tuple[torch.Tensor, float]:
         """Mean loss and data seconds since the last call; both restart from zero."""

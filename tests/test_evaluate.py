@@ -557,3 +557,16 @@ def test_images_named_the_pipelines_way_work_end_to_end(tmp_path):
                                  ["ex_0_img_1", "ex_0_img_0", "ex_1_img_1", "ex_1_img_0"])):
         per_item = task.features[task.feature_rows[task.item_start[:-1]]]
         assert torch.equal(per_item, table.lookup(ids)), task.name
+
+
+def test_non_finite_log_probabilities_are_an_error(eval_world, monkeypatch):
+    """Finite weights and features can still overflow (a float16 model): an error, not a score
+    computed from NaN."""
+    from babymerge.model import NonFiniteError
+
+    model = load_model(eval_world.vlm)
+    task = load_tasks([eval_world.specs["blimp"]], eval_world.tokenizer, eval_world.features)[0]
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("inf")
+    with pytest.raises(NonFiniteError, match="task blimp: the model's log-probabilities are NaN"):
+        score_candidates(model, task, progress=False)

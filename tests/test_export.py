@@ -343,3 +343,36 @@ def test_submission_folder_scores_raw_images_as_eval_scores_features(vlm_with_en
                            "4.51.3 (the BabyLM pipeline's pin), torch and pillow")
 def test_submission_folder_in_transformers_4(vlm_with_encoder, tmp_path):
     _submission_check(vlm_with_encoder, tmp_path, os.environ["BABYMERGE_TRANSFORMERS4_PYTHON"])
+
+
+def test_export_never_replaces_what_it_did_not_write(world, tmp_path):
+    """--out an existing file of the user's, or a folder holding their files: refused, nothing
+    lost. An earlier export (or checkpoint) in that folder is replaced; the new folder gets the
+    permissions a plain mkdir gives, not mkdtemp's private 0700."""
+    import stat
+
+    from babymerge.model import OutputError
+
+    tok = load_tokenizer(world["tokenizer"])
+    model = build_model(MODEL_PRESETS["tiny"], seed=0, vocab_size=len(tok),
+                        image_token_id=image_prefix_ids(tok)[1], pad_token_id=tok.pad_token_id,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    save_checkpoint(model, tmp_path / "ck", tok)
+    save_black_feature(tmp_path / "ck", torch.zeros(1024))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("chapter 1")
+    for out, says in ((notes, "exists and is not a folder babymerge wrote"),
+                      (mine, r"holds files babymerge did not write \(thesis.tex\)")):
+        with pytest.raises(OutputError, match=f"--out {out}: {says}"):
+            export(ExportConfig(checkpoint=tmp_path / "ck", out=out))
+    assert notes.read_text() == "my notes" and (mine / "thesis.tex").read_text() == "chapter 1"
+    first = export(ExportConfig(checkpoint=tmp_path / "ck", out=tmp_path / "export"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(first.stat().st_mode) == 0o777 & ~umask
+    (first / "model.safetensors").write_bytes(b"stale")
+    export(ExportConfig(checkpoint=tmp_path / "ck", out=first))  # its own folder: replaced
+    assert (first / "model.safetensors").read_bytes() != b"stale"

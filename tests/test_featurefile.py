@@ -36,3 +36,31 @@ def test_out_of_core_gather_equals_in_memory(world, dtype, chunks, tmp_path):
     assert torch.equal(disk.lookup(ids), memory.lookup(ids))
     assert disk.gather(np.array([], dtype=np.int64)).shape == (0, memory.dim)
     disk.close()
+
+
+def test_non_finite_rows_black_and_duplicate_ids_are_refused(tmp_path):
+    """A NaN row silently changed scores and trained a NaN model: the table names the ids, in
+    memory at load and out of core when the rows are read; a NaN /black, or an id stored twice
+    (a caption's image would be whichever row came last), is refused at load."""
+    from babymerge.featurefile import FeatureFileError
+    from fixtures import write_feature_file
+
+    ids = [f"img{i}" for i in range(6)]
+    feats = np.random.default_rng(0).standard_normal((6, 8))
+    feats[2, 5], feats[4, 0] = np.nan, np.inf
+    path = write_feature_file(tmp_path / "bad.h5", ids, feats, np.zeros(8))
+    with pytest.raises(FeatureFileError, match=r"bad.h5: 2 feature row\(s\) hold NaN or infinite "
+                                               r"values \(ids 'img2', 'img4'\)"):
+        FeatureTable(path)
+    lazy = FeatureTable(path, max_memory_bytes=0)  # out of core: checked as rows are read
+    assert torch.isfinite(lazy.lookup(["img0", "img5"])).all()
+    with pytest.raises(FeatureFileError, match="'img4'"):
+        lazy.lookup(["img0", "img4"])
+    lazy.close()
+    black = np.zeros(8)
+    black[3] = np.nan
+    with pytest.raises(FeatureFileError, match="/black holds NaN"):
+        FeatureTable(write_feature_file(tmp_path / "black.h5", ids[:2], feats[:2], black))
+    with pytest.raises(FeatureFileError, match=r"1 image id\(s\) stored twice in /ids \('img0'\)"):
+        FeatureTable(write_feature_file(tmp_path / "dupe.h5", ["img0", "img1", "img0"],
+                                        feats[[0, 1, 3]], np.zeros(8)))

@@ -571,3 +571,37 @@ def test_decode_gpu_without_cuda_is_a_clear_error(tmp_path, encoder_dir):
     with pytest.raises(features.InputError, match="--decode gpu needs"):
         extract_features(ExtractConfig(source=str(tmp_path), out=tmp_path / "f.h5",
                                        encoder=str(encoder_dir), decode="gpu", device="cpu"))
+
+
+def test_a_non_finite_feature_is_never_stored(tmp_path, encoder_dir, monkeypatch):
+    """An image whose feature comes out NaN (or overflows float16) goes to /failed with the
+    reason, and its row is not written; the other images are."""
+    write_images(tmp_path / "images", ["a.png", "b.png", "c.png"])
+    real = features.ImageEncoder.encode_pixels
+
+    def nan_for_the_second(self, pixels):
+        out = real(self, pixels)
+        if len(out) == 3:  # the images' batch (the black image is encoded alone, first)
+            out[1, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(features.ImageEncoder, "encode_pixels", nan_for_the_second)
+    summary = extract(tmp_path / "images", tmp_path / "f.h5", encoder_dir, progress=False)
+    assert (summary["new"], summary["new_failed"]) == (2, 1)
+    table = FeatureTable(tmp_path / "f.h5")
+    assert sorted(table.ids) == ["a", "c"] and torch.isfinite(table.features.float()).all()
+    assert "not finite" in table.failed["b"]
+
+
+@pytest.mark.parametrize("virtual", [False, True])
+def test_join_refuses_non_finite_rows(tmp_path, virtual):
+    from fixtures import write_feature_file
+
+    feats = np.ones((3, 4))
+    feats[1, 2] = np.inf
+    shards = [write_feature_file(tmp_path / "s0.h5", ["a", "b", "c"], feats, np.zeros(4)),
+              write_feature_file(tmp_path / "s1.h5", ["d"], np.ones((1, 4)), np.zeros(4))]
+    with pytest.raises(FeatureFileError, match=r"s0.h5: 1 feature row\(s\) from row 1 on hold NaN"):
+        join_features(JoinConfig(shards=[str(s) for s in shards], out=tmp_path / "j.h5",
+                                 virtual=virtual))
+    assert not (tmp_path / "j.h5").exists()

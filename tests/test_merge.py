@@ -250,3 +250,34 @@ def test_objective_groups_are_a_config_field_and_take_a_correlation_task(eval_wo
         merge(MergeConfig(**base, out=tmp_path / "e2", objective="multimodal=vqa"))
     with pytest.raises(ValueError, match="--objective"):
         MergeConfig(**base, out=tmp_path / "e3", objective="grammar")
+
+
+def test_a_kept_folder_of_the_users_is_refused_before_any_scoring(eval_world, tmp_path, capsys):
+    from babymerge.model import OutputError
+
+    out = tmp_path / "m"
+    (out / "alpha_0.5").mkdir(parents=True)
+    (out / "alpha_0.5" / "analysis.ipynb").write_text("{}")
+    with pytest.raises(OutputError, match=r"--keep .*alpha_0.5: holds files babymerge did not "
+                                          r"write \(analysis.ipynb\)"):
+        merge(MergeConfig(lm=eval_world.lm, vlm=[eval_world.vlm], task=[eval_world.specs["blimp"]],
+                          features=eval_world.features, out=out, alpha_grid="0,0.5,1",
+                          keep="0.5"))
+    assert "alpha=" not in capsys.readouterr().out  # nothing was scored
+    assert (out / "alpha_0.5" / "analysis.ipynb").read_text() == "{}"
+
+
+def test_a_nan_in_the_lm_is_refused_naming_the_tensor(eval_world, tmp_path):
+    """0 x NaN is NaN: every alpha scored 0.0, alpha = 0 included, and a chosen alpha was
+    reported; now the merge stops on loading the LM."""
+    from babymerge.model import NonFiniteError
+
+    lm = shutil.copytree(eval_world.lm, tmp_path / "lm")
+    tensors = load_file(lm / "model.safetensors")
+    tensors["lm_head.weight"][0, 0] = float("nan")
+    save_file(tensors, lm / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match=r"lm: 1 tensor\(s\) hold NaN or infinite values: "
+                                             r"lm_head.weight"):
+        merge(MergeConfig(lm=lm, vlm=[eval_world.vlm], task=[eval_world.specs["blimp"]],
+                          features=eval_world.features, out=tmp_path / "m", alpha_grid="0,1",
+                          keep="none", progress=False))

@@ -113,13 +113,15 @@ def test_mismatched_checkpoints_fail_before_any_work(eval_world, tmp_path):
     for d in both:  # in both files, so names and shapes match, but no parameter of the model
         save_file({**load_file(d / "model.safetensors"), "model.adapter.weight": torch.zeros(2)},
                   d / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(MergeError, match="1 tensor.*not parameters of the loaded model: model.ad"):
+    # a tensor the config does not describe: refused from the headers, before any loading
+    with pytest.raises(MergeError, match=r"--lm .*both_lm: config.json disagrees with its weights "
+                                         r"\(in the weights but not the config: model.adapter"):
         merge(MergeConfig(lm=both[0], vlm=[both[1]], task=[eval_world.specs["blimp"]],
                           features=eval_world.features, out=tmp_path / "out_both"))
     v = len(tok)
     for lm, why in [(tmp_path / "narrow", rf"shape mismatch\(es\).*embed_tokens.weight \({v}, 32\) "
                                           rf"vs \({v}, 64\)"),
-                    (extra, r"1 tensor\(s\) of --lm .* not in --vlm .*: model.adapter.weight"),
+                    (extra, r"--lm .*extra: config.json disagrees with its weights"),
                     (tmp_path / "nothing", "no model.safetensors"),
                     (retok, "different tokenizer vocabularies")]:
         out = tmp_path / "out"
@@ -204,3 +206,36 @@ def test_vlms_with_another_vocabulary_are_refused(eval_world, tmp_path):
                           task=[eval_world.specs["blimp"]], features=eval_world.features, out=out,
                           alpha_grid="0.5", keep="none"))
     assert not out.exists()
+
+
+def test_an_lm_with_fewer_layers_is_refused(eval_world, tmp_path):
+    """Names are compared in both directions: the VLM's extra layer would stay unmerged and the
+    curve's alpha = 1 would not be the LM."""
+    shallow = _checkpoint(eval_world, tmp_path / "shallow", num_layers=1)
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match=r"tensor\(s\) of --vlm .* not in --lm .*shallow: "
+                                         r"model.language_model.layers.1"):
+        merge(MergeConfig(lm=shallow, vlm=[eval_world.vlm], task=[eval_world.specs["blimp"]],
+                          features=eval_world.features, out=out, alpha_grid="0,1", keep="none"))
+    assert not out.exists()
+
+
+def test_a_config_that_disagrees_with_its_weights_is_refused(eval_world, tmp_path):
+    lm = shutil.copytree(eval_world.lm, tmp_path / "lm")
+    config = json.loads((lm / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 3  # the weights hold 2
+    (lm / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match=r"--lm .*lm: config.json disagrees with its weights "
+                                         r"\(in the config but not the weights: "
+                                         r"model.language_model.layers.2"):
+        merge(MergeConfig(lm=lm, vlm=[eval_world.vlm], task=[eval_world.specs["blimp"]],
+                          features=eval_world.features, out=tmp_path / "out", alpha_grid="0,1",
+                          keep="none"))
+
+
+def test_keep_off_the_grid_is_an_error():
+    with pytest.raises(ValueError, match=r"--keep 0.35: not on --alpha-grid '0,1'"):
+        MergeConfig(lm=Path("lm"), vlm=[Path("vlm")], task=["minimal_pairs:x"],
+                    alpha_grid="0,1", keep="0.35")
+    MergeConfig(lm=Path("lm"), vlm=[Path("vlm")], task=["minimal_pairs:x"], alpha_grid="0:1:0.05",
+                keep="0.35,chosen")

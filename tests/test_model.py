@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -138,3 +139,25 @@ def test_loading_and_saving_checkpoints_draw_no_transformers_bar(tmp_path, capfd
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "Writing model shards" not in err, err
     assert hf_logging.is_progress_bar_enabled()  # restored for the caller's own transformers use
+
+
+def test_non_finite_weights_and_black_feature_are_refused(tmp_path):
+    """eval, merge and export load through load_model: a NaN tensor is one error naming the
+    folder and the tensor, not accuracies of 0.0 reported as results."""
+    from safetensors.torch import load_file, save_file
+
+    from babymerge.model import NonFiniteError, load_black_feature, load_model, save_black_feature
+
+    folder = save_checkpoint(build_model(MODEL_PRESETS["tiny"], seed=0, **IDS), tmp_path / "ck")
+    weights = load_file(folder / "model.safetensors")
+    name = "model.language_model.layers.1.mlp.up_proj.weight"
+    weights[name][3, 4] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NonFiniteError, match=rf"ck: 1 tensor\(s\) hold NaN or infinite values: "
+                                             rf"{name}"):
+        load_model(folder)
+    black = torch.zeros(1024)
+    black[7] = float("inf")
+    save_black_feature(folder, black)
+    with pytest.raises(NonFiniteError, match="black_feature.safetensors: 1 tensor"):
+        load_black_feature(folder)

@@ -213,3 +213,13 @@ def test_profile_splits_the_triton_steps_host_time(monkeypatch):
     step(profile_projector.project_reference)
     for g_triton, w in zip(got, weights):
         torch.testing.assert_close(g_triton, w.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_checks_reports_each_checks_cost(capsys):
+    result = load("bench_checks").main(["--preset", "tiny", "--pairs", "4", "--rows", "1000",
+                                        "--device", "cpu"])
+    assert result["params"] > 0 and result["load_check_s"] > 0 and result["one_alpha_s"] > 0
+    assert result["load_check_vs_sweep_0_1_0.1"] == pytest.approx(
+        result["load_check_s"] / (11 * result["one_alpha_s"]))
+    assert result["feature_check_s_per_million_rows"] > 0
+    assert result["train_step_s"] > 0 and result["train_step_checked_s"] > 0

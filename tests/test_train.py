@@ -439,3 +439,31 @@ def test_standardize_stores_the_feature_files_statistics(world, tmp_path, one_th
     assert model.config.feature_norm == "standardize"
     assert torch.allclose(model.model.feature_mean, mean)
     assert torch.allclose(model.model.feature_std, std.clamp_min(1e-6))
+
+
+def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_saved_state(world, tmp_path,
+                                                                           monkeypatch):
+    """A NaN loss ran to the end and wrote an all-NaN checkpoint: now the step whose gradients
+    are not finite stops the run with an error naming it, before the optimizer changes any
+    weight, and the last saved resume state stays as it was."""
+    from babymerge.model import BabyLlavaForConditionalGeneration
+    from babymerge.train import TrainError
+
+    real, calls = BabyLlavaForConditionalGeneration.forward, []
+
+    def nan_on_the_fifth(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(BabyLlavaForConditionalGeneration, "forward", nan_on_the_fifth)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainError, match=r"step 5: the loss or its gradients are NaN or infinite "
+                                         r".*the last saved state is kept: .*resume \(step 4\)"):
+        train(lm_config(world, out, save_every=2))
+    state = json.loads((out / "resume" / "state.json").read_text())
+    assert state["step"] == 4 and not state["finished"]
+    assert all(torch.isfinite(t).all() for t in weights(out / "resume").values())
+    assert not (out / "model.safetensors").exists()  # no final model from a broken run
