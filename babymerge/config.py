@@ -10,13 +10,17 @@ errors, never ignored.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import sys
 import tempfile
 import types
 import typing
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -311,3 +315,33 @@ def config_command(name: str, cls: type[C], run: Callable[[C], Any], help: str) 
                   if f.metadata.get("positional") and f.metadata.get("help")]
     full_help = "\n\n".join([help, *positional])
     return click.Command(name, callback=callback, params=_click_params(cls), help=full_help)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, command: str, error: type[InputError] = InputError
+              ) -> Iterator[None]:
+    """One writer per output: a second ``command`` run on the same output fails, naming the
+    holder's PID, instead of interleaving its writes (two merges into one --out interleaved
+    metrics.jsonl). The lock is the OS's (flock): a killed holder releases it."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:  # not "w": that would erase the holder's PID
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise error(f"another {command} run (PID {holder}) is writing {lock_path.parent}; "
+                        "wait for it, or use another --out") from e
+        except OSError as e:
+            # Cluster file systems mounted without lock support (Lustre's noflock: ENOSYS; NFS
+            # without lockd: ENOLCK) refuse every flock. The lock only guards against a second
+            # run on the same output, so its absence is said, not fatal.
+            warnings.warn(f"cannot lock {lock_path} ({e.strerror or e}): this file system has "
+                          f"no file locks; make sure no other {command} run writes the same "
+                          "output", stacklevel=3)
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        yield

@@ -16,7 +16,6 @@ removes the parts. Until then OUT is a stub with the attributes, ``/black`` and
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from babymerge import __version__
 from babymerge.distributed import resolve_device
-from babymerge.config import InputError, arg, config_to_dict, opt
+from babymerge.config import InputError, arg, config_to_dict, exclusive, opt
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
                                    FeatureFileError, decode_strings)
 from babymerge.images import (DEFAULT_MAX_PIXELS, UNREADABLE, GpuJpegDecoder, ImageDataset,
@@ -458,25 +457,6 @@ def _write_table(path: Path, ids: list[str], features: np.ndarray, failed: dict[
         f.attrs.update({**attrs, "count": len(ids), "complete": False})
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """One writer per feature file: a second run on the same OUT fails instead of interleaving."""
-    with open(lock_path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise FeatureFileError(f"another extract-features run is writing {lock_path.parent}"
-                                   ) from e
-        except OSError as e:
-            # Cluster file systems mounted without lock support (Lustre's noflock: ENOSYS; NFS
-            # without lockd: ENOLCK) refuse every flock. The lock only guards against a second
-            # run on the same --out, so its absence is said, not fatal.
-            warnings.warn(f"cannot lock {lock_path} ({e.strerror or e}): this file system has "
-                          "no file locks; make sure no other extract-features run writes the same "
-                          "--out", stacklevel=2)
-        yield
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 
@@ -522,7 +502,7 @@ def extract_features(cfg: ExtractConfig) -> dict:
     parts_dir = out.with_name(out.name + ".partial")
     parts_dir.mkdir(exist_ok=True)
     start = time.perf_counter()
-    with _exclusive(parts_dir / "lock"):
+    with exclusive(parts_dir / "lock", "extract-features", FeatureFileError):
         try:
             done, failed_before, next_part, sources = _progress(out, parts_dir, attrs, black,
                                                                 cfg.encoder)

@@ -53,7 +53,7 @@ from pathlib import Path
 import click
 import torch
 
-from babymerge.config import atomic_write_bytes, atomic_write_text, opt
+from babymerge.config import atomic_write_bytes, atomic_write_text, exclusive, opt
 from babymerge.distributed import resolve_device
 from babymerge.evaluate import (DTYPES, PreparedTask, check_feature_dim, check_feature_encoder,
                                 checkpoint_max_positions, checkpoint_tokenizer, evaluate_tasks,
@@ -141,6 +141,8 @@ class MergeConfig:
         for spec in self.task:
             parse_task_spec(spec)
 
+
+LOCK_FILE = ".lock"  # in OUT: one merge at a time writes there
 
 # --- the sweep ----------------------------------------------------------------------------------
 
@@ -328,6 +330,61 @@ def merge(cfg: MergeConfig) -> dict:
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
 
     # every check that reads only headers, configs and task files runs before any tensor is loaded
+    names = _mergeable_names(cfg, method_cls)
+    vlm_names = checkpoint_names(cfg.vlm)
+    tokenizer = checkpoint_tokenizer(cfg.vlm[0], "--vlm")
+    check_tokenizers(cfg.lm, cfg.vlm, tokenizer)
+    # without --features, text-only tasks use the /black feature the (first) VLM was trained with
+    tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]),
+                       checkpoint=cfg.vlm[0])
+    check_feature_encoder(cfg.vlm[0], cfg.features)
+    summary, groups = task_summary(tasks), _objective_groups(cfg, tasks)
+    for name in vlm_names:  # a kept folder that is the user's is refused before any scoring
+        for alpha in keep:
+            check_replaceable(kept_path(cfg, name, alpha), "--keep")
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    with exclusive(cfg.out / LOCK_FILE, "merge", MergeError):  # one merge writes OUT at a time
+        identity, logged = open_run(cfg, tasks, vlm_names)
+        run = _Run(cfg, grid, keep, keep_chosen, method_cls, names, tasks, tokenizer, device, dtype,
+                   vlm_names, identity,
+                   # the objective from the logged scores: --objective may change on a resume
+                   points={(r["vlm"], r["alpha"]): with_objective(r, summary, groups)
+                           for r in logged if "endpoint" not in r},
+                   end_scores={(r["vlm"], r["endpoint"]): r["scores"]
+                               for r in logged if "endpoint" in r})
+        line = reuse_line(run.points, run.end_scores, vlm_names, grid)
+        if line:
+            click.echo(line)
+        records, endpoints, kept = [], {}, []
+        for index, vlm_name in enumerate(vlm_names):
+            recs, endpoints[vlm_name], kept_paths = _sweep_vlm(run, index)
+            records += recs
+            kept += kept_paths
+        best = choose(records, vlm_names)
+        kept += _keep_the_winner(run, best)
+        results = {"tasks": summary, "records": records, "chosen_alpha": best["alpha"],
+                   "chosen_vlm": best["vlm"],
+                   "chosen_per_vlm": {
+                       n: choose([r for r in records if r["vlm"] == n], vlm_names)["alpha"]
+                       for n in vlm_names},
+                   "rule": rule_text(groups),
+                   "objective_groups": {g: list(members) for g, members in groups.items()},
+                   "method": {"name": cfg.method, "reference": method_cls.reference,
+                              **method_settings(cfg)},
+                   "lm": str(cfg.lm), "vlms": dict(zip(vlm_names, map(str, cfg.vlm))),
+                   "endpoints": endpoints, "kept": sorted(kept), "device": str(device),
+                   "dtype": cfg.dtype}
+        _write_report(cfg, results)
+        save_run_config(cfg, identity, restarted=False)  # finished: a --restart starts afresh
+    click.echo(f"chosen alpha {best['alpha']} ({best['vlm']}), objective {best['objective']:.4f}; "
+               f"results in {cfg.out}")
+    return results
+
+
+def _mergeable_names(cfg: MergeConfig, method_cls: type[MergeMethod]) -> list[str]:
+    """The tensor names to merge, once every checkpoint's header agrees with its config and the
+    checkpoints with each other (names both ways, shapes, the configs' computation)."""
     lm_shapes = read_shapes(cfg.lm)
     check_config_matches_weights(cfg.lm, lm_shapes, "--lm")
     base_shapes = read_shapes(cfg.base) if method_cls.needs_base else None
@@ -343,72 +400,36 @@ def merge(cfg: MergeConfig) -> dict:
             check_mergeable(base_shapes, vlm_shapes, cfg.base, vlm_dir, "--base")
             check_mergeable(lm_shapes, base_shapes, cfg.lm, cfg.base, "--lm")
             check_same_computation(cfg.base, vlm_dir, "--base")
-    vlm_names = checkpoint_names(cfg.vlm)
-    tokenizer = checkpoint_tokenizer(cfg.vlm[0], "--vlm")
-    check_tokenizers(cfg.lm, cfg.vlm, tokenizer)
-    # without --features, text-only tasks use the /black feature the (first) VLM was trained with
-    tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]),
-                       checkpoint=cfg.vlm[0])
-    check_feature_encoder(cfg.vlm[0], cfg.features)
+    return names
+
+
+def _objective_groups(cfg: MergeConfig, tasks: list[PreparedTask]) -> dict[str, tuple[str, ...]]:
+    """--objective's groups, checked against the tasks: a member naming no task or kind, or no
+    task in any group, is an error."""
     try:
         groups = parse_objective(cfg.objective, tuple(t.name for t in tasks))
     except ValueError as e:  # a member naming no task: known only now
         raise MergeError(str(e)) from None
-    summary = task_summary(tasks)
-    if not any(n in m or t["kind"] in m for n, t in summary.items() for m in groups.values()):
+    if not any(t.name in m or t.kind in m for t in tasks for m in groups.values()):
         raise MergeError(f"--objective {cfg.objective!r}: none of the tasks is in a group, so no "
                          "alpha can be chosen; name their kinds or names in a group")
+    return groups
 
-    for name in vlm_names:  # before any scoring: a kept folder that is the user's is refused
-        for alpha in keep:
-            check_replaceable(kept_path(cfg, name, alpha), "--keep")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    identity, logged = open_run(cfg, tasks, vlm_names)
-    run = _Run(cfg, grid, keep, keep_chosen, method_cls, names, tasks, tokenizer, device, dtype,
-               vlm_names, identity,
-               # the objective from the logged scores: --objective may change on a resume
-               points={(r["vlm"], r["alpha"]): with_objective(r, summary, groups)
-                       for r in logged if "endpoint" not in r},
-               end_scores={(r["vlm"], r["endpoint"]): r["scores"]
-                           for r in logged if "endpoint" in r})
-    line = reuse_line(run.points, run.end_scores, vlm_names, grid)
-    if line:
-        click.echo(line)
 
-    records: list[dict] = []
-    endpoints: dict[str, dict] = {}
-    kept: list[str] = []
-    for index, vlm_name in enumerate(vlm_names):
-        recs, endpoints[vlm_name], kept_paths = _sweep_vlm(run, index)
-        records += recs
-        kept += kept_paths
+def _keep_the_winner(run: _Run, best: dict) -> list[str]:
+    """A checkpoint sweep knows its winner only at the end: --keep chosen loads that VLM once
+    more to save it (a single VLM's chosen alpha was kept during its sweep)."""
+    if not (run.keep_chosen and len(run.vlm_names) > 1 and best["alpha"] not in run.keep):
+        return []
+    if run.unsaved(best["vlm"], best["alpha"]):
+        sweep, method = run.start(run.vlm_names.index(best["vlm"]), score_vlm=False)
+        sweep.save(method, best["alpha"])
+    return [str(kept_path(run.cfg, best["vlm"], best["alpha"]))]
 
-    best = choose(records, vlm_names)
-    if keep_chosen and len(vlm_names) > 1 and best["alpha"] not in keep:
-        # a checkpoint sweep knows its winner only at the end: load that VLM once more
-        if run.unsaved(best["vlm"], best["alpha"]):
-            sweep, method = run.start(vlm_names.index(best["vlm"]), score_vlm=False)
-            sweep.save(method, best["alpha"])
-        kept.append(str(kept_path(cfg, best["vlm"], best["alpha"])))
 
-    results = {"tasks": summary, "records": records, "chosen_alpha": best["alpha"],
-               "chosen_vlm": best["vlm"],
-               "chosen_per_vlm": {
-                   n: choose([r for r in records if r["vlm"] == n], vlm_names)["alpha"]
-                   for n in vlm_names},
-               "rule": rule_text(groups),
-               "objective_groups": {g: list(members) for g, members in groups.items()},
-               "method": {"name": cfg.method, "reference": method_cls.reference,
-                          **method_settings(cfg)},
-               "lm": str(cfg.lm), "vlms": dict(zip(vlm_names, map(str, cfg.vlm))),
-               "endpoints": endpoints, "kept": sorted(kept), "device": str(device),
-               "dtype": cfg.dtype}
+def _write_report(cfg: MergeConfig, results: dict) -> None:
     atomic_write_text(cfg.out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(cfg.out / "results.md", results_markdown(results))
     atomic_write_bytes(cfg.out / "alpha_curve.png", plot_alpha_curve(results))
-    if len(vlm_names) > 1:
+    if len(results["vlms"]) > 1:
         atomic_write_bytes(cfg.out / "checkpoint_curve.png", plot_checkpoint_curve(results))
-    save_run_config(cfg, identity, restarted=False)  # finished: a --restart now starts afresh
-    click.echo(f"chosen alpha {best['alpha']} ({best['vlm']}), objective {best['objective']:.4f}; "
-               f"results in {cfg.out}")
-    return results

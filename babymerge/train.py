@@ -35,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from babymerge import distributed
-from babymerge.config import InputError, atomic_write_text, config_to_dict, opt, save_config
+from babymerge.config import (InputError, atomic_write_text, config_to_dict, exclusive, opt,
+                              save_config)
 from babymerge.data import (CAPTIONS, ORDERS, TEXT, EpochPlan, load_captions, load_text,
                             tokenizer_fingerprint)
 from babymerge.featurefile import FeatureFileError, FeatureTable, feature_statistics
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 BABYLM_MAX_EPOCHS = 10
 RESUME_DIR = "resume"
 CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"
 
 
 class TrainError(InputError):
@@ -339,7 +341,10 @@ def train(cfg: TrainConfig) -> Path:
     with transformers_bars_off():
         world = distributed.setup(cfg.device)
         try:
-            return _train(cfg, world)
+            # one run writes OUT at a time (its main process holds the lock for all ranks)
+            with (exclusive(cfg.out / LOCK_FILE, "train", TrainError) if world.is_main
+                  else contextlib.nullcontext()):
+                return _train(cfg, world)
         finally:
             distributed.teardown(world)
 

@@ -184,7 +184,7 @@ def test_extraction_runs_where_flock_is_not_supported(tmp_path, encoder_dir, mon
     def no_locks(fd, op):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    monkeypatch.setattr(features.fcntl, "flock", no_locks)
+    monkeypatch.setattr("babymerge.config.fcntl.flock", no_locks)
     with pytest.warns(UserWarning, match="no file locks"):
         summary = extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir)
     assert summary["rows"] == 2 and not (tmp_path / "f.h5.partial").exists()

@@ -281,3 +281,17 @@ def test_a_nan_in_the_lm_is_refused_naming_the_tensor(eval_world, tmp_path):
         merge(MergeConfig(lm=lm, vlm=[eval_world.vlm], task=[eval_world.specs["blimp"]],
                           features=eval_world.features, out=tmp_path / "m", alpha_grid="0,1",
                           keep="none", progress=False))
+
+
+def test_a_second_merge_into_the_same_out_is_refused(eval_world, tmp_path):
+    import os
+
+    from babymerge.config import exclusive
+
+    out = tmp_path / "busy"
+    with exclusive(out / ".lock", "merge"):
+        with pytest.raises(MergeError, match=rf"another merge run \(PID {os.getpid()}\)"):
+            merge(MergeConfig(lm=eval_world.lm, vlm=[eval_world.vlm],
+                              task=[eval_world.specs["blimp"]], features=eval_world.features,
+                              out=out, alpha_grid="0,1", keep="none", progress=False))
+    assert not (out / "metrics.jsonl").exists()

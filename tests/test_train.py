@@ -467,3 +467,18 @@ def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_saved_state(world
     assert state["step"] == 4 and not state["finished"]
     assert all(torch.isfinite(t).all() for t in weights(out / "resume").values())
     assert not (out / "model.safetensors").exists()  # no final model from a broken run
+
+
+def test_a_second_run_into_the_same_out_is_refused_naming_the_first(world, tmp_path):
+    """Two runs into one --out interleaved their writes; the second now stops at once."""
+    import os
+
+    from babymerge.config import exclusive
+    from babymerge.train import TrainError
+
+    out = tmp_path / "busy"
+    with exclusive(out / ".lock", "train"):  # as a running train holds it
+        with pytest.raises(TrainError, match=rf"another train run \(PID {os.getpid()}\) is "
+                                             rf"writing {out}"):
+            train(lm_config(world, out))
+    train(lm_config(world, out, max_steps=1))  # free again
