@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -293,6 +294,27 @@ def _click_params(cls: type) -> list[click.Parameter]:
     return params
 
 
+def describe_os_error(e: OSError, command: str) -> str:
+    """One line for an OSError a stage met writing or reading: what, where, and the way on."""
+    where = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"disk full writing {where} ({e.strerror}); free space, then run the same "
+                f"{command} command: it goes on from what it had saved")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write {where}: {e.strerror} (read-only or not yours); choose another "
+                "--out")
+    return f"{where}: {e.strerror or e}"
+
+
+def output_folder(path: Path, flag: str = "--out") -> Path:
+    """``path`` as a folder to write into, created if missing; an existing file there is one
+    error naming it (mkdir's FileExistsError was a traceback)."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path}: a file, not a folder; give a folder path")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def config_command(name: str, cls: type[C], run: Callable[[C], Any], help: str) -> click.Command:
     """A click command ``name``: parse flags (and --config) into ``cls``, then ``run(cfg)``."""
 
@@ -307,7 +329,10 @@ def config_command(name: str, cls: type[C], run: Callable[[C], Any], help: str) 
             cfg = build_config(cls, values, source=str(config_file) if config_file else "options")
         except ValueError as e:  # validation in __post_init__
             raise click.UsageError(str(e)) from e
-        return run(cfg)
+        try:
+            return run(cfg)
+        except OSError as e:  # the machine's refusal (disk full, read-only): one line, no traceback
+            raise click.ClickException(describe_os_error(e, name)) from e
 
     # click shows no help for positional arguments: without this, e.g. extract-features' SOURCE
     # forms (a datasets folder, quoted {000..009} shard ranges) were in no --help at all

@@ -165,6 +165,16 @@ def _tokenize_candidates(items: list[Item], tokenizer, prefix_len: int,
     """Per item and candidate: the sentence's token ids and the index of its first scored token,
     the first whose character span ends past the completion's start (the pipeline's rule)."""
     sentences = [sentence for it in items for sentence, _ in it.candidates]
+    if max_positions is not None:
+        # a token spans at most the longest vocabulary entry's characters: a longer text cannot
+        # fit, and is refused before it is tokenised (a 10 MB line took minutes and gigabytes)
+        widest = max(len(token) for token in tokenizer.get_vocab())
+        limit = (max_positions - prefix_len) * widest
+        for it in items:
+            for sentence, _ in it.candidates:
+                if len(sentence) > limit:
+                    raise TaskError(f"{it.where}: a candidate of {len(sentence)} characters "
+                                    f"cannot fit the model's {max_positions} positions")
     enc = tokenizer(sentences, add_special_tokens=False, return_offsets_mapping=True)
     sequences, firsts, k = [], [], 0
     for it in items:
@@ -517,6 +527,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.task``; returns (and writes to ``cfg.out``) the scores."""
     if not (cfg.model / "config.json").is_file():
         raise TaskError(f"{cfg.model}: not a checkpoint directory (no config.json)")
+    for flag, path, folder in (("--out", cfg.out, False), ("--predictions", cfg.predictions, True)):
+        if path is not None and path.exists() and path.is_dir() != folder:
+            raise TaskError(f"{flag} {path}: exists and is a {'file' if folder else 'folder'}; "
+                            f"{flag} takes a {'folder' if folder else 'file'} path")
     tokenizer = checkpoint_tokenizer(cfg.model, "MODEL")
     # data errors surface before the model is loaded
     tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.model),

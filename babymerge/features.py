@@ -221,6 +221,13 @@ def load_encoder(name_or_path: str | Path, device: str | torch.device = "cpu",
     from babymerge.model import transformers_bars_off
 
     name = str(name_or_path)
+    local = Path(name).expanduser()
+    if not local.exists() and (local.is_absolute() or name.startswith((".", "~"))
+                               or name.count("/") != 1):
+        # not ORG/NAME: a folder that is missing (the hub's "Repo id must be in the form" said
+        # nothing of it)
+        raise EncoderError(f"--encoder {name}: no such folder (a hub id is ORG/NAME, e.g. "
+                           "facebook/dinov2-large)")
     try:
         with transformers_bars_off():
             config = AutoConfig.from_pretrained(name)

@@ -53,7 +53,8 @@ from pathlib import Path
 import click
 import torch
 
-from babymerge.config import atomic_write_bytes, atomic_write_text, exclusive, opt
+from babymerge.config import (atomic_write_bytes, atomic_write_text, exclusive, opt,
+                              output_folder)
 from babymerge.distributed import resolve_device
 from babymerge.evaluate import (DTYPES, PreparedTask, check_feature_dim, check_feature_encoder,
                                 checkpoint_max_positions, checkpoint_tokenizer, evaluate_tasks,
@@ -343,7 +344,7 @@ def merge(cfg: MergeConfig) -> dict:
         for alpha in keep:
             check_replaceable(kept_path(cfg, name, alpha), "--keep")
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    output_folder(cfg.out)
     with exclusive(cfg.out / LOCK_FILE, "merge", MergeError):  # one merge writes OUT at a time
         identity, logged = open_run(cfg, tasks, vlm_names)
         run = _Run(cfg, grid, keep, keep_chosen, method_cls, names, tasks, tokenizer, device, dtype,

@@ -14,7 +14,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig
 
 from babymerge.config import InputError
@@ -186,9 +186,13 @@ def read_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the safetensors headers (no tensor data is read)."""
     shapes = {}
     for path in weight_files(directory):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except SafetensorError as e:
+            raise MergeError(f"{path}: not a readable safetensors file ({e}): truncated or "
+                             "damaged; write it again") from None
     return shapes
 
 

@@ -260,12 +260,41 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     :data:`FLOAT32_PARAMETERS`. Loaded in float32 (lossless from any stored dtype) and cast
     here, not by from_pretrained, whose keep-in-fp32 options differ between transformers
     releases."""
-    model = BabyLlavaForConditionalGeneration.from_pretrained(str(path), use_safetensors=True,
-                                                              dtype=torch.float32)
-    check_finite(model.named_parameters(), path)
+    model = read_checkpoint(path)
     for name, param in model.named_parameters():
         param.data = param.data.to(parameter_dtype(name, dtype))
     return model.to(device).eval()
+
+
+class CheckpointError(InputError):
+    """A checkpoint folder that cannot be loaded; the message names the folder and the file."""
+
+
+def read_checkpoint(path: str | Path) -> BabyLlavaForConditionalGeneration:
+    """A checkpoint folder's model in float32, trainable as from_pretrained leaves it
+    (safetensors only: a pickle is never loaded); its failures are one line naming the folder and
+    what is wrong, and non-finite weights are refused."""
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a checkpoint folder (no config.json)")
+    if not any((path / n).is_file() for n in ("model.safetensors",
+                                               "model.safetensors.index.json")):
+        pickled = [n for n in ("pytorch_model.bin", "model.bin") if (path / n).is_file()]
+        raise CheckpointError(f"{path}: no model.safetensors" + (
+            f" (only {pickled[0]}: babymerge never loads pickle files; convert it with "
+            "safetensors' save_file)" if pickled else ""))
+    try:
+        model = BabyLlavaForConditionalGeneration.from_pretrained(str(path), use_safetensors=True,
+                                                                  dtype=torch.float32)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: model.safetensors is not readable ({e}): truncated or "
+                              "damaged; write it again") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot load ({e})") from None
+    check_finite(model.named_parameters(), path)
+    return model
 
 
 class NonFiniteError(InputError):

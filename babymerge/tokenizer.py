@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from babymerge.config import InputError, arg, atomic_write_text, opt, save_config
+from babymerge.config import InputError, arg, atomic_write_text, opt, output_folder, save_config
 from babymerge.model import IMAGE_TOKEN
 from babymerge.textfiles import numbered_lines
 
@@ -112,6 +112,7 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
     """Train on ``cfg.corpus``, save to ``cfg.out``; returns vocabulary size and the ratio."""
     from transformers import LlamaTokenizer
 
+    output_folder(cfg.out)  # before the training: a bad --out fails at once
     tok, trainer = _pipeline(cfg.vocab_size, cfg.min_frequency, cfg.limit_alphabet,
                              cfg.progress)
     lines = iter_lines(cfg.corpus)
@@ -129,7 +130,6 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
                            unk_token=UNK, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                            extra_special_tokens={"image_token": IMAGE_TOKEN}, add_bos_token=True,
                            add_eos_token=False, padding_side="right")
-    cfg.out.mkdir(parents=True, exist_ok=True)
     llama.save_pretrained(cfg.out)
     # transformers 5 writes `extra_special_tokens` as a list (here an empty one); transformers
     # 4.50-4.57 (the BabyLM evaluation pipeline pins 4.51.3) call .keys() on it and cannot load

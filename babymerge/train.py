@@ -36,13 +36,13 @@ from tqdm.auto import tqdm
 
 from babymerge import distributed
 from babymerge.config import (InputError, atomic_write_text, config_to_dict, exclusive, opt,
-                              save_config)
+                              output_folder, save_config)
 from babymerge.data import (CAPTIONS, ORDERS, TEXT, EpochPlan, load_captions, load_text,
                             tokenizer_fingerprint)
 from babymerge.featurefile import FeatureFileError, FeatureTable, feature_statistics
 from babymerge.model import (MODEL_PRESETS, BabyLlavaForConditionalGeneration, build_model,
-                             recover_checkpoint, save_black_feature, save_checkpoint,
-                             set_feature_statistics, transformers_bars_off)
+                             read_checkpoint, recover_checkpoint, save_black_feature,
+                             save_checkpoint, set_feature_statistics, transformers_bars_off)
 from babymerge.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -267,8 +267,7 @@ def build_initial_model(cfg: TrainConfig, tokenizer, feature_dim: int,
     from babymerge.model import IMAGE_TOKEN
 
     if cfg.init_from is not None:
-        model = BabyLlavaForConditionalGeneration.from_pretrained(str(cfg.init_from),
-                                                                  use_safetensors=True)
+        model = read_checkpoint(cfg.init_from)
         # A retrained tokenizer keeps --vocab-size, so the size check alone would let the model
         # go on with every embedding row meaning another token.
         if cfg.tokenizer is not None and (Path(cfg.init_from) / "tokenizer.json").is_file():
@@ -339,6 +338,7 @@ def train(cfg: TrainConfig) -> Path:
     """Train per ``cfg``; returns ``cfg.out``, the final HF checkpoint directory."""
     # transformers draws a bar per checkpoint write; ours is the one that matters.
     with transformers_bars_off():
+        output_folder(cfg.out)
         world = distributed.setup(cfg.device)
         try:
             # one run writes OUT at a time (its main process holds the lock for all ranks)
@@ -512,8 +512,7 @@ def _setup_model(cfg: TrainConfig, world: distributed.World, tokenizer, table: F
                  state: dict | None, resume_dir: Path):
     """(model, optimizer) on the device: resumed, ``--init-from``, or the shared seeded init."""
     if state is not None:
-        raw = BabyLlavaForConditionalGeneration.from_pretrained(str(resume_dir),
-                                                                use_safetensors=True)
+        raw = read_checkpoint(resume_dir)
         freeze_feature_statistics_(raw)
         source = str(resume_dir)
     else:

@@ -570,3 +570,24 @@ def test_non_finite_log_probabilities_are_an_error(eval_world, monkeypatch):
         model.lm_head.weight[5] = float("inf")
     with pytest.raises(NonFiniteError, match="task blimp: the model's log-probabilities are NaN"):
         score_candidates(model, task, progress=False)
+
+
+def test_a_line_longer_than_any_model_input_is_refused_before_tokenising(eval_world, tmp_path,
+                                                                           monkeypatch):
+    """The bound is the longest vocabulary entry's length x the positions: a text past it cannot
+    fit, so it is refused without tokenising it (a 10 MB line took minutes and gigabytes)."""
+    calls = []
+    real = type(eval_world.tokenizer).__call__
+
+    def counting(self, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return real(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(eval_world.tokenizer), "__call__", counting)
+    huge = {"sentence_good": "the cat sees a dog . " * 20_000, "sentence_bad": "the cat ."}
+    path = write_jsonl(tmp_path / "long.jsonl", [huge])
+    with pytest.raises(TaskError, match=r"long.jsonl:1: a candidate of 420000 characters cannot "
+                                        r"fit the model's 256 positions"):
+        load_tasks([f"minimal_pairs:{path}"], eval_world.tokenizer, eval_world.features,
+                   max_positions=256)
+    assert not calls

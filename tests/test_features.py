@@ -605,3 +605,9 @@ def test_join_refuses_non_finite_rows(tmp_path, virtual):
         join_features(JoinConfig(shards=[str(s) for s in shards], out=tmp_path / "j.h5",
                                  virtual=virtual))
     assert not (tmp_path / "j.h5").exists()
+
+
+@pytest.mark.parametrize("name", ["/data/models/dinov2-large", "./enc", "models/dinov2/large"])
+def test_a_missing_local_encoder_folder_is_named(name):
+    with pytest.raises(features.EncoderError, match=f"--encoder {name}: no such folder"):
+        load_encoder(name)

@@ -161,3 +161,26 @@ def test_non_finite_weights_and_black_feature_are_refused(tmp_path):
     save_black_feature(folder, black)
     with pytest.raises(NonFiniteError, match="black_feature.safetensors: 1 tensor"):
         load_black_feature(folder)
+
+
+def test_checkpoints_that_cannot_load_are_one_line_naming_the_folder(tmp_path):
+    """Truncated or garbage weights, a config.json that is not JSON, a folder with only a pickle
+    (never loaded): a CheckpointError each, the CLI's one line, not a traceback."""
+    import shutil
+
+    from babymerge.model import CheckpointError, load_model
+
+    base = save_checkpoint(build_model(MODEL_PRESETS["tiny"], seed=0, **IDS), tmp_path / "base")
+    data = (base / "model.safetensors").read_bytes()
+    cases = {"garbage": lambda d: (d / "model.safetensors").write_bytes(b"not safetensors"),
+             "truncated": lambda d: (d / "model.safetensors").write_bytes(data[:len(data) // 2]),
+             "badjson": lambda d: (d / "config.json").write_text("{not json"),
+             "pickle": lambda d: ((d / "model.safetensors").rename(d / "pytorch_model.bin"))}
+    says = {"garbage": "model.safetensors is not readable", "truncated": "truncated or damaged",
+            "badjson": "not a valid JSON file", "pickle": "only pytorch_model.bin: babymerge "
+                                                          "never loads pickle files"}
+    for name, damage in cases.items():
+        folder = shutil.copytree(base, tmp_path / name)
+        damage(folder)
+        with pytest.raises(CheckpointError, match=f"{name}: .*{says[name]}"):
+            load_model(folder)
