@@ -174,9 +174,12 @@ def test_empty_tasks_and_bad_specs(eval_world, tmp_path):
 
 
 def test_too_long_and_wrong_feature_dim(eval_world, tmp_path):
-    with pytest.raises(TaskError, match="exceed the model's 5 positions"):
-        load_tasks([eval_world.specs["blimp"]], eval_world.tokenizer, eval_world.features,
-                   max_positions=5)
+    # the characters alone show it cannot fit; or it fits the characters' bound but not in tokens
+    for positions, says in ((5, "cannot fit the model's 5 positions"),
+                            (9, "exceed the model's 9 positions")):
+        with pytest.raises(TaskError, match=says):
+            load_tasks([eval_world.specs["blimp"]], eval_world.tokenizer, eval_world.features,
+                       max_positions=positions)
     other = write_features(tmp_path / "f32.h5", [f"img{i}" for i in range(8)], dim=FEATURE_DIM * 2)
     tasks = load_tasks([eval_world.specs["wg"]], eval_world.tokenizer, other)
     with pytest.raises(TaskError, match="dimension 32 but the model's projector expects 16"):
