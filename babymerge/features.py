@@ -37,7 +37,8 @@ from babymerge.config import InputError, arg, config_to_dict, exclusive, opt
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
                                    FeatureFileError, decode_strings)
 from babymerge.images import (DEFAULT_MAX_PIXELS, UNREADABLE, GpuJpegDecoder, ImageDataset,
-                              Preprocess, collate, gpu_jpeg_decoder_available, list_images,
+                              Preprocess, SourceError, collate, gpu_jpeg_decoder_available,
+                              list_images,
                               tar_shards, to_rgb, upright)
 
 DEFAULT_ENCODER = "facebook/dinov2-large"
@@ -550,6 +551,14 @@ def extract_features(cfg: ExtractConfig) -> dict:
                "seconds": round(seconds, 3),
                "images_per_s": round((new + new_failed) / seconds, 2) if seconds > 0 else 0.0}
     print(json.dumps(summary))
+    if merged["rows"] == 0 and new_failed:
+        # every image of SOURCE failed (the raw CC3M TSV read as id<TAB>path, a wrong
+        # --image-root): the file says why for each, but exit 0 would pass for a good run
+        with h5py.File(out, "r") as f:
+            first = next(iter(_read_failed(f).items()))
+        raise SourceError(f"SOURCE {cfg.source}: all {new_failed} image(s) failed (e.g. "
+                          f"{first[0]!r}: {first[1]}); each reason is in {out}'s /failed. Is "
+                          "SOURCE laid out as expected (extract-features --help)?")
     return summary
 
 

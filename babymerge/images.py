@@ -19,6 +19,7 @@ memory-mapped and read in place, each worker mapping it once."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import glob
 import io
@@ -42,7 +43,11 @@ from babymerge.textfiles import numbered_lines
 
 # Extensions taken as images in folders and tar shards (lower case, without the dot).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "jfif", "ppm",
-                    "pgm", "pbm")
+                    "pgm", "pbm", "mpo", "apng")
+# Files beside the images that are not images (web-dataset samples' captions and metadata): left
+# out without a word. Any other file left out is counted and named (list_images).
+SIDECAR_EXTENSIONS = ("txt", "json", "cls", "caption", "md5", "csv", "tsv", "jsonl", "parquet",
+                      "npy", "xml", "url")
 # PIL's own decompression-bomb threshold (~89.5 M pixels): beyond it a single RGB decode is > 268 MB
 # per worker.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -145,6 +150,15 @@ def list_images(source: str, image_root: Path | None = None, id_column: str = "i
         shards = tar_shards(source)
         if not shards:
             raise SourceError(f"SOURCE {source}: no .tar shard matches")
+        missing = missing_shards(source)
+        if missing:
+            # a brace range names each shard: one absent (a download not finished, a typo in
+            # the range) would lose its ~10k images without a word
+            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise SourceError(f"SOURCE {source}: {len(missing)} of the "
+                              f"{len(missing) + len(shards)} shards it names are missing "
+                              f"({shown}); finish the download, or take what is there with a "
+                              "glob ('*.tar'): a range promises every shard")
         items = _list_tars(shards)
     elif not path.exists():
         raise SourceError(f"SOURCE {source}: no such file or folder")
@@ -196,13 +210,18 @@ def _walk_files(folder: Path) -> Iterator[tuple[Path, bool]]:
 
 def _list_folder(folder: Path) -> list[ImageItem]:
     items = []
-    broken = []
+    broken, skipped = [], []
     for p, is_file in sorted(_walk_files(folder), key=lambda x: x[0]):
         if p.suffix[1:].lower() in IMAGE_EXTENSIONS and is_file:
             rel = p.relative_to(folder)
             items.append(ImageItem(rel.with_suffix("").as_posix(), str(p), where=str(p)))
         elif not is_file and p.is_symlink() and not p.exists():
             broken.append(str(p))
+        elif is_file and p.suffix[1:].lower() not in SIDECAR_EXTENSIONS:
+            skipped.append(p.name)
+    # a folder of web-dataset shards is read as such (list_images): its .tar files are not skipped
+    if items or any(not n.endswith(".tar") for n in skipped):
+        _say_skipped(folder, len(items), skipped)
     if broken:
         # A link to an image set that is not mounted (yet) loses all of its images: say so.
         shown = ", ".join(broken[:5]) + (" ..." if len(broken) > 5 else "")
@@ -308,6 +327,11 @@ def _list_tsv(path: Path, image_root: Path | None) -> list[ImageItem]:
                               "tab-separated field(s)")
         if line_no == 1 and fields[0] in ("id", "image_id") and fields[1] == "path":
             continue  # header row
+        if fields[1].startswith(("http://", "https://")):
+            raise SourceError(f"{path}:{line_no}: the path is a URL: a TSV SOURCE is "
+                              "'id<TAB>path' of files on disk (Google's CC3M file, "
+                              "'caption<TAB>url', is not: download the images, e.g. with "
+                              "img2dataset, and give its .tar shards)")
         items.append(ImageItem(fields[0], _resolve(fields[1], root), where=f"{path}:{line_no}"))
     return items
 
@@ -316,6 +340,11 @@ def tar_shards(source: str) -> list[Path]:
     """The ``.tar`` shards a SOURCE pattern names (one file, a glob, a brace range), sorted within
     each pattern; empty when none matches."""
     return [Path(p) for pattern in _expand_braces(source) for p in sorted(glob.glob(pattern))]
+
+
+def missing_shards(source: str) -> list[str]:
+    """The shards a brace range names one by one (no glob character in them) that do not exist."""
+    return [p for p in _expand_braces(source) if not glob.has_magic(p) and not Path(p).exists()]
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -346,6 +375,7 @@ def _list_tars(shards: list[Path]) -> list[ImageItem]:
                 continue
             raise SourceError(f"{shard}: not an uncompressed .tar shard ({e})") from e
         chosen: dict[str, tuple[int, tarfile.TarInfo]] = {}  # key -> (extension rank, member)
+        skipped: list[tuple[str, str]] = []  # (sample key, member name)
         with tar:
             try:
                 for member in tar:
@@ -354,9 +384,11 @@ def _list_tars(shards: list[Path]) -> list[ImageItem]:
                     dirname, _, base = member.name.rpartition("/")
                     stem, _, ext = base.partition(".")
                     ext = ext.lower()
-                    if ext not in rank:
-                        continue
                     key = f"{dirname}/{stem}" if dirname else stem
+                    if ext not in rank:
+                        if ext.rpartition(".")[2] not in SIDECAR_EXTENSIONS:
+                            skipped.append((key, base))
+                        continue
                     if key not in chosen or rank[ext] < chosen[key][0]:
                         chosen[key] = (rank[ext], member)
                 # tarfile ends its iteration silently at the end of the file or at a header cut
@@ -377,22 +409,39 @@ def _list_tars(shards: list[Path]) -> list[ImageItem]:
                               "skipped", stacklevel=2)
         items += [ImageItem(key, str(shard), m.offset_data, m.size, where=f"{shard}:{m.name}")
                   for key, (_, m) in chosen.items()]
+        # a sample's other members (x.seg.png beside x.jpg) are not images left out
+        _say_skipped(shard, len(chosen), [base for key, base in skipped if key not in chosen])
     return items
+
+
+def _say_skipped(where: Path, taken: int, skipped: list[str]) -> None:
+    """A file with image content but an extension not read (an .mpo from a camera, an .apng)
+    vanished without a word: every file left out that is not a known sidecar is counted."""
+    if skipped:
+        by_ext = collections.Counter(Path(n).suffix.lower() or "(none)" for n in skipped)
+        kinds = ", ".join(f"{ext} x{n}" for ext, n in by_ext.most_common(5))
+        warnings.warn(f"{where}: {taken} image(s) taken, {len(skipped)} file(s) skipped for their "
+                      f"extension ({kinds}; e.g. {', '.join(skipped[:3])}); read are: "
+                      f"{', '.join(IMAGE_EXTENSIONS)}", stacklevel=3)
 
 
 def _unique(items: list[ImageItem], source: str) -> list[ImageItem]:
     """Drop exact repeats (same id and bytes: Localized Narratives lists an image once per
-    narrative); the same id for different images is an error naming both places."""
+    narrative); the same id for different images is an error naming every clash (a count and
+    the first few, with both places), not only the first one a run meets."""
     seen: dict[str, ImageItem] = {}
-    out = []
+    out, clashes = [], []
     for item in items:
         first = seen.get(item.id)
         if first is None:
             seen[item.id] = item
             out.append(item)
         elif (first.path, first.offset) != (item.path, item.offset):
-            raise SourceError(f"SOURCE {source}: duplicate image id {item.id!r} for different "
-                              f"images: {first.where} and {item.where}")
+            clashes.append(f"{item.id!r} ({first.where} and {item.where})")
+    if clashes:
+        shown = "; ".join(clashes[:3]) + ("; ..." if len(clashes) > 3 else "")
+        raise SourceError(f"SOURCE {source}: {len(clashes)} duplicate image id(s) for different "
+                          f"images: {shown}")
     return out
 
 

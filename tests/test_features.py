@@ -28,7 +28,7 @@ from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING,
                                    FeatureTable)
 from babymerge.features import (ExtractConfig, JoinConfig, extract_features, join_features,
                                 load_encoder, save_random_dinov2)
-from babymerge.images import GpuJpegDecoder, gpu_jpeg_decoder_available
+from babymerge.images import GpuJpegDecoder, SourceError, gpu_jpeg_decoder_available
 from fixtures import (encoder_dir, extract, pil_decode, smooth_image,  # noqa: F401 (a fixture)
                       write_images, write_shard)
 
@@ -482,7 +482,8 @@ def test_virtual_join_counts_the_failed_it_writes(tmp_path, encoder_dir):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "1.png").write_bytes(b"broken")
     extract(tmp_path / "a", tmp_path / "a.h5", encoder_dir)
-    extract(tmp_path / "b", tmp_path / "b.h5", encoder_dir)
+    with pytest.raises(SourceError, match="all 1 image"):  # the file is written all the same
+        extract(tmp_path / "b", tmp_path / "b.h5", encoder_dir)
     for virtual in (False, True):
         out = tmp_path / f"j{virtual}.h5"
         summary = join_features(JoinConfig(shards=[tmp_path / "a.h5", tmp_path / "b.h5"],
@@ -611,3 +612,14 @@ def test_join_refuses_non_finite_rows(tmp_path, virtual):
 def test_a_missing_local_encoder_folder_is_named(name):
     with pytest.raises(features.EncoderError, match=f"--encoder {name}: no such folder"):
         load_encoder(name)
+
+
+def test_a_source_whose_every_image_fails_is_an_error(tmp_path, encoder_dir):
+    """Exit 0 with an empty feature file passed for a good run (Google's raw CC3M TSV read as
+    id<TAB>path: every row failed); the file and its /failed reasons are still written."""
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "imgs" / name).write_bytes(b"not an image")
+    with pytest.raises(SourceError, match=r"all 2 image\(s\) failed \(e.g. 'a': .*/failed"):
+        extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir)
+    assert set(FeatureTable(tmp_path / "f.h5").failed) == {"a", "b"}

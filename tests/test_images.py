@@ -107,7 +107,7 @@ def test_duplicate_ids_fail_before_any_work(tmp_path, encoder_dir):
     from babymerge.images import SourceError
 
     write_images(tmp_path / "imgs", ["x.png", "x.jpg"])
-    with pytest.raises(SourceError, match="duplicate image id 'x'"):
+    with pytest.raises(SourceError, match=r"1 duplicate image id\(s\) for different images: 'x'"):
         extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir)
     (tmp_path / "l.jsonl").write_text('{"image_id": "x", "path": "imgs/x.png"}\n'
                                       '{"image_id": "x", "path": "imgs/x.jpg"}\n')
@@ -657,3 +657,43 @@ def test_nvjpeg_against_workers_on_cuda(tmp_path, subsampling, mean_levels, min_
     assert diff.mean().item() < mean_levels, diff.mean().item()
     a, b = encoder.encode_pixels(gpu), encoder.encode_pixels(cpu)
     assert torch.nn.functional.cosine_similarity(a, b).min().item() > min_cosine
+
+
+def test_a_brace_range_with_missing_shards_is_an_error(tmp_path):
+    """A range names each shard: one absent would lose its images silently (~10k per CC3M
+    shard). A glob takes what is there."""
+    for key, name in ((0, "00000.tar"), (10, "00002.tar")):
+        write_shard(tmp_path / name, key, 1, seed=key)
+    with pytest.raises(SourceError, match=r"1 of the 3 shards it names are missing "
+                                          r"\(.*00001.tar\); .*glob"):
+        list_images(f"{tmp_path}/{{00000..00002}}.tar")
+    assert len(list_images(f"{tmp_path}/*.tar")) == 2
+
+
+def test_files_left_out_for_their_extension_are_counted(tmp_path):
+    """An image saved under an extension that is not read vanished without a word; now every
+    such file is counted and named (captions and other sidecars are not images: not counted).
+    MPO (cameras' multi-picture JPEG) and APNG are read."""
+    write_images(tmp_path, ["a.png", "b.mpo", "c.apng"])
+    (tmp_path / "a.txt").write_text("a caption")
+    (tmp_path / "d.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (tmp_path / "e.jp2").write_bytes(b"\x00\x00\x00\x0cjP  ")
+    with pytest.warns(UserWarning, match=r"3 image\(s\) taken, 2 file\(s\) skipped for their "
+                                         r"extension \(.heic x1, .jp2 x1; e.g. d.heic, e.jp2\)"):
+        items = list_images(str(tmp_path))
+    assert sorted(i.id for i in items) == ["a", "b", "c"]
+
+
+def test_a_tsv_of_urls_is_refused_naming_the_format(tmp_path):
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    tsv.write_text("a dog on a beach\thttps://example.com/1.jpg\n")
+    with pytest.raises(SourceError, match=r"Train_GCC-training.tsv:1: the path is a URL.*"
+                                          r"'caption<TAB>url', is not"):
+        list_images(str(tsv))
+
+
+def test_every_id_clash_is_named(tmp_path):
+    write_images(tmp_path, ["x.jpg", "x.png", "y.jpg", "y.webp", "z.png"])
+    with pytest.raises(SourceError, match=r"2 duplicate image id\(s\) for different images: "
+                                          r"'x' .*; 'y' "):
+        list_images(str(tmp_path))
