@@ -760,6 +760,7 @@ def join_features(cfg: JoinConfig) -> dict:
                                   "extract": json.loads(attrs.get("config", "{}")),
                                   "sources": sorted(sources), "versions": _versions()})
     out = Path(cfg.out)
+    _check_replaceable_feature_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.virtual:
         result = _join_virtual(out, shards, attrs, black)
@@ -768,6 +769,21 @@ def join_features(cfg: JoinConfig) -> dict:
     summary = {"out": str(out), **result, "shards": len(shards), "virtual": cfg.virtual}
     print(json.dumps(summary))
     return summary
+
+
+def _check_replaceable_feature_file(out: Path) -> None:
+    """join-features replaces --out whole: only a feature file (an earlier join) may be there; a
+    file of the user's was overwritten without a word."""
+    if not out.exists():
+        return
+    try:
+        with h5py.File(out, "r") as f:
+            ours = all(name in f for name in (FEATURES, IDS, BLACK))
+    except OSError:
+        ours = False
+    if not ours:
+        raise FeatureFileError(f"--out {out}: exists and is not a feature file; nothing replaced: "
+                               "give another --out, or remove it first")
 
 
 def _join_virtual(out: Path, shards: list[Path], attrs: dict, black: np.ndarray) -> dict:

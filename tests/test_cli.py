@@ -76,7 +76,12 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path):
     target.write_text("mine")
     corpus = tmp_path / "c.txt"
     corpus.write_text("a b c\n")
-    res = CliRunner().invoke(main, ["tokenizer", str(corpus), "--out", str(target),
-                                    "--no-progress"])
-    assert res.exit_code == 1 and f"--out {target}: a file, not a folder" in res.output
+    features = tmp_path / "f.h5"
+    features.write_text("x")
+    for args in (["tokenizer", str(corpus), "--out", str(target), "--no-progress"],
+                 ["train", "--kind", "lm", "--text", str(corpus), "--features", str(features),
+                  "--tokenizer", str(tmp_path), "--out", str(target), "--no-progress"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 1 and f"--out {target}: a file, not a folder" in res.output, \
+            res.output
     assert target.read_text() == "mine"

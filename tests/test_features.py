@@ -623,3 +623,20 @@ def test_a_source_whose_every_image_fails_is_an_error(tmp_path, encoder_dir):
     with pytest.raises(SourceError, match=r"all 2 image\(s\) failed \(e.g. 'a': .*/failed"):
         extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir)
     assert set(FeatureTable(tmp_path / "f.h5").failed) == {"a", "b"}
+
+
+def test_writers_of_feature_files_never_replace_a_users_file(tmp_path, encoder_dir):
+    """extract-features and join-features refuse an --out that is not a feature file, and leave
+    it as it was (join replaced it whole)."""
+    write_images(tmp_path / "imgs", ["a.png"])
+    extract(tmp_path / "imgs", tmp_path / "f.h5", encoder_dir)
+    for name in ("notes.h5", "notes2.h5"):
+        (tmp_path / name).write_text("my notes")
+    with pytest.raises(FeatureFileError, match="notes.h5: not a readable HDF5 file"):
+        extract(tmp_path / "imgs", tmp_path / "notes.h5", encoder_dir)
+    with pytest.raises(FeatureFileError, match="--out .*notes2.h5: exists and is not a feature "
+                                               "file; nothing replaced"):
+        join_features(JoinConfig(shards=[tmp_path / "f.h5"], out=tmp_path / "notes2.h5"))
+    assert all((tmp_path / n).read_text() == "my notes" for n in ("notes.h5", "notes2.h5"))
+    join_features(JoinConfig(shards=[tmp_path / "f.h5"], out=tmp_path / "j.h5"))
+    join_features(JoinConfig(shards=[tmp_path / "f.h5"], out=tmp_path / "j.h5"))  # its own: again
