@@ -57,6 +57,7 @@ IDENTITY = ("encoder", "layer", "pooling", "image_size", "dtype")
 # /black of the same encoder recomputed on another device or precision differs by ~1e-2 relative;
 # a different checkpoint behind the same name differs by O(1).
 BLACK_RTOL = 0.05
+MAX_LISTED_SHARDS = 2000  # ~30 KB of names in the config attribute; more: count, first, last
 _READ_BLOCK = 65536  # rows per read when merging files: 128 MB at D=1024 in float16
 
 
@@ -502,6 +503,10 @@ def extract_features(cfg: ExtractConfig) -> dict:
     run_config = {**config_to_dict(cfg), "precision_resolved": precision,
                   "decode_resolved": decode, "shard_resolved": f"{rank}/{world}",
                   "versions": _versions()}  # with the sources it holds, once they are read
+    if cfg.source.endswith(".tar"):  # which shards a pattern meant, by name (HDF5 attrs < 64 KB)
+        names = [p.name for p in tar_shards(cfg.source)]
+        run_config["shards"] = names if len(names) <= MAX_LISTED_SHARDS else {
+            "count": len(names), "first": names[0], "last": names[-1]}
     attrs = {"encoder": encoder_name, "layer": LAYER, "pooling": POOLING,
              "image_size": encoder.image_size, "dtype": cfg.dtype,
              "babymerge_version": __version__}
@@ -746,7 +751,15 @@ def join_features(cfg: JoinConfig) -> dict:
     for path in shards:
         if not path.is_file():
             raise FeatureFileError(f"shard not found: {path}")
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise FeatureFileError(f"{path}: not a readable HDF5 file ({e}): not a feature file, "
+                                   "or cut short") from None
+        with f:
+            if not all(name in f for name in (FEATURES, IDS, BLACK)):
+                raise FeatureFileError(f"{path}: no /{FEATURES}, /{IDS} and /{BLACK}: not a "
+                                       "feature file extract-features wrote")
             if not bool(f.attrs.get("complete", False)):
                 raise FeatureFileError(f"{path}: extraction did not finish (complete is not "
                                        "true); re-run its extract-features first")

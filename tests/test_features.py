@@ -640,3 +640,21 @@ def test_writers_of_feature_files_never_replace_a_users_file(tmp_path, encoder_d
     assert all((tmp_path / n).read_text() == "my notes" for n in ("notes.h5", "notes2.h5"))
     join_features(JoinConfig(shards=[tmp_path / "f.h5"], out=tmp_path / "j.h5"))
     join_features(JoinConfig(shards=[tmp_path / "f.h5"], out=tmp_path / "j.h5"))  # its own: again
+
+
+def test_join_names_a_shard_it_cannot_use(tmp_path, encoder_dir):
+    """A shard that is not HDF5, one cut short, or one of another width: one error naming it."""
+    write_images(tmp_path / "imgs", ["a.png"])
+    extract(tmp_path / "imgs", tmp_path / "good.h5", encoder_dir)
+    (tmp_path / "text.h5").write_text("not hdf5")
+    data = (tmp_path / "good.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[:len(data) // 3])
+    from fixtures import write_feature_file
+
+    write_feature_file(tmp_path / "wide.h5", ["b"], np.ones((1, 8)), np.zeros(8))
+    for shard, says in (("text.h5", "not a readable HDF5 file"),
+                        ("cut.h5", "not a readable HDF5 file|cut short|truncated"),
+                        ("wide.h5", "wide.h5")):
+        with pytest.raises(FeatureFileError, match=says):
+            join_features(JoinConfig(shards=[tmp_path / "good.h5", tmp_path / shard],
+                                     out=tmp_path / f"j_{shard}"))

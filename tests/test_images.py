@@ -697,3 +697,16 @@ def test_every_id_clash_is_named(tmp_path):
     with pytest.raises(SourceError, match=r"2 duplicate image id\(s\) for different images: "
                                           r"'x' .*; 'y' "):
         list_images(str(tmp_path))
+
+
+def test_the_shards_a_pattern_meant_are_recorded(tmp_path, encoder_dir):
+    """The saved config kept only the folder: which shards a range or glob took is now in it."""
+    import json
+
+    import h5py
+
+    for key, name in ((0, "00000.tar"), (10, "00001.tar")):
+        write_shard(tmp_path / name, key, 1, seed=key)
+    extract(f"{tmp_path}/{{00000..00001}}.tar", tmp_path / "f.h5", encoder_dir)
+    with h5py.File(tmp_path / "f.h5") as f:
+        assert json.loads(f.attrs["config"])["shards"] == ["00000.tar", "00001.tar"]
