@@ -757,12 +757,12 @@ def join_features(cfg: JoinConfig) -> dict:
             raise FeatureFileError(f"{path}: not a readable HDF5 file ({e}): not a feature file, "
                                    "or cut short") from None
         with f:
-            if not all(name in f for name in (FEATURES, IDS, BLACK)):
-                raise FeatureFileError(f"{path}: no /{FEATURES}, /{IDS} and /{BLACK}: not a "
-                                       "feature file extract-features wrote")
             if not bool(f.attrs.get("complete", False)):
                 raise FeatureFileError(f"{path}: extraction did not finish (complete is not "
                                        "true); re-run its extract-features first")
+            if not all(name in f for name in (FEATURES, IDS, BLACK)):
+                raise FeatureFileError(f"{path}: no /{FEATURES}, /{IDS} and /{BLACK}: not a "
+                                       "feature file extract-features wrote")
             sources.update(_recorded_sources(f))
     with h5py.File(shards[0], "r") as f:
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
