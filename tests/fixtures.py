@@ -34,7 +34,8 @@ from PIL import Image, ImageFilter
 
 from babymerge.featurefile import BLACK, FAILED, FEATURES, IDS, STR_DTYPE
 from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
-from babymerge.model import IMAGE_TOKEN, MODEL_PRESETS, build_model, save_checkpoint
+from babymerge.model import (IMAGE_TOKEN, MODEL_PRESETS, build_model, save_checkpoint,
+                             set_feature_statistics)
 from babymerge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -269,3 +270,29 @@ def pil_decode(blobs, device):
         array = np.array(image.convert("RGB"), dtype=np.uint8)
         out.append(torch.from_numpy(array).permute(2, 0, 1).to(device))
     return out
+
+
+def vlm_of_random_encoder(root: Path, tokenizer_dir: Path, feature_norm: str = "none") -> dict:
+    """A tiny VLM reading the pooled features of a random 64-d DINOv2 (56-pixel crop) that its
+    config names, saved with its tokenizer, and two images: what the pixels and submission
+    tests run on raw images. With ``feature_norm="standardize"``, random feature statistics."""
+    encoder = save_random_dinov2(root / "enc", image_size=56)
+    tok = load_tokenizer(tokenizer_dir)
+    preset = dataclasses.replace(MODEL_PRESETS["tiny"], feature_dim=64)
+    model = build_model(preset, seed=0, vocab_size=len(tok),
+                        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, encoder=str(encoder),
+                        feature_norm=feature_norm)
+    g = torch.Generator().manual_seed(0)
+    if feature_norm == "standardize":
+        set_feature_statistics(model, torch.randn(64, generator=g),
+                               torch.rand(64, generator=g) + 0.5)
+    save_checkpoint(model, root / "vlm", tok)
+    images = root / "images"
+    images.mkdir()
+    for name, size in (("a", (90, 70)), ("b", (64, 64))):
+        pixels = (torch.rand(*size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{name}.png")
+    return {"root": root, "encoder": encoder, "vlm": root / "vlm", "images": images,
+            "tokenizer": tok}

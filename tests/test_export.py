@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from babymerge.evaluate import EvalConfig, evaluate, load_tasks, score_candidates
@@ -20,7 +19,8 @@ from babymerge.model import (MODEL_PRESETS, build_model, image_prefix_ids, load_
                              load_model, save_black_feature, save_checkpoint,
                              set_feature_statistics)
 from babymerge.tokenizer import load_tokenizer
-from fixtures import TEXT_ANIMALS, TEXT_COLORS, world, write_jsonl  # noqa: F401
+from fixtures import (TEXT_ANIMALS, TEXT_COLORS, vlm_of_random_encoder, world,  # noqa: F401
+                      write_jsonl)
 
 
 @pytest.mark.parametrize("feature_norm", ["none", "standardize"])
@@ -266,30 +266,15 @@ print(json.dumps({"scores": scores, "text_logits": text.logits[0].tolist()}))
 
 @pytest.fixture(scope="module")
 def vlm_with_encoder(world, tmp_path_factory):  # noqa: F811
-    """A tiny VLM (standardised 64-d features) of a random DINOv2, two images, their features."""
-    root = tmp_path_factory.mktemp("submission")
-    encoder = save_random_dinov2(root / "enc", image_size=56)
-    tok = load_tokenizer(world["tokenizer"])
-    preset = type(MODEL_PRESETS["tiny"])(**{**MODEL_PRESETS["tiny"].__dict__, "feature_dim": 64})
-    model = build_model(preset, seed=0, vocab_size=len(tok),
-                        image_token_id=image_prefix_ids(tok)[1], pad_token_id=tok.pad_token_id,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        encoder=str(encoder),
-                        feature_norm="standardize")
-    g = torch.Generator().manual_seed(0)
-    set_feature_statistics(model, torch.randn(64, generator=g), torch.rand(64, generator=g) + 0.5)
-    images = root / "images"
-    images.mkdir()
-    for name, size in (("a", (90, 70)), ("b", (64, 64))):
-        pixels = (torch.rand(*size, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(images / f"{name}.png")
-    # float32 storage: the feature file then differs from the pixel path only in resizing
-    extract_features(ExtractConfig(source=str(images), out=root / "f.h5", encoder=str(encoder),
-                                   num_workers=0, dtype="float32", progress=False))
-    save_checkpoint(model, root / "vlm", tok)
-    save_black_feature(root / "vlm", FeatureTable(root / "f.h5").black.float())
-    return {"root": root, "encoder": encoder, "vlm": root / "vlm", "images": images,
-            "features": root / "f.h5", "tokenizer": tok}
+    """A tiny VLM (standardised 64-d features) of a random DINOv2, two images, their features
+    (float32: the file then differs from the pixel path only in resizing), its black feature."""
+    s = vlm_of_random_encoder(tmp_path_factory.mktemp("submission"), world["tokenizer"],
+                              feature_norm="standardize")
+    extract_features(ExtractConfig(source=str(s["images"]), out=s["root"] / "f.h5",
+                                   encoder=str(s["encoder"]), num_workers=0, dtype="float32",
+                                   progress=False))
+    save_black_feature(s["vlm"], FeatureTable(s["root"] / "f.h5").black.float())
+    return {**s, "features": s["root"] / "f.h5"}
 
 
 def _run_submission_rules(folder, items, python=sys.executable, tmp=None):
@@ -376,3 +361,17 @@ def test_export_never_replaces_what_it_did_not_write(world, tmp_path):
     (first / "model.safetensors").write_bytes(b"stale")
     export(ExportConfig(checkpoint=tmp_path / "ck", out=first))  # its own folder: replaced
     assert (first / "model.safetensors").read_bytes() != b"stale"
+
+
+def test_submission_refuses_an_encoder_it_cannot_use(vlm_with_encoder, tmp_path):
+    """One line naming the encoder: another width, or one that does not load (the checkpoint's
+    config names a local encoder by its folder name only)."""
+    s = vlm_with_encoder
+    other = save_random_dinov2(tmp_path / "enc32", hidden_size=32)
+    with pytest.raises(ExportError, match="32-d features, but the checkpoint's projector takes "
+                                          "64-d"):
+        export(ExportConfig(checkpoint=s["vlm"], out=tmp_path / "a", submission=True,
+                            encoder=str(other)))
+    with pytest.raises(ExportError, match="--encoder enc: cannot load it"):
+        export(ExportConfig(checkpoint=s["vlm"], out=tmp_path / "b", submission=True))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

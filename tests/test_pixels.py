@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -10,10 +9,8 @@ from PIL import Image
 from babymerge.evaluate import load_tasks, score_candidates
 from babymerge.features import (EncoderError, ExtractConfig, extract_features,
                                 save_random_dinov2)
-from babymerge.model import IMAGE_TOKEN, MODEL_PRESETS, build_model, save_checkpoint
 from babymerge.pixels import load_vlm_with_encoder
-from babymerge.tokenizer import load_tokenizer
-from fixtures import world  # noqa: F401  (fixture)
+from fixtures import vlm_of_random_encoder, world  # noqa: F401  (world: fixture)
 
 TEXTS = ["a red cat is here.", "the dog sees the blue fish."]
 
@@ -21,22 +18,7 @@ TEXTS = ["a red cat is here.", "the dog sees the blue fish."]
 @pytest.fixture(scope="module")
 def saved(world, tmp_path_factory):  # noqa: F811
     """A tiny VLM whose config names a random 64-d DINOv2, saved with its tokenizer."""
-    root = tmp_path_factory.mktemp("pixels")
-    encoder = save_random_dinov2(root / "enc", image_size=56)
-    tok = load_tokenizer(world["tokenizer"])
-    preset = type(MODEL_PRESETS["tiny"])(**{**MODEL_PRESETS["tiny"].__dict__, "feature_dim": 64})
-    model = build_model(preset, seed=0, vocab_size=len(tok),
-                        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id, encoder=str(encoder))
-    save_checkpoint(model, root / "vlm", tok)
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for name, size in (("a", (90, 70)), ("b", (64, 64))):
-        pixels = (rng.random((*size, 3)) * 255).astype(np.uint8)
-        Image.fromarray(pixels).save(images / f"{name}.png")
-    return {"root": root, "encoder": encoder, "vlm": root / "vlm", "images": images}
+    return vlm_of_random_encoder(tmp_path_factory.mktemp("pixels"), world["tokenizer"])
 
 
 def test_scores_from_pixels_equal_scores_from_the_extracted_feature(saved):
