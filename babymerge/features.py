@@ -35,7 +35,7 @@ from babymerge import __version__
 from babymerge.distributed import resolve_device
 from babymerge.config import InputError, arg, config_to_dict, exclusive, opt
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
-                                   FeatureFileError, decode_strings)
+                                   FeatureFileError, decode_strings, reading)
 from babymerge.images import (DEFAULT_MAX_PIXELS, UNREADABLE, GpuJpegDecoder, ImageDataset,
                               Preprocess, SourceError, collate, gpu_jpeg_decoder_available,
                               list_images,
@@ -380,7 +380,7 @@ def _check_identity(path: Path, attrs: dict, black: np.ndarray | None, what: str
     except OSError as e:
         raise FeatureFileError(f"{path}: not a readable HDF5 file ({e}); move it away or use "
                                "another --out") from e
-    with handle as f:
+    with handle as f, reading(path):
         if FEATURES not in f or IDS not in f or BLACK not in f:
             raise FeatureFileError(f"{path}: not a babymerge feature file (no /{FEATURES}, "
                                    f"/{IDS} or /{BLACK})")
@@ -414,7 +414,7 @@ def _merge_into(out: Path, sources: list[Path], attrs: dict, black: np.ndarray,
     ids: list[str] = []
     failed: dict[str, str] = {}
     for src in sources:
-        with h5py.File(src, "r") as f:
+        with h5py.File(src, "r") as f, reading(src):
             n = int(f.attrs.get("count", f[IDS].shape[0]))
             src_ids = decode_strings(f[IDS][:n])
             mask = np.ones(n, dtype=bool)
@@ -438,7 +438,9 @@ def _merge_into(out: Path, sources: list[Path], attrs: dict, black: np.ndarray,
         for src, mask in zip(sources, keep, strict=True):
             with h5py.File(src, "r") as g:
                 for start in range(0, len(mask), _READ_BLOCK):
-                    block = g[FEATURES][start:start + _READ_BLOCK][mask[start:start + _READ_BLOCK]]
+                    with reading(src):  # not the write below: a full disk is not damage
+                        block = g[FEATURES][start:start + _READ_BLOCK]
+                    block = block[mask[start:start + _READ_BLOCK]]
                     _check_finite_rows(block, src, start)
                     dset[row:row + len(block)] = block
                     row += len(block)
@@ -578,7 +580,7 @@ def _progress(out: Path, parts_dir: Path, attrs: dict, black: np.ndarray,
     parts = sorted(parts_dir.glob("part-*.h5"))  # a part killed mid-write is a *.h5.tmp: ignored
     for path in ([out] if out.exists() else []) + parts:
         _check_identity(path, attrs, black, f"this run (--encoder {encoder})")
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r") as f, reading(path):
             done.update(decode_strings(f[IDS][:int(f.attrs.get("count", f[IDS].shape[0]))]))
             failed.update(_read_failed(f))
             sources.update(_recorded_sources(f))
@@ -590,7 +592,7 @@ def _only_repeat_failures(parts: list[Path], failed_before: dict[str, str]) -> b
     """True if ``parts`` hold no feature row and only /failed entries already recorded with the
     same reason."""
     for path in parts:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r") as f, reading(path):
             if int(f.attrs.get("count", f[IDS].shape[0])) > 0:
                 return False
             if any(failed_before.get(k) != v for k, v in _read_failed(f).items()):
@@ -756,7 +758,7 @@ def join_features(cfg: JoinConfig) -> dict:
         except OSError as e:
             raise FeatureFileError(f"{path}: not a readable HDF5 file ({e}): not a feature file, "
                                    "or cut short") from None
-        with f:
+        with f, reading(path):
             if not bool(f.attrs.get("complete", False)):
                 raise FeatureFileError(f"{path}: extraction did not finish (complete is not "
                                        "true); re-run its extract-features first")
@@ -764,7 +766,7 @@ def join_features(cfg: JoinConfig) -> dict:
                 raise FeatureFileError(f"{path}: no /{FEATURES}, /{IDS} and /{BLACK}: not a "
                                        "feature file extract-features wrote")
             sources.update(_recorded_sources(f))
-    with h5py.File(shards[0], "r") as f:
+    with h5py.File(shards[0], "r") as f, reading(shards[0]):
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
         black = np.asarray(f[BLACK][:])
     for path in shards[1:]:
@@ -807,7 +809,7 @@ def _join_virtual(out: Path, shards: list[Path], attrs: dict, black: np.ndarray)
     failed: dict[str, str] = {}
     counts = []
     for path in shards:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r") as f, reading(path):
             n = int(f.attrs["count"])
             for image_id in decode_strings(f[IDS][:n]):
                 if image_id in owner:

@@ -64,6 +64,20 @@ def write_feature_file(path: Path, ids: list[str], features: np.ndarray, black: 
     return path
 
 
+def damage_first_chunk(path: Path) -> Path:
+    """Store /features in gzip chunks of 64 rows and overwrite the first chunk's bytes: damage
+    HDF5 meets only when it reads rows 0-63 (a bad disk sector, a copy gone wrong)."""
+    with h5py.File(path, "r+") as f:
+        data = f[FEATURES][:]
+        del f[FEATURES]
+        f.create_dataset(FEATURES, data=data, chunks=(64, data.shape[1]), compression="gzip")
+        chunk = f[FEATURES].id.get_chunk_info(0)
+    with open(path, "r+b") as f:
+        f.seek(chunk.byte_offset)
+        f.write(b"\xff" * chunk.size)
+    return path
+
+
 def image_class(i: int) -> tuple[str, str]:
     return TEXT_COLORS[i % 4], TEXT_ANIMALS[(i // 4) % 4]
 

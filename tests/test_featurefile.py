@@ -64,3 +64,26 @@ def test_non_finite_rows_black_and_duplicate_ids_are_refused(tmp_path):
     with pytest.raises(FeatureFileError, match=r"1 image id\(s\) stored twice in /ids \('img0'\)"):
         FeatureTable(write_feature_file(tmp_path / "dupe.h5", ["img0", "img1", "img0"],
                                         feats[[0, 1, 3]], np.zeros(8)))
+
+
+def test_damaged_bytes_are_named_with_what_repairs_them(tmp_path):
+    """HDF5 reports damage as OSError, KeyError or RuntimeError naming no file; the table says
+    which file, that it is damaged, and that a copy or a new extraction (not a rerun) repairs it,
+    whether the damaged rows are read at load or, out of core, when a batch needs them."""
+    from babymerge.featurefile import FeatureFileError, feature_statistics
+    from fixtures import damage_first_chunk, write_feature_file
+
+    ids = [f"img{i}" for i in range(200)]
+    feats = np.random.default_rng(0).standard_normal((200, 8))
+    path = damage_first_chunk(write_feature_file(tmp_path / "d.h5", ids, feats, np.zeros(8)))
+    damaged = r"d.h5: damaged, HDF5 cannot read it \(.*\); .* no rerun repairs it: copy it again"
+    with pytest.raises(FeatureFileError, match=damaged):
+        FeatureTable(path)
+    with pytest.raises(FeatureFileError, match=damaged):
+        feature_statistics(path)
+    lazy = FeatureTable(path, max_memory_bytes=0)
+    good = lazy.lookup(["img70", "img199"])
+    assert torch.equal(good, torch.from_numpy(feats[[70, 199]]).half())
+    with pytest.raises(FeatureFileError, match=damaged):
+        lazy.lookup(["img70", "img3"])
+    lazy.close()

@@ -25,7 +25,7 @@ from transformers import AutoImageProcessor, AutoModel
 import babymerge.features as features
 from babymerge.cli import main as cli
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, FeatureFileError,
-                                   FeatureTable)
+                                   STR_DTYPE, FeatureTable)
 from babymerge.features import (ExtractConfig, JoinConfig, extract_features, join_features,
                                 load_encoder, save_random_dinov2)
 from babymerge.images import GpuJpegDecoder, SourceError, gpu_jpeg_decoder_available
@@ -643,18 +643,30 @@ def test_writers_of_feature_files_never_replace_a_users_file(tmp_path, encoder_d
 
 
 def test_join_names_a_shard_it_cannot_use(tmp_path, encoder_dir):
-    """A shard that is not HDF5, one cut short, or one of another width: one error naming it."""
+    """A shard that is not HDF5, one cut short, one of another width, or one whose bytes were
+    damaged after it was written: one error naming it, copied or joined virtually, and no OUT."""
     write_images(tmp_path / "imgs", ["a.png"])
     extract(tmp_path / "imgs", tmp_path / "good.h5", encoder_dir)
     (tmp_path / "text.h5").write_text("not hdf5")
     data = (tmp_path / "good.h5").read_bytes()
     (tmp_path / "cut.h5").write_bytes(data[:len(data) // 3])
-    from fixtures import write_feature_file
+    from fixtures import damage_first_chunk, write_feature_file
 
     write_feature_file(tmp_path / "wide.h5", ["b"], np.ones((1, 8)), np.zeros(8))
+    shutil.copy(tmp_path / "good.h5", tmp_path / "bad.h5")  # made like good.h5, 70 rows
+    with h5py.File(tmp_path / "bad.h5", "r+") as f:
+        rows = np.repeat(f[FEATURES][:], 70, axis=0)
+        del f[FEATURES], f[IDS]
+        f[FEATURES] = rows
+        f.create_dataset(IDS, data=[f"x{i}" for i in range(70)], dtype=STR_DTYPE)
+        f.attrs["count"] = 70
+    damage_first_chunk(tmp_path / "bad.h5")
     for shard, says in (("text.h5", "not a readable HDF5 file"),
                         ("cut.h5", "not a readable HDF5 file|cut short|truncated"),
-                        ("wide.h5", "wide.h5")):
-        with pytest.raises(FeatureFileError, match=says):
-            join_features(JoinConfig(shards=[tmp_path / "good.h5", tmp_path / shard],
-                                     out=tmp_path / f"j_{shard}"))
+                        ("wide.h5", "wide.h5"),
+                        ("bad.h5", "bad.h5: damaged, HDF5 cannot read it")):
+        for virtual in (False, True):
+            with pytest.raises(FeatureFileError, match=says):
+                join_features(JoinConfig(shards=[tmp_path / "good.h5", tmp_path / shard],
+                                         out=tmp_path / f"j_{shard}", virtual=virtual))
+            assert not (tmp_path / f"j_{shard}").exists()
