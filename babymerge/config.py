@@ -16,6 +16,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import sys
 import tempfile
 import types
@@ -294,9 +295,29 @@ def _click_params(cls: type) -> list[click.Parameter]:
     return params
 
 
-def describe_os_error(e: OSError, command: str) -> str:
+# HDF5 and safetensors' writer report the machine's refusal inside the text of their own
+# exceptions (on a full tmpfs: h5py's RuntimeError "... errno = 28 ...", SafetensorError
+# "... (os error 28)"); the number is what says "disk full".
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|os error (\d+)")
+_FILENAME_IN_TEXT = re.compile(r"filename = '([^']+)'")
+
+
+def machine_refusal(e: Exception) -> OSError | None:
+    """The OSError behind ``e`` when the machine refused a read or write, else None."""
+    text = str(e)
+    found = _ERRNO_IN_TEXT.search(text)
+    code = e.errno if isinstance(e, OSError) and e.errno is not None else (
+        int(found.group(1) or found.group(2)) if found else None)
+    if code is None:
+        return e if isinstance(e, OSError) else None
+    named = _FILENAME_IN_TEXT.search(text)
+    filename = getattr(e, "filename", None) or (named.group(1) if named else None)
+    return OSError(code, os.strerror(code), filename)
+
+
+def describe_os_error(e: OSError, command: str, out: Path | None = None) -> str:
     """One line for an OSError a stage met writing or reading: what, where, and the way on."""
-    where = e.filename or "a file"
+    where = e.filename or (f"under {out}" if out is not None else "a file")
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"disk full writing {where} ({e.strerror}); free space, then run the same "
                 f"{command} command: it goes on from what it had saved")
@@ -331,8 +352,14 @@ def config_command(name: str, cls: type[C], run: Callable[[C], Any], help: str) 
             raise click.UsageError(str(e)) from e
         try:
             return run(cfg)
-        except OSError as e:  # the machine's refusal (disk full, read-only): one line, no traceback
-            raise click.ClickException(describe_os_error(e, name)) from e
+        except click.ClickException:
+            raise
+        except Exception as e:  # the machine's refusal (disk full, read-only): one line
+            refusal = machine_refusal(e)
+            if refusal is None:
+                raise
+            raise click.ClickException(describe_os_error(refusal, name,
+                                                         getattr(cfg, "out", None))) from e
 
     # click shows no help for positional arguments: without this, e.g. extract-features' SOURCE
     # forms (a datasets folder, quoted {000..009} shard ranges) were in no --help at all

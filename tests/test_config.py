@@ -7,6 +7,7 @@ one seed for both models, the poster's alphas 0, 0.3, 0.5, 0.8."""
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,3 +268,25 @@ def test_paper_configs_name_only_real_fields(name, cls):
     data = tomllib.loads((PAPER / f"{name}.toml").read_text())
     fields = {f.name for f in dataclasses.fields(cls)}
     assert set(data) <= fields, set(data) - fields
+
+
+@pytest.mark.parametrize("error, code, filename", [
+    # the texts h5py and safetensors gave on a full tmpfs (tests/test_cli.py fills a real one)
+    (RuntimeError("Disable slist on flush dest failure failed (file write failed: time = Mon Dec"
+                  "  7 04:06:46 2026\n, filename = '/d/f.h5.tmp', file descriptor = 4, errno = "
+                  "28, error message = 'No space left on device', buf = 0x5, total write size ="
+                  " 4096)"), 28, "/d/f.h5.tmp"),
+    (ValueError("Error while serializing: I/O error: No space left on device (os error 28)"),
+     28, None),
+    (OSError(30, "Read-only file system", "/d/x"), 30, "/d/x"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7 vs 5"), None, None),
+])
+def test_the_machines_refusal_is_found_in_other_libraries_errors(error, code, filename):
+    from babymerge.config import machine_refusal
+
+    found = machine_refusal(error)
+    if code is None:
+        assert found is None
+    else:
+        assert (found.errno, found.filename) == (code, filename)
+        assert found.strerror == os.strerror(code)
