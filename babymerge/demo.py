@@ -27,7 +27,7 @@ from typing import Iterator
 
 import click
 
-from babymerge.config import InputError, atomic_write_text, opt, save_config
+from babymerge.config import InputError, atomic_write_text, opt, output_folder, save_config
 from babymerge.features import ExtractConfig, extract_features, save_random_dinov2
 from babymerge.merge import MergeConfig, merge
 from babymerge.merge_report import DEFAULT_OBJECTIVE, objective, parse_objective
@@ -274,6 +274,18 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_demo_folder(run: Path) -> None:
+    """The demo writes world/, encoder/, run/ ... into --out, over whatever has those names: only
+    a new or empty folder, or one an earlier demo started (its demo_config.json), is used."""
+    if (run / "demo_config.json").is_file():
+        return
+    found = sorted(p.name for p in run.iterdir())
+    if found:
+        shown = ", ".join(found[:5]) + (" ..." if len(found) > 5 else "")
+        raise InputError(f"--out {run}: holds files no demo wrote ({shown}); give a new or empty "
+                         "folder")
+
+
 def _check_same_demo(path: Path, cfg: DemoConfig, scale: Scale) -> None:
     """Refuse a rerun into a folder of a demo with another scale or seed, before anything is
     overwritten: each stage reuses what the folder holds, so the world and the tokenizer were
@@ -304,8 +316,8 @@ def demo(cfg: DemoConfig) -> dict:
 
 def run_demo(cfg: DemoConfig, scale: Scale) -> dict:
     """:func:`demo` at any :class:`Scale` (the benchmark passes its own quick one)."""
-    run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
+    run = output_folder(Path(cfg.out))
+    _check_demo_folder(run)
     _check_same_demo(run / "demo_config.json", cfg, scale)
     save_config(cfg, run / "demo_config.json", scale_settings=dataclasses.asdict(scale))
     timer = StageTimer()

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from babymerge.cli import main
 from babymerge.config import InputError, save_config
-from babymerge.demo import SCALES, DemoConfig, _check_same_demo, demo, finding
+from babymerge.demo import (SCALES, DemoConfig, _check_demo_folder, _check_same_demo, demo,
+                            finding)
 from babymerge.evaluate import evaluate_tasks, load_tasks
 from babymerge.featurefile import FeatureTable
 from babymerge.model import load_model
@@ -214,6 +215,24 @@ def test_demo_refuses_a_folder_of_another_scale_or_seed(tmp_path):
     with pytest.raises(InputError, match="other settings"):
         _check_same_demo(tmp_path / "demo_config.json", DemoConfig(out=tmp_path, scale="tiny"),
                          quick)
+
+
+def test_demo_never_writes_over_a_folder_or_file_it_did_not_start(tmp_path):
+    """--out with files of the user's (a world/ of their own would be written over) or an
+    existing file: one error, nothing written; an empty folder is used."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "world").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"holds files no demo wrote \(notes.txt, world\)"):
+        demo(DemoConfig(out=tmp_path / "mine", scale="tiny", progress=False))
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt", "world"]
+    assert not any((tmp_path / "mine" / "world").iterdir())
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(InputError, match="a file, not a folder"):
+        demo(DemoConfig(out=tmp_path / "file", scale="tiny", progress=False))
+    assert (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    _check_demo_folder(tmp_path / "empty")
 
 
 def test_demo_training_saves_its_resume_state_during_the_run(tmp_path):
