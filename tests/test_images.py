@@ -699,6 +699,22 @@ def test_every_id_clash_is_named(tmp_path):
         list_images(str(tmp_path))
 
 
+def test_an_id_template_keeps_two_datasets_bare_ids_apart(tmp_path):
+    """Localized Narratives' COCO and Flickr30k ids are bare numbers: "7" of each is another
+    image. As a key they clash (refused, naming both); as a template they are kept apart."""
+    write_images(tmp_path / "root", ["coco/7.jpg", "flickr30k/7.jpg"])
+    (tmp_path / "ln.jsonl").write_text(
+        '{"dataset_id": "coco", "image_id": "7"}\n'
+        '{"dataset_id": "flickr30k", "image_id": "7"}\n')
+    template = "{dataset_id}/{image_id}.jpg"
+    with pytest.raises(SourceError, match="'7'"):
+        list_images(str(tmp_path / "ln.jsonl"), tmp_path / "root", path_column=template)
+    items = list_images(str(tmp_path / "ln.jsonl"), tmp_path / "root", path_column=template,
+                        id_column="{dataset_id}_{image_id}")
+    assert [(i.id, Path(i.path).relative_to(tmp_path / "root").as_posix()) for i in items] == [
+        ("coco_7", "coco/7.jpg"), ("flickr30k_7", "flickr30k/7.jpg")]
+
+
 def test_the_shards_a_pattern_meant_are_recorded(tmp_path, encoder_dir):
     """The saved config kept only the folder: which shards a range or glob took is now in it."""
     import json
