@@ -40,6 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import click
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -423,23 +424,38 @@ def chosen_candidates(task: PreparedTask, scores: torch.Tensor) -> torch.Tensor:
                         dtype=torch.long)
 
 
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rho: Pearson's correlation of the ranks, ties given their mean rank (as
-    ``scipy.stats.spearmanr``, which the pipeline calls). NaN when either side is constant."""
-    def ranks(values: list[float]) -> torch.Tensor:
-        v = torch.tensor(values, dtype=torch.float64)
-        order = torch.argsort(v, stable=True)
-        r = torch.empty_like(v)
-        r[order] = torch.arange(1, len(v) + 1, dtype=torch.float64)
-        for value in torch.unique(v):  # ties: the mean of the ranks they span
-            tied = v == value
-            r[tied] = r[tied].mean()
-        return r
+def average_ranks(values) -> np.ndarray:
+    """Ranks (1-based) along the last axis, ties given the mean of the ranks they span (as
+    ``scipy.stats.rankdata``); any leading axes are independent rows (bootstrap replicates)."""
+    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(v, axis=-1, kind="stable")
+    ordered = np.take_along_axis(v, order, axis=-1)
+    n = v.shape[-1]
+    position = np.broadcast_to(np.arange(n), v.shape)
+    starts = np.ones(v.shape, dtype=bool)
+    starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    ends = np.ones(v.shape, dtype=bool)
+    ends[..., :-1] = starts[..., 1:]
+    # each sorted position's tie block runs from the last start at or before it to the first
+    # end at or after it
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=-1)
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, position, n), -1), axis=-1), -1)
+    ranks = np.empty(v.shape)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=-1)
+    return ranks
 
-    a, b = ranks(x), ranks(y)
-    a, b = a - a.mean(), b - b.mean()
-    denominator = (a.square().sum() * b.square().sum()).sqrt()
-    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+def spearman(x, y):
+    """Spearman's rho along the last axis: Pearson's correlation of the average ranks (as
+    ``scipy.stats.spearmanr``, which the pipeline calls). NaN where either side is constant. A
+    float for 1-D input, an array of one rho per row otherwise."""
+    a, b = average_ranks(x), average_ranks(y)
+    a = a - a.mean(-1, keepdims=True)
+    b = b - b.mean(-1, keepdims=True)
+    denominator = np.sqrt(np.square(a).sum(-1) * np.square(b).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(denominator > 0, (a * b).sum(-1) / denominator, np.nan)
+    return float(rho) if rho.ndim == 0 else rho
 
 
 def first_probabilities(task: PreparedTask, scores: torch.Tensor) -> list[float]:
@@ -450,25 +466,47 @@ def first_probabilities(task: PreparedTask, scores: torch.Tensor) -> list[float]
             for s in torch.split(scores, task.item_start.diff().tolist())]
 
 
-def task_score(task: PreparedTask, scores: torch.Tensor) -> dict:
-    """``{"score", "metric", "groups"}``: the task's score as the pipeline computes it (module
-    docstring), and per group (UID) the accuracy, or for a correlation the rho over all items."""
+def item_outcomes(task: PreparedTask, scores: torch.Tensor) -> list[float]:
+    """Per item, what the task's score is made of: 1.0 when the gold candidate is chosen, else
+    0.0; for a correlation, the probability of the first sentence. Any subset's score follows
+    from these (:func:`score_items`): a split or a bootstrap needs no second forward pass."""
     if task.metric == "spearman":
-        rho = spearman(first_probabilities(task, scores), task.ratios)
+        return first_probabilities(task, scores)
+    return (chosen_candidates(task, scores) == 0).double().tolist()
+
+
+def score_items(task: PreparedTask, outcomes: list[float],
+                items: list[int] | None = None) -> dict:
+    """``{"score", "metric", "groups"}`` of the items ``items`` (indices; None: all) from their
+    :func:`item_outcomes`: the task's score as the pipeline computes it (module docstring), and
+    per group (UID) the accuracy, or for a correlation the rho over the items."""
+    items = range(task.num_items) if items is None else items
+    if task.metric == "spearman":
+        rho = spearman([outcomes[i] for i in items], [task.ratios[i] for i in items])
         return {"score": rho, "metric": "spearman", "groups": {task.groups[0]: rho}}
-    correct = (chosen_candidates(task, scores) == 0).double().tolist()
     per_group: dict[str, list[float]] = {}
-    for g, c in zip(task.groups, correct):
-        per_group.setdefault(g, []).append(c)
+    for i in items:
+        per_group.setdefault(task.groups[i], []).append(outcomes[i])
     groups = {g: sum(v) / len(v) for g, v in per_group.items()}
-    if task.kind == "entity_tracking":
+    return {"score": aggregate_groups(task.kind, groups), "metric": "accuracy", "groups": groups}
+
+
+def aggregate_groups(kind: str, groups: dict):
+    """A task's accuracy from its groups' (UIDs') accuracies: their unweighted mean; entity
+    tracking's, the mean over its splits of the mean over their UIDs. The values may be arrays
+    (one per bootstrap replicate): only sums and divisions."""
+    if kind == "entity_tracking":
         splits = [[a for g, a in groups.items() if g.startswith(split)]
                   for split in ENTITY_TRACKING_SPLITS]
         means = [sum(v) / len(v) for v in splits if v]
-        score = sum(means) / len(means) if means else sum(groups.values()) / len(groups)
-    else:
-        score = sum(groups.values()) / len(groups)
-    return {"score": score, "metric": "accuracy", "groups": groups}
+        if means:
+            return sum(means) / len(means)
+    return sum(groups.values()) / len(groups)
+
+
+def task_score(task: PreparedTask, scores: torch.Tensor) -> dict:
+    """:func:`score_items` of every item, from the candidates' ``scores``."""
+    return score_items(task, item_outcomes(task, scores))
 
 
 def pipeline_predictions(task: PreparedTask, scores: torch.Tensor) -> dict:
@@ -491,14 +529,17 @@ def pipeline_predictions(task: PreparedTask, scores: torch.Tensor) -> dict:
 def evaluate_tasks(model, tasks: list[PreparedTask], batch_size: int = 64,
                    progress: bool = True, with_scores: bool = False) -> dict[str, dict]:
     """Score the live ``model`` on every prepared task: ``{name: {"score", "metric",
-    "groups"}}`` (:func:`task_score`), with each candidate's ``"scores"`` if asked."""
+    "groups", "items"}}`` (:func:`score_items`, :func:`item_outcomes`), with each candidate's
+    ``"scores"`` if asked."""
     was_training = model.training
     model.eval()
     try:
         out = {}
         for t in tasks:
             scores = score_candidates(model, t, batch_size, progress)
-            out[t.name] = {**task_score(t, scores), **({"scores": scores} if with_scores else {})}
+            outcomes = item_outcomes(t, scores)
+            out[t.name] = {**score_items(t, outcomes), "items": outcomes,
+                           **({"scores": scores} if with_scores else {})}
         return out
     finally:
         model.train(was_training)

@@ -35,11 +35,17 @@ The chosen alpha follows the rule of :mod:`babymerge.merge_report`: the grid poi
 mean of the group scores, by default grammar (mean over minimal-pairs tasks) and multimodal (mean
 over the image tasks); ``--objective`` regroups the tasks (EWoK or wug in a group of their own).
 
+Choosing without peeking (:mod:`babymerge.merge_stats`): ``--select-on half`` chooses on half
+of each task's items and reports the other half; every point carries paired-bootstrap intervals
+of its differences from both unmerged endpoints. Both come from the per-item outcomes logged
+with each point, so neither needs a second scoring pass, and either may change on a resume.
+
 The stage in parts: this module is the sweep itself (the live model, one VLM at a time, and
 :func:`merge`, the stage's story top-down); :mod:`babymerge.merge_inputs` checks what it is
 given; :mod:`babymerge.merge_resume` keeps the run's identity, its log of scored points and its
 kept checkpoints; :mod:`babymerge.merge_report` holds the rule, ``results.md`` and the plots;
-:mod:`babymerge.merge_methods` the merge methods.
+:mod:`babymerge.merge_stats` the selection split and the intervals; :mod:`babymerge.merge_methods`
+the merge methods.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ from babymerge.merge_methods import MERGE_METHODS, MergeMethod
 from babymerge.merge_report import (DEFAULT_OBJECTIVE, choose, objective, parse_objective,
                                     plot_alpha_curve, plot_checkpoint_curve, results_markdown,
                                     rule_text)
+from babymerge.merge_stats import (CONFIDENCE, SELECT_ON, Split, encode_outcomes, has_outcomes,
+                                   paired_interval, rescore, split_items)
 from babymerge.merge_resume import (is_kept, kept_identity, kept_path, log_record, method_settings,
                                     open_run, reuse_line, save_run_config)
 from babymerge.model import BLACK_FEATURE_FILE, check_replaceable, load_model, save_checkpoint
@@ -106,6 +114,12 @@ class MergeConfig:
     objective: str = opt(DEFAULT_OBJECTIVE, "the rule's groups, NAME=MEMBER,...;NAME=...: each "
                          "group's score is the mean of its tasks' scores (members: task kinds or "
                          "task names), the chosen alpha maximises the mean of the groups")
+    select_on: str = opt("all", "items the alpha is chosen on: 'all' (the paper: the reported "
+                         "items), or 'half': per task and UID a seeded half chooses, and every "
+                         "number in results is the other half's", choices=SELECT_ON)
+    select_seed: int = opt(0, "seed of the --select-on half split and of the bootstrap")
+    bootstrap: int = opt(1000, "paired bootstrap replicates for the 95% intervals of every "
+                         "point against both unmerged endpoints (0: none)")
     restart: bool = opt(False, "discard the points already logged in OUT/metrics.jsonl and sweep "
                         "afresh (by default a rerun reuses those made with the same checkpoints, "
                         "tasks, method and dtype); the same --restart command run again after an "
@@ -132,6 +146,11 @@ class MergeConfig:
             raise ValueError(f"--density must be in (0, 1], got {self.density}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.select_on not in SELECT_ON:
+            raise ValueError(f"--select-on {self.select_on!r}: choose one of "
+                             f"{', '.join(SELECT_ON)}")
+        if self.bootstrap < 0:
+            raise ValueError(f"--bootstrap must be >= 0, got {self.bootstrap}")
         parse_objective(self.objective)
         grid = parse_alpha_grid(self.alpha_grid, self.allow_extrapolation)
         off_grid = [a for a in parse_keep(self.keep, self.allow_extrapolation)[0] if a not in grid]
@@ -177,7 +196,10 @@ class _Sweep:
         return {"alpha": alpha, "vlm": self.vlm_name, "scores": scores,
                 **objective(scores, self.summary, self.groups),
                 "groups": {n: r["groups"] for n, r in result.items() if len(r["groups"]) > 1},
-                "merge_s": merge_s, "eval_s": time.perf_counter() - t0}
+                "merge_s": merge_s, "eval_s": time.perf_counter() - t0,
+                # what any split or interval is computed from, without scoring again
+                "items": {t.name: encode_outcomes(t, result[t.name]["items"])
+                          for t in self.tasks}}
 
     def merge_and_score(self, method: MergeMethod, alpha: float) -> dict:
         t0 = time.perf_counter()
@@ -215,8 +237,9 @@ class _Sweep:
 
 @dataclass
 class _Run:
-    """What every VLM's sweep shares: its inputs, the endpoints' resident tensors, and the resume
-    state (the points and unmerged endpoint scores logged so far, keyed by VLM name)."""
+    """What every VLM's sweep shares: its inputs, the endpoints' resident tensors, the resume
+    state (the points and unmerged endpoint records logged so far, keyed by VLM name) and the
+    selection split."""
 
     cfg: MergeConfig
     grid: list[float]
@@ -231,7 +254,10 @@ class _Run:
     vlm_names: list[str]
     identity: dict
     points: dict[tuple[str, float], dict]
-    end_scores: dict[tuple[str, str], dict]
+    end_records: dict[tuple[str, str], dict]
+    split: Split
+    summary: dict
+    groups: dict
     resident: dict[str, list[torch.Tensor] | None] = field(default_factory=dict)
 
     def endpoint(self, which: str) -> list[torch.Tensor] | None:
@@ -246,7 +272,7 @@ class _Run:
     def log(self, rec: dict) -> dict:
         log_record(self.cfg.out / "metrics.jsonl", rec)
         if "endpoint" in rec:
-            self.end_scores[(rec["vlm"], rec["endpoint"])] = rec["scores"]
+            self.end_records[(rec["vlm"], rec["endpoint"])] = rec
         return rec
 
     def start(self, index: int, score_vlm: bool) -> tuple[_Sweep, MergeMethod]:
@@ -269,22 +295,31 @@ class _Run:
         scored; a checkpoint sweep keeps only the winner over all VLMs, after the loop)."""
         if not (self.keep_chosen and len(self.vlm_names) == 1):
             return self.keep
-        chosen = choose([self.points[(name, a)] for a in self.grid], self.vlm_names)["alpha"]
+        chosen = choose(self.on_selection([self.points[(name, a)] for a in self.grid]),
+                        self.vlm_names)["alpha"]
         return self.keep + ([chosen] if chosen not in self.keep else [])
+
+    def on_selection(self, records: list[dict]) -> list[dict]:
+        """``records`` with the objective of their selection items, what the rule compares."""
+        if self.cfg.select_on == "all":
+            return records
+        return [{**r, "objective": rescore(r, self.tasks, self.split.select, self.summary,
+                                           self.groups)["objective"]} for r in records]
 
 
 def with_objective(rec: dict, summary: dict, groups: dict) -> dict:
     """A logged record with its group means and objective under ``groups`` (its other fields as
     they were, in :meth:`_Sweep._score`'s order)."""
-    head, tail = ("alpha", "vlm", "scores"), ("groups", "merge_s", "eval_s", "endpoint")
+    head = ("alpha", "vlm", "scores")
+    tail = ("groups", "merge_s", "eval_s", "items", "endpoint")
     return {**{k: rec[k] for k in head if k in rec}, **objective(rec["scores"], summary, groups),
             **{k: rec[k] for k in tail if k in rec}}
 
 
 def _sweep_vlm(run: _Run, index: int) -> tuple[list[dict], dict, list[str]]:
     """VLM ``index``'s grid (logged points reused, the rest merged, scored and logged), its
-    unmerged endpoints and its kept checkpoints: (records, endpoints, kept paths). Its live model
-    and copies are freed on return: one VLM's resident at a time."""
+    unmerged endpoints' records and its kept checkpoints: (records, endpoints, kept paths). Its
+    live model and copies are freed on return: one VLM's resident at a time."""
     cfg, grid, name = run.cfg, run.grid, run.vlm_names[index]
     linear = cfg.method == "linear"
     # with linear merging the grid's 0 and 1 ARE the endpoints; other methods score the two
@@ -292,7 +327,7 @@ def _sweep_vlm(run: _Run, index: int) -> tuple[list[dict], dict, list[str]]:
     # logged like the points, so a resumed run need not load a finished VLM just for them.
     needed_ends = [w for w, a in (("vlm", 0.0), ("lm", 1.0)) if not (linear and a in grid)]
     todo = [a for a in grid if (name, a) not in run.points]
-    missing_ends = [w for w in needed_ends if (name, w) not in run.end_scores]
+    missing_ends = [w for w in needed_ends if (name, w) not in run.end_records]
     sweep = method = None
     # a VLM whose points are all logged and whose kept checkpoints are all there is not even
     # read (to_keep needs the whole grid: evaluated only when todo is empty)
@@ -309,9 +344,9 @@ def _sweep_vlm(run: _Run, index: int) -> tuple[list[dict], dict, list[str]]:
         records.append(rec)
     if "lm" in missing_ends:
         run.log(sweep.score_unmerged(run.endpoint("lm"), "lm"))
-    ends = {w: run.end_scores[(name, w)] for w in needed_ends}
+    ends = {w: run.end_records[(name, w)] for w in needed_ends}
     if linear:
-        ends.update({w: run.points[(name, a)]["scores"] for w, a in (("vlm", 0.0), ("lm", 1.0))
+        ends.update({w: run.points[(name, a)] for w, a in (("vlm", 0.0), ("lm", 1.0))
                      if a in grid})
     kept = []
     for alpha in run.to_keep(name):
@@ -347,28 +382,35 @@ def merge(cfg: MergeConfig) -> dict:
     output_folder(cfg.out)
     with exclusive(cfg.out / LOCK_FILE, "merge", MergeError):  # one merge writes OUT at a time
         identity, logged = open_run(cfg, tasks, vlm_names)
+        # a record without per-item outcomes (an older babymerge's) is scored again
+        logged = [r for r in logged if has_outcomes(r, tasks)]
         run = _Run(cfg, grid, keep, keep_chosen, method_cls, names, tasks, tokenizer, device, dtype,
                    vlm_names, identity,
                    # the objective from the logged scores: --objective may change on a resume
                    points={(r["vlm"], r["alpha"]): with_objective(r, summary, groups)
                            for r in logged if "endpoint" not in r},
-                   end_scores={(r["vlm"], r["endpoint"]): r["scores"]
-                               for r in logged if "endpoint" in r})
-        line = reuse_line(run.points, run.end_scores, vlm_names, grid)
+                   end_records={(r["vlm"], r["endpoint"]): r for r in logged if "endpoint" in r},
+                   split=split_items(tasks, cfg.select_on, cfg.select_seed), summary=summary,
+                   groups=groups)
+        line = reuse_line(run.points, run.end_records, vlm_names, grid)
         if line:
             click.echo(line)
-        records, endpoints, kept = [], {}, []
+        records, ends, kept = [], {}, []
         for index, vlm_name in enumerate(vlm_names):
-            recs, endpoints[vlm_name], kept_paths = _sweep_vlm(run, index)
+            recs, ends[vlm_name], kept_paths = _sweep_vlm(run, index)
             records += recs
             kept += kept_paths
-        best = choose(records, vlm_names)
+        best = choose(run.on_selection(records), vlm_names)
         kept += _keep_the_winner(run, best)
-        results = {"tasks": summary, "records": records, "chosen_alpha": best["alpha"],
+        shown, endpoints = _reported(run, records, ends)
+        best = next(r for r in shown if (r["vlm"], r["alpha"]) == (best["vlm"], best["alpha"]))
+        results = {"tasks": summary, "records": shown, "chosen_alpha": best["alpha"],
                    "chosen_vlm": best["vlm"],
                    "chosen_per_vlm": {
-                       n: choose([r for r in records if r["vlm"] == n], vlm_names)["alpha"]
+                       n: choose(run.on_selection([r for r in records if r["vlm"] == n]),
+                                 vlm_names)["alpha"]
                        for n in vlm_names},
+                   "selection": _selection_summary(cfg, run.split),
                    "rule": rule_text(groups),
                    "objective_groups": {g: list(members) for g, members in groups.items()},
                    "method": {"name": cfg.method, "reference": method_cls.reference,
@@ -378,9 +420,51 @@ def merge(cfg: MergeConfig) -> dict:
                    "dtype": cfg.dtype}
         _write_report(cfg, results)
         save_run_config(cfg, identity, restarted=False)  # finished: a --restart starts afresh
-    click.echo(f"chosen alpha {best['alpha']} ({best['vlm']}), objective {best['objective']:.4f}; "
-               f"results in {cfg.out}")
+    where = "" if cfg.select_on == "all" else (
+        f" on the selection half ({best['selection']['objective']:.4f} there); report half")
+    click.echo(f"chosen alpha {best['alpha']} ({best['vlm']}){where}, objective "
+               f"{best['objective']:.4f}; results in {cfg.out}")
     return results
+
+
+def _reported(run: _Run, records: list[dict], ends: dict[str, dict]
+              ) -> tuple[list[dict], dict[str, dict]]:
+    """What results show: every record scored on the report items (all of them unless
+    --select-on half, where its selection scores ride along), with its paired intervals against
+    its VLM's unmerged endpoints; and each VLM's endpoints' report scores."""
+    cfg = run.cfg
+
+    def on_report(rec: dict) -> dict:
+        head = {k: rec[k] for k in ("alpha", "vlm") if k in rec}
+        timings = {k: rec[k] for k in ("merge_s", "eval_s") if k in rec}
+        if cfg.select_on == "all":
+            return {k: v for k, v in rec.items() if k not in ("items", "endpoint")}
+        return {**head, **rescore(rec, run.tasks, run.split.report, run.summary, run.groups),
+                **timings, "selection": rescore(rec, run.tasks, run.split.select, run.summary,
+                                                run.groups)}
+
+    shown = []
+    for rec in records:
+        out = on_report(rec)
+        if cfg.bootstrap:
+            out["intervals"] = {
+                f"vs_{which}": paired_interval(rec, ends[rec["vlm"]][which], run.tasks,
+                                               run.split.report, run.summary, run.groups,
+                                               cfg.bootstrap, cfg.select_seed)
+                for which in ("vlm", "lm")}
+        shown.append(out)
+    endpoints = {name: {w: on_report(e)["scores"] for w, e in pair.items()}
+                 for name, pair in ends.items()}
+    return shown, endpoints
+
+
+def _selection_summary(cfg: MergeConfig, split: Split) -> dict:
+    """results.json's account of which items chose and which report, and of the intervals."""
+    return {"on": cfg.select_on, "seed": cfg.select_seed,
+            "items": {n: {"select": len(split.select[n]), "report": len(split.report[n])}
+                      for n in split.report},
+            "bootstrap": cfg.bootstrap, "confidence": CONFIDENCE,
+            "intervals": "paired bootstrap over the report items, stratified by UID; percentile"}
 
 
 def _mergeable_names(cfg: MergeConfig, method_cls: type[MergeMethod]) -> list[str]:

@@ -87,7 +87,7 @@ def results_markdown(results: dict) -> str:
              f"- LM: `{results['lm']}`; VLM(s): "
              + ", ".join(f"`{p}`" for p in results["vlms"].values()),
              f"- chosen: alpha = **{results['chosen_alpha']}** on `{results['chosen_vlm']}`",
-             f"- rule: {results['rule']}", "", "## Tasks", "",
+             f"- rule: {results['rule']}", f"- {_selection_line(results)}", "", "## Tasks", "",
              "| task | kind | metric | items | chance |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {t['kind']} | {t['metric']} | {t['items']} | {t['chance']:.3f} |"
               for n, t in results["tasks"].items()]
@@ -112,9 +112,43 @@ def results_markdown(results: dict) -> str:
             vals = {**ends[which], **objective(ends[which], results["tasks"], groups)}
             lines.append(f"| {vlm} | {which.upper()} | "
                          + " | ".join(f"{vals[c]:.4f}" for c in cols) + " |")
+    lines += _interval_table(results, means)
     if results["kept"]:
         lines += ["", "## Kept checkpoints", ""] + [f"- `{k}`" for k in results["kept"]]
     return "\n".join(lines) + "\n"
+
+
+def _selection_line(results: dict) -> str:
+    """Which items chose the alpha and which the tables show."""
+    sel = results.get("selection")
+    if not sel or sel["on"] == "all":
+        return ("chosen on the items it is reported on (the paper's rule; --select-on half "
+                "chooses on one half and reports the other)")
+    counts = ", ".join(f"{n} {c['select']}/{c['report']}" for n, c in sel["items"].items())
+    return (f"chosen on a selection half of each task's items (per UID, seed {sel['seed']}); "
+            f"every score below is the other half's (items select/report: {counts})")
+
+
+def _interval_table(results: dict, means: list[str]) -> list[str]:
+    """Each point minus each unmerged endpoint, with its paired-bootstrap interval."""
+    if not any("intervals" in r for r in results["records"]):
+        return []
+    sel = results["selection"]
+    cols = ["objective"] + [m for m in means if m != "objective"]
+    head = [f"{c} vs {w}" for c in cols for w in ("VLM", "LM")]
+    lines = ["", f"## Against the unmerged endpoints ({100 * sel['confidence']:.0f}% paired "
+             f"bootstrap intervals, {sel['bootstrap']} replicates over items, by UID)", "",
+             "A difference whose interval excludes 0 is more than item noise; the intervals say "
+             "nothing of training seeds.", "",
+             "| vlm | alpha | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+
+    def cell(d: dict) -> str:
+        return f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+    for r in results["records"]:
+        cells = [cell(r["intervals"][f"vs_{w}"][c]) for c in cols for w in ("vlm", "lm")]
+        lines.append(f"| {r['vlm']} | {r['alpha']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _panels(results: dict):
@@ -152,8 +186,10 @@ def _title(ax, results: dict, panel: str) -> None:
                            results["tasks"], groups)["objective"]
         ax.axhline(chance, color="grey", ls="--", lw=0.8)
         # the rule in brief, so the figure says why the circled point is the chosen one
+        half = results.get("selection", {}).get("on") == "half"
         ax.set_title(f"objective = mean({', '.join(groups)})\n"
-                     "chosen: its max, ties to smaller alpha", fontsize=9)
+                     + ("report half; chosen: max on the selection half" if half else
+                        "chosen: its max, ties to smaller alpha"), fontsize=9)
     metric = results["tasks"][panel]["metric"] if panel != "objective" else "score"
     ax.set_ylabel({"spearman": "Spearman's rho"}.get(metric, metric))
     ax.grid(alpha=0.3)

@@ -486,6 +486,22 @@ def test_spearman_gives_ties_their_mean_rank():
     assert spearman(x, y) == pytest.approx(spearmanr(x, y)[0])
 
 
+def test_average_ranks_of_many_rows_are_each_rows_own():
+    """Bootstrap replicates are ranked as rows at once: each row as counted by definition (the
+    number below plus half the ties, plus one half), NaN rho for a constant row."""
+    from babymerge.evaluate import average_ranks, spearman
+
+    rows = np.random.default_rng(0).integers(0, 6, size=(50, 40)).astype(float)  # many ties
+    below = (rows[:, None, :] < rows[:, :, None]).sum(-1)
+    equal = (rows[:, None, :] == rows[:, :, None]).sum(-1)
+    np.testing.assert_array_equal(average_ranks(rows), below + (equal + 1) / 2)
+    other = np.random.default_rng(1).random((50, 40))
+    rhos = spearman(rows, other)
+    assert rhos.shape == (50,)
+    np.testing.assert_allclose(rhos, [spearman(r, o) for r, o in zip(rows, other)])
+    assert np.isnan(spearman([1.0, 1.0, 1.0], [0.1, 0.2, 0.3]))
+
+
 def test_predictions_follow_the_pipelines_layout(eval_world, tmp_path):
     """--predictions DIR: DIR/<task>/predictions.json, per UID the chosen candidate of each item
     in order, ids <UID>_<n>: the completion (the VQA answer with its space)."""

@@ -189,6 +189,27 @@ def test_a_longer_grid_reuses_the_logged_points(eval_world, tmp_path, spy):
     assert spy.scored == 0 and [r["alpha"] for r in short["records"]] == [0.0, 1.0]
 
 
+def test_points_logged_without_item_outcomes_are_scored_again(eval_world, tmp_path, spy):
+    """Intervals and --select-on need each point's per-item outcomes; a point logged without
+    them (by an older babymerge) is scored again, and --select-on may change on a resume
+    without scoring anything (the outcomes serve any split)."""
+    kw = dict(keep="none", alpha_grid="0,0.5,1")
+    out = tmp_path / "out"
+    reference = merge(config(eval_world, out, **kw))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("items" in r for r in lines)
+    (out / "metrics.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k != "items" or r["alpha"] != 0.5}) + "\n"
+        for r in lines))
+    spy.reset()
+    again = merge(config(eval_world, out, **kw))
+    assert spy.scored == 1  # alpha 0.5 only
+    assert comparable(again, out) == comparable(reference, out)
+    spy.reset()
+    half = merge(config(eval_world, out, select_on="half", **kw))
+    assert spy.scored == 0 and half["selection"]["on"] == "half"
+
+
 def test_checkpoint_sweep_skips_finished_vlms(eval_world, tmp_path, spy):
     """A checkpoint sweep killed in its second VLM loads only that one again; its kept winner is
     the uninterrupted run's."""
