@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -77,8 +78,9 @@ from babymerge.merge_report import (DEFAULT_OBJECTIVE, choose, objective, parse_
                                     rule_text)
 from babymerge.merge_stats import (CONFIDENCE, SELECT_ON, Split, encode_outcomes, has_outcomes,
                                    paired_interval, rescore, split_items)
-from babymerge.merge_resume import (is_kept, kept_identity, kept_path, log_record, method_settings,
-                                    open_run, reuse_line, save_run_config)
+from babymerge.merge_resume import (fingerprint_checkpoints, is_kept, kept_identity, kept_path,
+                                    log_record, method_settings, open_run, reuse_line,
+                                    save_run_config)
 from babymerge.model import BLACK_FEATURE_FILE, check_replaceable, load_model, save_checkpoint
 
 
@@ -368,20 +370,24 @@ def merge(cfg: MergeConfig) -> dict:
     # every check that reads only headers, configs and task files runs before any tensor is loaded
     names = _mergeable_names(cfg, method_cls)
     vlm_names = checkpoint_names(cfg.vlm)
-    tokenizer = checkpoint_tokenizer(cfg.vlm[0], "--vlm")
-    check_tokenizers(cfg.lm, cfg.vlm, tokenizer)
-    # without --features, text-only tasks use the /black feature the (first) VLM was trained with
-    tasks = load_tasks(cfg.task, tokenizer, cfg.features, checkpoint_max_positions(cfg.vlm[0]),
-                       checkpoint=cfg.vlm[0])
-    check_feature_encoder(cfg.vlm[0], cfg.features)
-    summary, groups = task_summary(tasks), _objective_groups(cfg, tasks)
-    for name in vlm_names:  # a kept folder that is the user's is refused before any scoring
-        for alpha in keep:
-            check_replaceable(kept_path(cfg, name, alpha), "--keep")
+    with ThreadPoolExecutor(1) as pool:  # the checkpoints are hashed while the tasks load
+        hashing = pool.submit(fingerprint_checkpoints, cfg, vlm_names)
+        tokenizer = checkpoint_tokenizer(cfg.vlm[0], "--vlm")
+        check_tokenizers(cfg.lm, cfg.vlm, tokenizer)
+        # without --features, text-only tasks use the /black feature the (first) VLM was
+        # trained with
+        tasks = load_tasks(cfg.task, tokenizer, cfg.features,
+                           checkpoint_max_positions(cfg.vlm[0]), checkpoint=cfg.vlm[0])
+        check_feature_encoder(cfg.vlm[0], cfg.features)
+        summary, groups = task_summary(tasks), _objective_groups(cfg, tasks)
+        for name in vlm_names:  # a kept folder that is the user's is refused before any scoring
+            for alpha in keep:
+                check_replaceable(kept_path(cfg, name, alpha), "--keep")
+        fingerprints = hashing.result()
 
     output_folder(cfg.out)
     with exclusive(cfg.out / LOCK_FILE, "merge", MergeError):  # one merge writes OUT at a time
-        identity, logged = open_run(cfg, tasks, vlm_names)
+        identity, logged = open_run(cfg, tasks, vlm_names, fingerprints)
         # a record without per-item outcomes (an older babymerge's) is scored again
         logged = [r for r in logged if has_outcomes(r, tasks)]
         run = _Run(cfg, grid, keep, keep_chosen, method_cls, names, tasks, tokenizer, device, dtype,

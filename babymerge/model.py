@@ -304,8 +304,15 @@ class NonFiniteError(InputError):
 def check_finite(named: Iterable[tuple[str, torch.Tensor]], where: str | Path) -> None:
     """Refuse tensors holding a NaN or infinity: every score computed from them would be
     garbage (an accuracy of 0.0 reported as a result; a merge where 0 x NaN is NaN at every
-    alpha). One read of each tensor, ~0.1 s per 100M parameters on 2 CPU cores."""
-    bad = [name for name, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+    alpha).
+
+    A tensor's float32 sum is finite when all its values are, so one sum per tensor clears it
+    (14 ms per 100M parameters on 2 CPU cores, against 206 ms for ``isfinite().all()``); only a
+    tensor whose sum is not finite (a NaN, an infinity, or finite values summing past float32's
+    range) is checked element by element, so the answer is exact."""
+    bad = [name for name, t in named if t.is_floating_point()
+           and not torch.isfinite(t.sum(dtype=torch.float32))
+           and not torch.isfinite(t).all()]
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
         raise NonFiniteError(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values: "

@@ -163,6 +163,21 @@ def test_non_finite_weights_and_black_feature_are_refused(tmp_path):
         load_black_feature(folder)
 
 
+def test_check_finite_is_exact_where_a_sum_would_mislead():
+    """The quick test is a tensor's sum: finite values summing past float32's range are still
+    finite, and +inf with -inf (a NaN sum) or a NaN in half precision are still refused."""
+    from babymerge.model import NonFiniteError, check_finite
+
+    huge = torch.full((8,), 3e38)  # sums to inf in float32, every value finite
+    half = torch.full((100_000,), 60000.0, dtype=torch.float16)  # past float16's range summed
+    check_finite([("huge", huge), ("half", half), ("ints", torch.arange(5))], "ok")
+    both = torch.tensor([float("inf"), 1.0, float("-inf")])
+    nan16 = torch.zeros(10, dtype=torch.bfloat16)
+    nan16[3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"2 tensor\(s\) .*: both, nan16"):
+        check_finite([("huge", huge), ("both", both), ("nan16", nan16)], "where")
+
+
 def test_checkpoints_that_cannot_load_are_one_line_naming_the_folder(tmp_path):
     """Truncated or garbage weights, a config.json that is not JSON, a folder with only a pickle
     (never loaded): a CheckpointError each, the CLI's one line, not a traceback."""

@@ -27,14 +27,18 @@ def load(name: str):
 
 
 def test_bench_merge_paths_agree(capsys, monkeypatch):
+    import babymerge.benchmark
+
     bench = load("bench_merge")
-    assert bench.peak_bandwidth(torch.device("cpu")) is None  # CPU: no datasheet peak
+    assert babymerge.benchmark.peak_bandwidth(torch.device("cpu")) is None  # CPU: no peak
     # a GPU's peak stood in for, so the % of peak (reported on GPUs only) is checked here too
-    monkeypatch.setattr(bench, "peak_bandwidth", lambda device: 1e12)
+    monkeypatch.setattr(babymerge.benchmark, "peak_bandwidth", lambda device: 1e12)
     result = bench.main(["--preset", "tiny", "--vocab", "300", "--repeats", "1",
                          "--device", "cpu"])
-    assert set(result["seconds_per_alpha"]) == {"inplace", "state_dict", "safetensors", "copy"}
-    assert result["max_abs_diff_inplace_vs_naive_merge"] < 1e-6
+    assert set(result["seconds_per_alpha"]) == {"inplace", "lerp_state_dict", "naive_state_dict",
+                                                "safetensors", "copy"}
+    assert max(result["max_abs_diff_vs_inplace"].values()) < 1e-6
+    assert set(result["inplace_speedup"]) == set(result["seconds_per_alpha"]) - {"inplace"}
     assert result["torch"] and result["device"] == "cpu"
     gbps = result["GBps"]
     assert result["peak_GBps"] == 1000
@@ -42,6 +46,33 @@ def test_bench_merge_paths_agree(capsys, monkeypatch):
         gbps["inplace (read 2P + write P)"] / 10)
     assert result["copy_pct_of_peak_bandwidth"] == pytest.approx(
         gbps["copy (read P + write P)"] / 10)
+
+
+def test_bench_merge_sweeps_start_cold_and_name_what_they_did_not_run(capsys):
+    """The whole-sweep part: each sweep a fresh process whose phases add up to less than its
+    wall time (the interpreter's start is in the wall); without mergekit it says so. With
+    BABYMERGE_MERGEKIT_PYTHON (a Python with mergekit), mergekit's library and CLI run too and
+    their merge must equal torch.lerp of the exported tensors."""
+    import os
+
+    bench = load("bench_merge")
+    mergekit = os.environ.get("BABYMERGE_MERGEKIT_PYTHON")
+    result = bench.main(["--preset", "tiny", "--vocab", "300", "--repeats", "1", "--device",
+                         "cpu", "--sweep", "--alphas", "0,0.5,1"]
+                        + (["--mergekit-python", mergekit, "--mergekit-cli"] if mergekit else []))
+    sweep = result["sweep"]
+    assert set(sweep["runs"]) >= {"babymerge", "lerp_script"}
+    for run in sweep["runs"].values():
+        assert len(run["alpha_s"]) == 3
+        phases = run.get("import_s", 0) + run.get("load_s", 0) + sum(run["alpha_s"])
+        assert phases < run["wall_s"]
+    if mergekit:
+        assert {"mergekit_library", "mergekit_cli"} <= set(sweep["runs"])
+        check = sweep["mergekit_check"]
+        assert check["tensors_compared"] == check["tensors_in_export"]
+        assert check["max_abs_diff_vs_lerp"] < 1e-5
+    elif "mergekit_library" not in sweep["runs"]:
+        assert sweep["mergekit"].startswith("not run")
 
 
 def test_bench_eval_packed_equals_the_pipelines_way(capsys):
