@@ -225,12 +225,37 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return {f.name: conv(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
+def current_umask() -> int:
+    """The process's umask (Linux reads it without changing it; elsewhere set and restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(path: str | Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes a plain ``open`` or
+    ``mkdir`` would: mkstemp, mkdtemp and safetensors' writer (a private temporary file renamed
+    into place) make them 0600/0700, and a checkpoint or results file shared on a cluster was
+    unreadable by the rest of the group."""
+    mask = current_umask()
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's file is private (0600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

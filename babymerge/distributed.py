@@ -6,11 +6,14 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from babymerge.config import InputError
+
+T = TypeVar("T")
 
 
 # How long a rank may wait in a collective. On a first run rank 0 of each node tokenises the
@@ -87,6 +90,16 @@ def setup(device: str = "auto") -> World:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def from_main(world: World, make: Callable[[], T]) -> T:
+    """``make()`` run on rank 0 only and its result handed to every rank (objects of our own
+    making between our own processes; nothing read from a file is unpickled)."""
+    if not world.distributed:
+        return make()
+    box = [make() if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def mean_over_ranks(value: torch.Tensor, world: World) -> torch.Tensor:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from babymerge import __version__
 from babymerge.distributed import resolve_device
-from babymerge.config import InputError, arg, config_to_dict, exclusive, opt
+from babymerge.config import InputError, arg, config_to_dict, exclusive, opt, plain_modes
 from babymerge.featurefile import (BLACK, FAILED, FEATURES, IDS, LAYER, POOLING, STR_DTYPE,
                                    FeatureFileError, decode_strings, reading)
 from babymerge.images import (DEFAULT_MAX_PIXELS, UNREADABLE, GpuJpegDecoder, ImageDataset,
@@ -291,6 +291,7 @@ def save_random_dinov2(directory: str | Path, hidden_size: int = 64, num_layers:
                          image_mean=list(IMAGENET_DEFAULT_MEAN),
                          image_std=list(IMAGENET_DEFAULT_STD),
                          resample=3).save_pretrained(directory)
+    plain_modes(directory)
     return directory
 
 

@@ -50,6 +50,7 @@ the merge methods.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -62,7 +63,7 @@ import torch
 
 from babymerge.config import (atomic_write_bytes, atomic_write_text, exclusive, opt,
                               output_folder)
-from babymerge.distributed import resolve_device
+from babymerge.distributed import World, barrier, from_main, setup, teardown
 from babymerge.evaluate import (DTYPES, PreparedTask, check_feature_dim, check_feature_encoder,
                                 checkpoint_max_positions, checkpoint_tokenizer, evaluate_tasks,
                                 load_tasks, task_summary)
@@ -79,8 +80,8 @@ from babymerge.merge_report import (DEFAULT_OBJECTIVE, choose, objective, parse_
 from babymerge.merge_stats import (CONFIDENCE, SELECT_ON, Split, encode_outcomes, has_outcomes,
                                    paired_interval, rescore, split_items)
 from babymerge.merge_resume import (fingerprint_checkpoints, is_kept, kept_identity, kept_path,
-                                    log_record, method_settings, open_run, reuse_line,
-                                    save_run_config)
+                                    log_record, method_settings, open_run, read_metrics,
+                                    reuse_line, save_run_config)
 from babymerge.model import BLACK_FEATURE_FILE, check_replaceable, load_model, save_checkpoint
 
 
@@ -301,6 +302,18 @@ class _Run:
                         self.vlm_names)["alpha"]
         return self.keep + ([chosen] if chosen not in self.keep else [])
 
+    def take_logged(self, logged: list[dict]) -> None:
+        """Points and unmerged endpoint records from the log, the objective recomputed (it may
+        change on a resume); a record without per-item outcomes (an older babymerge's) is left
+        out, to be scored again."""
+        for r in logged:
+            if not has_outcomes(r, self.tasks):
+                continue
+            if "endpoint" in r:
+                self.end_records[(r["vlm"], r["endpoint"])] = r
+            else:
+                self.points[(r["vlm"], r["alpha"])] = with_objective(r, self.summary, self.groups)
+
     def on_selection(self, records: list[dict]) -> list[dict]:
         """``records`` with the objective of their selection items, what the rule compares."""
         if self.cfg.select_on == "all":
@@ -318,60 +331,92 @@ def with_objective(rec: dict, summary: dict, groups: dict) -> dict:
             **{k: rec[k] for k in tail if k in rec}}
 
 
-def _sweep_vlm(run: _Run, index: int) -> tuple[list[dict], dict, list[str]]:
+def _needed_ends(run: _Run) -> list[str]:
+    """The unmerged endpoints scored apart from the grid: with linear merging the grid's 0 and 1
+    ARE the endpoints; other methods score the two unmerged models, so the plot shows what the
+    method gains or loses. Logged like the points, so a resumed run need not load a finished VLM
+    just for them."""
+    linear = run.cfg.method == "linear"
+    return [w for w, a in (("vlm", 0.0), ("lm", 1.0)) if not (linear and a in run.grid)]
+
+
+def _sweep_vlm(run: _Run, index: int, share: set | None = None
+               ) -> tuple[list[dict], dict, list[str]] | None:
     """VLM ``index``'s grid (logged points reused, the rest merged, scored and logged), its
     unmerged endpoints' records and its kept checkpoints: (records, endpoints, kept paths). Its
-    live model and copies are freed on return: one VLM's resident at a time."""
+    live model and copies are freed on return: one VLM's resident at a time.
+
+    ``share``: a torchrun rank's part of the unlogged work (alphas, and "vlm"/"lm" for unmerged
+    endpoints), scored and logged without assembling anything (None is returned): rank 0 then
+    runs this again over the whole log, with nothing left to score."""
     cfg, grid, name = run.cfg, run.grid, run.vlm_names[index]
-    linear = cfg.method == "linear"
-    # with linear merging the grid's 0 and 1 ARE the endpoints; other methods score the two
-    # unmerged models, so the plot shows what the method gains or loses. Unmerged scores are
-    # logged like the points, so a resumed run need not load a finished VLM just for them.
-    needed_ends = [w for w, a in (("vlm", 0.0), ("lm", 1.0)) if not (linear and a in grid)]
-    todo = [a for a in grid if (name, a) not in run.points]
-    missing_ends = [w for w in needed_ends if (name, w) not in run.end_records]
+    needed_ends = _needed_ends(run)
+    todo = [a for a in grid if (name, a) not in run.points and (share is None or a in share)]
+    missing_ends = [w for w in needed_ends
+                    if (name, w) not in run.end_records and (share is None or w in share)]
     sweep = method = None
     # a VLM whose points are all logged and whose kept checkpoints are all there is not even
     # read (to_keep needs the whole grid: evaluated only when todo is empty)
-    if todo or missing_ends or any(run.unsaved(name, a) for a in run.to_keep(name)):
+    if todo or missing_ends or (share is None
+                                and any(run.unsaved(name, a) for a in run.to_keep(name))):
         sweep, method = run.start(index, score_vlm="vlm" in missing_ends)
-    records = []
-    for alpha in grid:
-        if (name, alpha) in run.points:
-            rec = run.points[(name, alpha)]
-        else:
-            rec = run.points[(name, alpha)] = run.log(sweep.merge_and_score(method, alpha))
-            if alpha in run.keep and run.unsaved(name, alpha):
-                sweep.save(method, alpha, current=alpha)  # live already: no merge to redo
-        records.append(rec)
+    for alpha in todo:
+        run.points[(name, alpha)] = run.log(sweep.merge_and_score(method, alpha))
+        if alpha in run.keep and run.unsaved(name, alpha):
+            sweep.save(method, alpha, current=alpha)  # live already: no merge to redo
     if "lm" in missing_ends:
         run.log(sweep.score_unmerged(run.endpoint("lm"), "lm"))
+    if share is not None:
+        return None
     ends = {w: run.end_records[(name, w)] for w in needed_ends}
-    if linear:
-        ends.update({w: run.points[(name, a)] for w, a in (("vlm", 0.0), ("lm", 1.0))
-                     if a in grid})
+    ends.update({w: run.points[(name, a)] for w, a in (("vlm", 0.0), ("lm", 1.0))
+                 if w not in needed_ends})
     kept = []
     for alpha in run.to_keep(name):
         if run.unsaved(name, alpha):
             sweep.save(method, alpha)
         kept.append(str(kept_path(cfg, name, alpha)))
-    return records, {"vlm": ends["vlm"], "lm": ends["lm"]}, kept
+    return [run.points[(name, a)] for a in grid], {"vlm": ends["vlm"], "lm": ends["lm"]}, kept
 
 
-def merge(cfg: MergeConfig) -> dict:
+def _shares(run: _Run, world: World) -> dict[int, set]:
+    """This rank's part of the unlogged work, by VLM index: the (VLM, alpha or endpoint) items in
+    sweep order, cut into ``world_size`` contiguous runs, so a rank loads as few VLMs as it can
+    (a single VLM's grid is split between the ranks, each loading it once)."""
+    items = [(i, a) for i, name in enumerate(run.vlm_names)
+             for a in [*[a for a in run.grid if (name, a) not in run.points],
+                       *[w for w in _needed_ends(run) if (name, w) not in run.end_records]]]
+    size = -(-len(items) // world.world_size)
+    shares: dict[int, set] = {}
+    for i, a in items[world.rank * size:(world.rank + 1) * size]:
+        shares.setdefault(i, set()).add(a)
+    return shares
+
+
+def merge(cfg: MergeConfig) -> dict | None:
     """Run the sweep(s); write results.json/.md, alpha_curve.png (and checkpoint_curve.png for a
-    checkpoint sweep), metrics.jsonl and the kept checkpoints; return the results.json content."""
+    checkpoint sweep), metrics.jsonl and the kept checkpoints; return the results.json content.
+    Under torchrun the ranks share the unlogged points; rank 0 returns the results, the others
+    None."""
+    world = setup(cfg.device)
+    try:
+        return _merge(cfg, world)
+    finally:
+        teardown(world)
+
+
+def _merge(cfg: MergeConfig, world: World) -> dict | None:
     cfg = replace(cfg, vlm=order_by_training(cfg.vlm))
     grid = parse_alpha_grid(cfg.alpha_grid, cfg.allow_extrapolation)
     keep, keep_chosen = parse_keep(cfg.keep, cfg.allow_extrapolation)
     method_cls = MERGE_METHODS[cfg.method]
-    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    device, dtype = world.device, DTYPES[cfg.dtype]
 
     # every check that reads only headers, configs and task files runs before any tensor is loaded
     names = _mergeable_names(cfg, method_cls)
     vlm_names = checkpoint_names(cfg.vlm)
     with ThreadPoolExecutor(1) as pool:  # the checkpoints are hashed while the tasks load
-        hashing = pool.submit(fingerprint_checkpoints, cfg, vlm_names)
+        hashing = pool.submit(fingerprint_checkpoints, cfg, vlm_names) if world.is_main else None
         tokenizer = checkpoint_tokenizer(cfg.vlm[0], "--vlm")
         check_tokenizers(cfg.lm, cfg.vlm, tokenizer)
         # without --features, text-only tasks use the /black feature the (first) VLM was
@@ -383,24 +428,28 @@ def merge(cfg: MergeConfig) -> dict:
         for name in vlm_names:  # a kept folder that is the user's is refused before any scoring
             for alpha in keep:
                 check_replaceable(kept_path(cfg, name, alpha), "--keep")
-        fingerprints = hashing.result()
+        fingerprints = hashing.result() if hashing else None
 
     output_folder(cfg.out)
-    with exclusive(cfg.out / LOCK_FILE, "merge", MergeError):  # one merge writes OUT at a time
-        identity, logged = open_run(cfg, tasks, vlm_names, fingerprints)
-        # a record without per-item outcomes (an older babymerge's) is scored again
-        logged = [r for r in logged if has_outcomes(r, tasks)]
+    # one merge writes OUT at a time; the ranks of a torchrun sweep are one merge
+    with (exclusive(cfg.out / LOCK_FILE, "merge", MergeError) if world.is_main
+          else contextlib.nullcontext()):
+        identity, logged = from_main(world, lambda: open_run(cfg, tasks, vlm_names, fingerprints))
         run = _Run(cfg, grid, keep, keep_chosen, method_cls, names, tasks, tokenizer, device, dtype,
-                   vlm_names, identity,
-                   # the objective from the logged scores: --objective may change on a resume
-                   points={(r["vlm"], r["alpha"]): with_objective(r, summary, groups)
-                           for r in logged if "endpoint" not in r},
-                   end_records={(r["vlm"], r["endpoint"]): r for r in logged if "endpoint" in r},
+                   vlm_names, identity, points={}, end_records={},
                    split=split_items(tasks, cfg.select_on, cfg.select_seed), summary=summary,
                    groups=groups)
+        run.take_logged(logged)
         line = reuse_line(run.points, run.end_records, vlm_names, grid)
-        if line:
+        if line and world.is_main:
             click.echo(line)
+        if world.distributed:  # each rank scores its share, then rank 0 assembles the log
+            for index, share in _shares(run, world).items():
+                _sweep_vlm(run, index, share)
+            barrier(world)
+            if not world.is_main:
+                return None
+            run.take_logged(read_metrics(cfg.out / "metrics.jsonl"))
         records, ends, kept = [], {}, []
         for index, vlm_name in enumerate(vlm_names):
             recs, ends[vlm_name], kept_paths = _sweep_vlm(run, index)

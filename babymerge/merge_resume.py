@@ -11,8 +11,10 @@ CPU whatever the device), --allow-extrapolation.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,13 +38,40 @@ def kept_path(cfg: MergeConfig, vlm_name: str, alpha: float) -> Path:
 
 
 def log_record(path: Path, rec: dict) -> None:
-    # one write of one whole line per record, appended as soon as it is scored: a kill leaves at
-    # most the last line cut short, which read_metrics drops (that point is scored again)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
+    """Append ``rec`` as one line, as soon as it is scored. Ranks of a torchrun sweep append to
+    the same file: each write is one ``os.write`` under an exclusive lock, after cutting off the
+    unfinished last line of a writer killed mid-line (its point is scored again), which would
+    otherwise end up in the middle of the log. A kill leaves at most the last line cut short,
+    which :func:`read_metrics` drops."""
+    line = (json.dumps(rec) + "\n").encode("utf-8")
+    with path.open("a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            _cut_unfinished_line(f)
+            os.write(f.fileno(), line)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
     shown = " ".join(f"{n}={s:.4f}" for n, s in rec["scores"].items())
     what = f"{rec['endpoint'].upper()} unmerged" if "endpoint" in rec else f"alpha={rec['alpha']}"
     click.echo(f"[{rec['vlm']}] {what}: {shown} objective={rec['objective']:.4f}")
+
+
+def _cut_unfinished_line(f) -> None:
+    """Truncate an open log after its last newline (nothing to do when it ends with one)."""
+    end = f.seek(0, os.SEEK_END)
+    position = end
+    while position > 0:
+        start = max(0, position - (1 << 16))
+        f.seek(start)
+        block = f.read(position - start)
+        if position == end and block.endswith(b"\n"):
+            return
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            f.truncate(start + cut + 1)
+            return
+        position = start
+    f.truncate(0)
 
 
 _HASH_CHUNK = 1 << 20

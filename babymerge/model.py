@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import os
 import re
 import shutil
 import tempfile
@@ -34,7 +33,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from babymerge import kernels
-from babymerge.config import InputError
+from babymerge.config import InputError, plain_modes
 
 IMAGE_TOKEN = "<image>"
 # The /black feature a model was trained with (text-only inputs carry it), saved in its checkpoint
@@ -153,6 +152,12 @@ class BabyLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.lm_head = torch.nn.Linear(config.text_config.hidden_size,
                                        config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def should_save_on_this_rank(self, is_main_process: bool) -> bool:
+        """Whoever calls save_pretrained writes. transformers (5.25) writes only on rank 0 of an
+        initialised process group: each rank of a torchrun merge keeps its own points, and a
+        rank's kept checkpoint lost its weights and config.json without a word."""
+        return is_main_process
 
 
 def register_with_auto_classes() -> None:
@@ -388,15 +393,17 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=Non
         # old directory is only left beside a complete new one once recovered above
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    # mkdtemp's folder is private (0700); the checkpoint gets what a plain mkdir would give
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
     try:
         if getattr(getattr(model, "config", None), "model_type", None) == "babyllava":
             model.config.auto_map = dict(AUTO_MAP)
             shutil.copyfile(MODELING_FILE, tmp / MODELING_FILE.name)
         model.save_pretrained(tmp, safe_serialization=True)
+        if not (tmp / "config.json").is_file() or not (
+                (tmp / "model.safetensors").is_file()
+                or (tmp / "model.safetensors.index.json").is_file()):
+            raise RuntimeError(f"save_pretrained wrote no weights or config for {directory} "
+                               "(transformers saves on rank 0 only where a process group "
+                               "exists); nothing was replaced")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
@@ -405,6 +412,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer=Non
             write_extra(tmp)
         (tmp / OWNED_MARKER).write_text("written by babymerge; it may replace this folder\n",
                                         encoding="utf-8")
+        plain_modes(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -22,6 +22,10 @@ VLM and LM are written as checkpoints, then ``--alphas`` points are merged (no s
   folders (mergekit does not know BabyLLaVA); it writes every merged model to disk, as it must;
 - ``mergekit_cli`` (``--mergekit-cli``): ``mergekit-yaml`` once per alpha.
 
+A sweep across processes (``--ranks N``): ``babymerge merge`` itself, scoring the built-in world's
+minimal pairs (text only) at every alpha, as one process with every core and as ``torchrun
+--nproc-per-node N`` with the cores shared out; the results must be the same.
+
 mergekit's merged tensors are compared with ``torch.lerp`` of the exported tensors. Prints one
 JSON object, with (on a GPU) the % of the memory's datasheet bandwidth. ``--quick`` (and the
 default on CPU) uses the ``small`` preset.
@@ -288,6 +292,55 @@ def sweep(preset: str, vocab: int, device, alphas: list[float], python_mk: str |
         shutil.rmtree(root, ignore_errors=True)
 
 
+def ranks_sweep(preset: str, ranks: int, alphas: str, pairs: int) -> dict:
+    """Part three: the real ``babymerge merge`` command, one process against ``ranks``."""
+    import torch
+
+    from babymerge.model import MODEL_PRESETS, build_model, save_black_feature, save_checkpoint
+    from babymerge.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer
+    from babymerge.world import WorldConfig, generate_world
+
+    root = Path(tempfile.mkdtemp())
+    try:
+        world = generate_world(WorldConfig(train_images=8, eval_images=8, text_words=20_000,
+                                           pairs_per_phenomenon=pairs), root / "world",
+                               progress=False)
+        train_tokenizer(TokenizerConfig(corpus=[world.corpus], out=root / "tok",
+                                        vocab_size=2000, progress=False))
+        tok = load_tokenizer(root / "tok")
+        ids = dict(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
+                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                   eos_token_id=tok.eos_token_id)
+        for seed, name in ((1, "vlm"), (2, "lm")):
+            black = torch.randn(MODEL_PRESETS[preset].feature_dim)
+            save_checkpoint(build_model(MODEL_PRESETS[preset], seed=seed, **ids), root / name,
+                            tok, write_extra=lambda d, b=black: save_black_feature(d, b))
+        args = ["merge", "--lm", str(root / "lm"), "--vlm", str(root / "vlm"), "-t",
+                f"minimal_pairs:{world.minimal_pairs}", "--alpha-grid", alphas, "--keep", "none",
+                "--bootstrap", "0", "--no-progress", "--device", "cpu"]
+        cores = os.cpu_count() or 1
+        timings, results = {}, {}
+        for name, n in (("one_process", 1), (f"torchrun_{ranks}", ranks)):
+            launcher = ([] if n == 1 else
+                        ["-m", "torch.distributed.run", "--nproc-per-node", str(n),
+                         "--master-port", str(29500 + os.getpid() % 1000)])
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))}
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, *launcher, "-m", "babymerge.cli", *args, "--out",
+                            str(root / name)], env=env, check=True, capture_output=True)
+            timings[name] = time.perf_counter() - t0
+            results[name] = json.loads((root / name / "results.json").read_text())
+        scores = {name: [r["scores"] for r in res["records"]] for name, res in results.items()}
+        one, many = timings["one_process"], timings[f"torchrun_{ranks}"]
+        tasks = results["one_process"]["tasks"].values()
+        return {"ranks": ranks, "cores": cores, "items": sum(t["items"] for t in tasks),
+                "points": len(results["one_process"]["records"]), "wall_s": timings,
+                "speedup": one / many, "same_scores": len({json.dumps(v) for v in
+                                                           scores.values()}) == 1}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _tokenizer(vocab: int):
     """A tokenizer of ``vocab`` entries with BabyLLaVA's specials (export needs one; its merges
     do not matter to a timing)."""
@@ -339,6 +392,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a Python with mergekit installed (default: this one, if it has it)")
     parser.add_argument("--mergekit-cli", action="store_true",
                         help="also time mergekit-yaml once per alpha (slow: a process each)")
+    parser.add_argument("--ranks", type=int, default=0,
+                        help="also time `babymerge merge` as one process and under torchrun "
+                        "with this many ranks (CPU: the cores shared out)")
+    parser.add_argument("--pairs", type=int, default=50,
+                        help="--ranks: minimal pairs per UID of the world scored at each alpha")
     parser.add_argument("--driver", help=argparse.SUPPRESS)
     parser.add_argument("--driver-args", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -365,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sweep:
         result["sweep"] = sweep(preset, args.vocab, device, parse_alpha_grid(args.alphas, False),
                                 mergekit_python(args.mergekit_python), args.mergekit_cli)
+    if args.ranks:
+        result["ranks_sweep"] = ranks_sweep(preset, args.ranks, args.alphas, args.pairs)
     print(json.dumps(result, indent=2))
     return result
 

@@ -290,3 +290,20 @@ def test_the_machines_refusal_is_found_in_other_libraries_errors(error, code, fi
     else:
         assert (found.errno, found.filename) == (code, filename)
         assert found.strerror == os.strerror(code)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_atomic_writes_have_the_modes_a_plain_write_gives(tmp_path, umask):
+    """results.json, metrics.jsonl, plots: mkstemp's private 0600 made them unreadable by the
+    group; they get what open() gives under the user's umask."""
+    import stat
+
+    from babymerge.config import atomic_write_text, current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        atomic_write_text(tmp_path / "results.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o666 & ~umask

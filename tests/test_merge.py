@@ -295,3 +295,49 @@ def test_a_second_merge_into_the_same_out_is_refused(eval_world, tmp_path):
                               task=[eval_world.specs["blimp"]], features=eval_world.features,
                               out=out, alpha_grid="0,1", keep="none", progress=False))
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_two_torchrun_ranks_share_the_sweep_and_give_one_process_results(eval_world, tmp_path):
+    """`torchrun --nproc-per-node 2 babymerge merge`: three VLMs x three alphas, nine points cut
+    5/4 (one VLM's grid split between the ranks), each point scored once, one metrics.jsonl, and
+    results.json and the kept checkpoints (0.5 of each VLM, and the winner, kept by rank 0 after
+    the others finished) as one process gives them."""
+    import os
+    import subprocess
+    import sys
+
+    world = eval_world
+    third = make_checkpoint(tmp_path / "vlm3", world.tokenizer, seed=3)
+    args = ["merge", "--lm", str(world.lm), "--vlm", str(world.vlm), "--vlm", str(world.base),
+            "--vlm", str(third), "--features", str(world.features), "--alpha-grid", "0,0.5,1",
+            "--keep", "0.5,chosen", "--bootstrap", "100", "--no-progress", "--device", "cpu"]
+    args += [a for spec in world.specs.values() for a in ("-t", spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    one = subprocess.run([sys.executable, "-m", "babymerge.cli", *args, "--out",
+                          str(tmp_path / "one")], env=env, cwd=repo, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(29500 + os.getpid() % 1000 + 7), "-m",
+                          "babymerge.cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def comparable(out: Path) -> dict:
+        results = json.loads((out / "results.json").read_text())
+        results["records"] = [{k: v for k, v in r.items() if not k.endswith("_s")}
+                              for r in results["records"]]
+        results["kept"] = [str(Path(k).relative_to(out)) for k in results["kept"]]
+        return results
+
+    assert comparable(tmp_path / "two") == comparable(tmp_path / "one")
+    logged = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").open()]
+    assert sorted((r["vlm"], r["alpha"]) for r in logged) == sorted(
+        (v, a) for v in ("vlm", "base", "vlm3") for a in (0.0, 0.5, 1.0))
+    kept = comparable(tmp_path / "one")["kept"]
+    assert len(kept) >= 3
+    for k in kept:
+        ours = load_file(str(tmp_path / "two" / k / "model.safetensors"))
+        theirs = load_file(str(tmp_path / "one" / k / "model.safetensors"))
+        assert all(torch.equal(ours[n], theirs[n]) for n in theirs)

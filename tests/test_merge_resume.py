@@ -328,6 +328,23 @@ def test_a_damaged_log_line_is_named_and_kept_until_restart(eval_world, tmp_path
     assert len(metrics.read_text().splitlines()) == 2
 
 
+def test_an_append_after_a_writer_killed_mid_line_cuts_that_line_first(tmp_path):
+    """torchrun ranks append to one log: a rank killed mid-line must not leave its half line in
+    the middle of the log, where read_metrics would refuse it, once another rank appends."""
+    from babymerge.merge_resume import log_record, read_metrics
+
+    rec = {"alpha": 0.5, "vlm": "v", "scores": {"t": 0.5}, "objective": 0.5}
+    path = tmp_path / "metrics.jsonl"
+    log_record(path, rec)
+    with path.open("a") as f:
+        f.write('{"alpha": 0.7, "vlm": "v", "scores": {"t"' + "x" * 70_000)  # > one read block
+    log_record(path, {**rec, "alpha": 1.0})
+    assert [r["alpha"] for r in read_metrics(path)] == [0.5, 1.0]
+    path.write_text('{"cut": ')  # a first line cut short: nothing before it to keep
+    log_record(path, rec)
+    assert [r["alpha"] for r in read_metrics(path)] == [0.5]
+
+
 def test_save_checkpoint_itself_removes_killed_saves(tmp_path):
     """merge's own cleanup of a killed save's temporary folder moved into save_checkpoint, so
     every caller gets it (train's resume/ and word-count checkpoints too); the folder name is
@@ -337,7 +354,12 @@ def test_save_checkpoint_itself_removes_killed_saves(tmp_path):
     from babymerge.model import save_checkpoint
 
     model = torch.nn.Linear(2, 2)
-    model.save_pretrained = lambda path, safe_serialization: (Path(path) / "w").write_text("w")
+
+    def save_pretrained(path, safe_serialization):
+        for name in ("w", "config.json", "model.safetensors"):  # what save_checkpoint checks
+            (Path(path) / name).write_text("w")
+
+    model.save_pretrained = save_pretrained
     for name, stale, other in (("resume", ".resume.k1ll3d", ".resume_old.keep"),
                                ("a[1]", ".a[1].k1ll3d", ".a1.keep")):
         (tmp_path / stale).mkdir()

@@ -163,6 +163,28 @@ def test_non_finite_weights_and_black_feature_are_refused(tmp_path):
         load_black_feature(folder)
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_a_checkpoint_has_the_modes_a_plain_write_gives(tmp_path, umask):
+    """safetensors writes through a private temporary file (0600) and mkdtemp makes 0700: a
+    checkpoint shared on a cluster was unreadable by the group. Every file and folder gets what
+    open() and mkdir() give under the user's umask."""
+    import os
+    import stat
+
+    from babymerge.model import save_black_feature
+
+    old = os.umask(umask)
+    try:
+        folder = save_checkpoint(build_model(MODEL_PRESETS["tiny"], seed=0, **IDS),
+                                 tmp_path / "ck",
+                                 write_extra=lambda d: save_black_feature(d, torch.zeros(8)))
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.iterdir()]}
+    assert {"model.safetensors", "black_feature.safetensors", "config.json"} <= set(modes)
+    assert modes == {n: (0o777 if n == "ck" else 0o666) & ~umask for n in modes}
+
+
 def test_check_finite_is_exact_where_a_sum_would_mislead():
     """The quick test is a tensor's sum: finite values summing past float32's range are still
     finite, and +inf with -inf (a NaN sum) or a NaN in half precision are still refused."""

@@ -75,6 +75,14 @@ def test_bench_merge_sweeps_start_cold_and_name_what_they_did_not_run(capsys):
         assert sweep["mergekit"].startswith("not run")
 
 
+def test_bench_merge_times_the_command_across_ranks_with_the_same_scores(capsys):
+    result = load("bench_merge").main(["--preset", "tiny", "--vocab", "300", "--repeats", "1",
+                                       "--device", "cpu", "--ranks", "2", "--pairs", "5",
+                                       "--alphas", "0,1"])["ranks_sweep"]
+    assert result["same_scores"] and result["points"] == 2 and result["items"] == 35
+    assert set(result["wall_s"]) == {"one_process", "torchrun_2"} and result["speedup"] > 0
+
+
 def test_bench_eval_packed_equals_the_pipelines_way(capsys):
     result = load("bench_eval").main(["--preset", "tiny", "--vocab", "300", "--pairs", "4",
                                       "--device", "cpu", "--with-single"])
