@@ -68,6 +68,8 @@ from babymerge.evaluate import (DTYPES, PreparedTask, check_feature_dim, check_f
                                 checkpoint_max_positions, checkpoint_tokenizer, evaluate_tasks,
                                 load_tasks, task_summary)
 from babymerge.tasks import parse_task_spec
+from babymerge.merge_groups import (ParameterGroups, coordinate_search, merge_groups_,
+                                    parse_groups, pareto_front, point_key, sensitivity)
 from babymerge.merge_inputs import (MergeError, check_config_matches_weights, check_mergeable,
                                     check_same_computation,
                                     check_tokenizers, checkpoint_names, expand_checkpoint_patterns,
@@ -75,8 +77,8 @@ from babymerge.merge_inputs import (MergeError, check_config_matches_weights, ch
                                     read_tensors)
 from babymerge.merge_methods import MERGE_METHODS, MergeMethod
 from babymerge.merge_report import (DEFAULT_OBJECTIVE, choose, objective, parse_objective,
-                                    plot_alpha_curve, plot_checkpoint_curve, results_markdown,
-                                    rule_text)
+                                    plot_alpha_curve, plot_checkpoint_curve, plot_pareto,
+                                    results_markdown, rule_text)
 from babymerge.merge_stats import (CONFIDENCE, SELECT_ON, Split, encode_outcomes, has_outcomes,
                                    paired_interval, rescore, split_items)
 from babymerge.merge_resume import (fingerprint_checkpoints, is_kept, kept_identity, kept_path,
@@ -123,6 +125,14 @@ class MergeConfig:
     select_seed: int = opt(0, "seed of the --select-on half split and of the bootstrap")
     bootstrap: int = opt(1000, "paired bootstrap replicates for the 95% intervals of every "
                          "point against both unmerged endpoints (0: none)")
+    groups: str = opt("none", "also search an alpha per parameter group, from the chosen uniform "
+                      "alpha: 'kind' (embeddings, attention, mlp, norms, head, projector), "
+                      "'depth' (embeddings, lower/middle/upper layers, head, projector), or "
+                      "NAME=REGEX,...;NAME=... ('none': the paper's one alpha; one --vlm, "
+                      "linear only)")
+    group_grid: str = opt("0:1:0.25", "alphas each group tries (--groups)")
+    group_rounds: int = opt(3, "--groups: rounds of coordinate ascent at most (each tries every "
+                            "group at every --group-grid value, then takes the best move)")
     restart: bool = opt(False, "discard the points already logged in OUT/metrics.jsonl and sweep "
                         "afresh (by default a rerun reuses those made with the same checkpoints, "
                         "tasks, method and dtype); the same --restart command run again after an "
@@ -154,6 +164,13 @@ class MergeConfig:
                              f"{', '.join(SELECT_ON)}")
         if self.bootstrap < 0:
             raise ValueError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        if self.groups != "none":
+            if len(self.vlm) > 1 or self.method != "linear":
+                raise ValueError("--groups: searches one --vlm's per-group alphas with "
+                                 "--method linear")
+            if self.group_rounds < 1:
+                raise ValueError(f"--group-rounds must be >= 1, got {self.group_rounds}")
+            parse_alpha_grid(self.group_grid, self.allow_extrapolation)
         parse_objective(self.objective)
         grid = parse_alpha_grid(self.alpha_grid, self.allow_extrapolation)
         off_grid = [a for a in parse_keep(self.keep, self.allow_extrapolation)[0] if a not in grid]
@@ -225,6 +242,10 @@ class _Sweep:
                       "method": self.cfg.method,
                       "base": str(self.cfg.base) if self.cfg.base else None,
                       "identity": self.kept_identity}
+        return self.write(kept_path(self.cfg, self.vlm_name, alpha), provenance, "--keep")
+
+    def write(self, target: Path, provenance: dict, flag: str) -> str:
+        """The live model as a checkpoint at ``target``, with ``merge.json`` saying what it is."""
         black = self.vlm_dir / BLACK_FEATURE_FILE
 
         def copy_black(tmp: Path) -> None:
@@ -232,10 +253,9 @@ class _Sweep:
             if black.is_file():
                 shutil.copy2(black, tmp / BLACK_FEATURE_FILE)
 
-        target = kept_path(self.cfg, self.vlm_name, alpha)
         return str(save_checkpoint(self.model, target, self.tokenizer,
                                    extra_files={"merge.json": json.dumps(provenance, indent=2)},
-                                   write_extra=copy_black, flag="--keep"))
+                                   write_extra=copy_black, flag=flag))
 
 
 @dataclass
@@ -258,6 +278,7 @@ class _Run:
     identity: dict
     points: dict[tuple[str, float], dict]
     end_records: dict[tuple[str, str], dict]
+    group_points: dict[str, dict]
     split: Split
     summary: dict
     groups: dict
@@ -311,6 +332,9 @@ class _Run:
                 continue
             if "endpoint" in r:
                 self.end_records[(r["vlm"], r["endpoint"])] = r
+            elif "group_alphas" in r:
+                self.group_points[point_key(r["group_alphas"])] = with_objective(
+                    r, self.summary, self.groups)
             else:
                 self.points[(r["vlm"], r["alpha"])] = with_objective(r, self.summary, self.groups)
 
@@ -326,7 +350,7 @@ def with_objective(rec: dict, summary: dict, groups: dict) -> dict:
     """A logged record with its group means and objective under ``groups`` (its other fields as
     they were, in :meth:`_Sweep._score`'s order)."""
     head = ("alpha", "vlm", "scores")
-    tail = ("groups", "merge_s", "eval_s", "items", "endpoint")
+    tail = ("group_alphas", "groups", "merge_s", "eval_s", "items", "endpoint")
     return {**{k: rec[k] for k in head if k in rec}, **objective(rec["scores"], summary, groups),
             **{k: rec[k] for k in tail if k in rec}}
 
@@ -436,7 +460,7 @@ def _merge(cfg: MergeConfig, world: World) -> dict | None:
           else contextlib.nullcontext()):
         identity, logged = from_main(world, lambda: open_run(cfg, tasks, vlm_names, fingerprints))
         run = _Run(cfg, grid, keep, keep_chosen, method_cls, names, tasks, tokenizer, device, dtype,
-                   vlm_names, identity, points={}, end_records={},
+                   vlm_names, identity, points={}, end_records={}, group_points={},
                    split=split_items(tasks, cfg.select_on, cfg.select_seed), summary=summary,
                    groups=groups)
         run.take_logged(logged)
@@ -457,7 +481,10 @@ def _merge(cfg: MergeConfig, world: World) -> dict | None:
             kept += kept_paths
         best = choose(run.on_selection(records), vlm_names)
         kept += _keep_the_winner(run, best)
-        shown, endpoints = _reported(run, records, ends)
+        groups_found, tried = (_search_groups(run, best["alpha"]) if cfg.groups != "none"
+                               else (None, []))
+        shown, endpoints = _reported(run, records + tried, ends)
+        shown, tried_shown = shown[:len(records)], shown[len(records):]
         best = next(r for r in shown if (r["vlm"], r["alpha"]) == (best["vlm"], best["alpha"]))
         results = {"tasks": summary, "records": shown, "chosen_alpha": best["alpha"],
                    "chosen_vlm": best["vlm"],
@@ -466,6 +493,8 @@ def _merge(cfg: MergeConfig, world: World) -> dict | None:
                                  vlm_names)["alpha"]
                        for n in vlm_names},
                    "selection": _selection_summary(cfg, run.split),
+                   **({"groups": _groups_summary(run, groups_found, shown, tried_shown, tried)}
+                      if tried else {}),
                    "rule": rule_text(groups),
                    "objective_groups": {g: list(members) for g, members in groups.items()},
                    "method": {"name": cfg.method, "reference": method_cls.reference,
@@ -490,7 +519,7 @@ def _reported(run: _Run, records: list[dict], ends: dict[str, dict]
     cfg = run.cfg
 
     def on_report(rec: dict) -> dict:
-        head = {k: rec[k] for k in ("alpha", "vlm") if k in rec}
+        head = {k: rec[k] for k in ("alpha", "vlm", "group_alphas") if k in rec}
         timings = {k: rec[k] for k in ("merge_s", "eval_s") if k in rec}
         if cfg.select_on == "all":
             return {k: v for k, v in rec.items() if k not in ("items", "endpoint")}
@@ -511,6 +540,74 @@ def _reported(run: _Run, records: list[dict], ends: dict[str, dict]
     endpoints = {name: {w: on_report(e)["scores"] for w, e in pair.items()}
                  for name, pair in ends.items()}
     return shown, endpoints
+
+
+def _search_groups(run: _Run, start: float) -> tuple[ParameterGroups, list[dict]]:
+    """--groups: the coordinate search from the chosen uniform ``start``, each point merged into
+    the live model group by group, scored and logged (a logged point is reused); the best one
+    kept as ``OUT/groups_best/``. Returns the groups and the records of the points tried (in the
+    search's order, with ``"probe"`` and ``"best"`` marks)."""
+    cfg = run.cfg
+    groups = parse_groups(cfg.groups, run.names)
+    loaded: dict = {}
+
+    def score(alphas: dict[str, float]) -> dict:
+        key = point_key(alphas)
+        if key not in run.group_points:
+            if not loaded:
+                loaded["sweep"], loaded["method"] = run.start(0, score_vlm=False)
+            sweep, method = loaded["sweep"], loaded["method"]
+            t0 = time.perf_counter()
+            merge_groups_(sweep.live, method.lm, method.vlm, groups, alphas)
+            rec = sweep._score(None, time.perf_counter() - t0)
+            run.group_points[key] = run.log({**rec, "group_alphas": dict(alphas)})
+        return run.on_selection([run.group_points[key]])[0]
+
+    tried = coordinate_search(groups.names, start, parse_alpha_grid(
+        cfg.group_grid, cfg.allow_extrapolation), cfg.group_rounds, score)
+    best = next(r for r in tried if r["best"])
+    target = cfg.out / "groups_best"
+    provenance = {"lm": str(cfg.lm), "vlm": str(cfg.vlm[0]), "method": "linear",
+                  "groups": cfg.groups, "group_alphas": best["group_alphas"],
+                  "identity": kept_identity(run.identity, run.vlm_names[0])}
+    if _saved_provenance(target) != provenance:
+        if not loaded:
+            loaded["sweep"], loaded["method"] = run.start(0, score_vlm=False)
+        sweep, method = loaded["sweep"], loaded["method"]
+        merge_groups_(sweep.live, method.lm, method.vlm, groups, best["group_alphas"])
+        sweep.write(target, provenance, "--groups")
+    return groups, [{**run.group_points[point_key(r["group_alphas"])],
+                     **{k: r[k] for k in ("round", "probe", "best") if k in r}} for r in tried]
+
+
+def _saved_provenance(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / "merge.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _groups_summary(run: _Run, groups: ParameterGroups, uniform: list[dict], shown: list[dict],
+                    tried: list[dict]) -> dict:
+    """results.json's ``groups``: the groups, every point tried (report scores, intervals), the
+    best, the Pareto front over the uniform and group points, and each group's reach on the
+    first objective group (grammar, by default)."""
+    axes = [g for g in run.groups if g in uniform[0]]
+    for rec, raw in zip(shown, tried, strict=True):
+        rec.update({k: raw[k] for k in ("round", "probe", "best") if k in raw})
+    everything = ([{"point": f"uniform alpha={r['alpha']}", **r} for r in uniform]
+                  + [{"point": point_key(r["group_alphas"]), **r} for r in shown])
+    start = shown[0]  # every group at the uniform alpha: where the search began
+    return {"spec": run.cfg.groups, "grid": parse_alpha_grid(run.cfg.group_grid,
+                                                              run.cfg.allow_extrapolation),
+            "rounds": run.cfg.group_rounds,
+            "tensors": {g: [run.names[i] for i in idx] for g, idx in groups.members.items()},
+            "points": shown, "best": point_key(next(r for r in shown if r["best"])[
+                "group_alphas"]),
+            "axes": axes,
+            "pareto": [{k: everything[i][k] for k in ("point", *axes, "objective")}
+                       for i in pareto_front(everything, axes)] if axes else [],
+            "sensitivity": sensitivity(shown, start, axes[0]) if axes else {}}
 
 
 def _selection_summary(cfg: MergeConfig, split: Split) -> dict:
@@ -573,3 +670,5 @@ def _write_report(cfg: MergeConfig, results: dict) -> None:
     atomic_write_bytes(cfg.out / "alpha_curve.png", plot_alpha_curve(results))
     if len(results["vlms"]) > 1:
         atomic_write_bytes(cfg.out / "checkpoint_curve.png", plot_checkpoint_curve(results))
+    if "groups" in results:
+        atomic_write_bytes(cfg.out / "pareto.png", plot_pareto(results))

@@ -113,9 +113,40 @@ def results_markdown(results: dict) -> str:
             lines.append(f"| {vlm} | {which.upper()} | "
                          + " | ".join(f"{vals[c]:.4f}" for c in cols) + " |")
     lines += _interval_table(results, means)
+    lines += _groups_section(results)
     if results["kept"]:
         lines += ["", "## Kept checkpoints", ""] + [f"- `{k}`" for k in results["kept"]]
     return "\n".join(lines) + "\n"
+
+
+def _groups_section(results: dict) -> list[str]:
+    """--groups: the groups, the points tried, the Pareto front and each group's reach."""
+    g = results.get("groups")
+    if not g:
+        return []
+    axes = g["axes"]
+    lines = ["", f"## Per-group alphas (--groups {g['spec']})", "",
+             "Coordinate ascent from the chosen uniform alpha: each round moves every group "
+             "alone over the grid " + ", ".join(map(str, g["grid"])) + " and takes the best "
+             "move; the first round's moves (probe) show what each group does alone.", "",
+             "| group | tensors |", "|---|---|"]
+    lines += [f"| {name} | {len(t)} |" for name, t in g["tensors"].items()]
+    cols = axes + ["objective"]
+    lines += ["", "| point | " + " | ".join(cols) + " | |", "|---|" + "---|" * (len(cols) + 1)]
+    for p in g["points"]:
+        key = ", ".join(f"{k}={v}" for k, v in p["group_alphas"].items())
+        mark = ("best" if p.get("best") else f"probe {p['probe']}" if "probe" in p
+                else "start" if p["round"] == 0 else f"round {p['round']}")
+        lines.append(f"| {key} | " + " | ".join(f"{p[c]:.4f}" for c in cols) + f" | {mark} |")
+    if g["pareto"]:
+        lines += ["", f"Pareto front over the uniform and group points ({' vs '.join(axes)}; "
+                  "no other point is as good on every axis and better on one):", ""]
+        lines += [f"- {p['point']}: " + ", ".join(f"{a} {p[a]:.4f}" for a in axes)
+                  for p in g["pareto"]]
+    if g["sensitivity"]:
+        lines += ["", f"How far each group alone moved {axes[0]} (max - min over its probes): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in g["sensitivity"].items())]
+    return lines
 
 
 def _selection_line(results: dict) -> str:
@@ -249,6 +280,39 @@ def _alpha_figure(results: dict):
         panels[0][0].legend(fontsize=7)
     fig.suptitle(f"{results['method']['name']} merge: score against alpha")
     return fig
+
+
+def plot_pareto(results: dict) -> bytes:
+    """PNG for --groups: the first two objective groups against each other (multimodal across,
+    grammar up, by default): the uniform alphas as a curve, every group point tried, the Pareto
+    front, the best group point circled."""
+    from matplotlib.figure import Figure
+
+    g = results["groups"]
+    y, x = g["axes"][0], g["axes"][1] if len(g["axes"]) > 1 else "objective"
+    fig = Figure(figsize=(6.4, 5.0), layout="constrained")
+    ax = fig.subplots()
+    uniform = results["records"]
+    ax.plot([r[x] for r in uniform], [r[y] for r in uniform], "o-", color="C0", ms=4,
+            label="one alpha (uniform)")
+    for r in uniform:
+        ax.annotate(f"{r['alpha']:g}", (r[x], r[y]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    points = g["points"]
+    ax.plot([p[x] for p in points], [p[y] for p in points], "x", color="C1", ms=5,
+            label=f"per-group alphas ({g['spec']})")
+    front = sorted(g["pareto"], key=lambda p: p[x])
+    ax.plot([p[x] for p in front], [p[y] for p in front], "--", color="C2", lw=1.2,
+            label="Pareto front")
+    best = next(p for p in points if p.get("best"))
+    ax.plot([best[x]], [best[y]], "o", color="crimson", ms=10, mfc="none", mew=2,
+            label="best group point")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle("per-group merging against one alpha")
+    return _png(fig)
 
 
 def plot_alpha_curve(results: dict) -> bytes:

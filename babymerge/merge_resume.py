@@ -52,7 +52,9 @@ def log_record(path: Path, rec: dict) -> None:
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
     shown = " ".join(f"{n}={s:.4f}" for n, s in rec["scores"].items())
-    what = f"{rec['endpoint'].upper()} unmerged" if "endpoint" in rec else f"alpha={rec['alpha']}"
+    what = (f"{rec['endpoint'].upper()} unmerged" if "endpoint" in rec else
+            f"groups {', '.join(f'{g}={a}' for g, a in rec['group_alphas'].items())}"
+            if "group_alphas" in rec else f"alpha={rec['alpha']}")
     click.echo(f"[{rec['vlm']}] {what}: {shown} objective={rec['objective']:.4f}")
 
 
@@ -208,7 +210,8 @@ def read_metrics(path: Path) -> list[dict]:
             rec = None
         if not (isinstance(rec, dict) and isinstance(rec.get("vlm"), str)
                 and isinstance(rec.get("scores"), dict)
-                and (rec.get("endpoint") in ("vlm", "lm") or isinstance(rec.get("alpha"), float))):
+                and (rec.get("endpoint") in ("vlm", "lm") or isinstance(rec.get("alpha"), float)
+                     or isinstance(rec.get("group_alphas"), dict))):
             raise MergeError(f"{path}:{number}: not a merge record; fix or remove the line, or "
                              "pass --restart to discard every logged point")
         out.append(rec)

@@ -37,6 +37,8 @@ Python (``--mergekit-python``), which need not have babymerge.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -305,8 +307,9 @@ def ranks_sweep(preset: str, ranks: int, alphas: str, pairs: int) -> dict:
         world = generate_world(WorldConfig(train_images=8, eval_images=8, text_words=20_000,
                                            pairs_per_phenomenon=pairs), root / "world",
                                progress=False)
-        train_tokenizer(TokenizerConfig(corpus=[world.corpus], out=root / "tok",
-                                        vocab_size=2000, progress=False))
+        with contextlib.redirect_stdout(io.StringIO()):  # its summary line is not ours to print
+            train_tokenizer(TokenizerConfig(corpus=[world.corpus], out=root / "tok",
+                                            vocab_size=2000, progress=False))
         tok = load_tokenizer(root / "tok")
         ids = dict(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"),
                    pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
