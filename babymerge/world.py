@@ -79,6 +79,13 @@ class WorldConfig:
     train_images: int = opt(2000, "Scenes with captions, used to train the VLM")
     eval_images: int = opt(300, "Held-out scenes for the Winoground- and VQA-style sets")
     captions_per_image: int = opt(3, "Captions per training scene (different templates)")
+    caption_style: str = opt("mixed", "'mixed': descriptions as real captions mostly are, "
+                             "noun phrases and relations with no verb ('two red circles above "
+                             "a blue square.'), and question-answer talk about the picture "
+                             "('what colour are the circles? red.'), the format the VQA-style "
+                             "items ask in; 'fragments': the descriptions only; 'sentences': "
+                             "full statements ('two red circles are above a blue square.') and "
+                             "the questions", choices=("mixed", "fragments", "sentences"))
     text_words: int = opt(200_000, "Words of the text-only corpus (approximate, whole sentences)")
     pairs_per_phenomenon: int = opt(200, "Minimal pairs per UID")
     image_size: int = opt(112, "Side of the square scene images in pixels")
@@ -91,6 +98,9 @@ class WorldConfig:
                                  f"got {getattr(self, name)}")
         if self.image_size < 32:
             raise ValueError(f"--image-size must be >= 32 pixels, got {self.image_size}")
+        if self.caption_style not in ("mixed", "fragments", "sentences"):
+            raise ValueError(f"--caption-style must be mixed, fragments or sentences, got "
+                             f"{self.caption_style!r}")
 
 
 @dataclass(frozen=True)
@@ -323,12 +333,52 @@ def count_question(g: Group) -> str:
 CAPTION_TEMPLATES = (_cap_there, _cap_colour_q, _cap_shape_q, _cap_count_q)
 
 
-def captions(scene: Scene, rng: random.Random, k: int) -> list[str]:
-    """``k`` captions of one scene, each from a different template where possible: a statement of
-    where things are, an existence statement, and questions answered from the scene (the caption
-    counterparts of the VQA-style evaluation, as a parent's talk about a picture book)."""
-    first = _cap_relation if len(scene.groups) == 2 else _cap_place
-    templates = [first] + rng.sample(CAPTION_TEMPLATES, len(CAPTION_TEMPLATES))
+# --- fragment captions: the same facts with no verb, as web and dataset captions mostly are
+# ("two red circles above a blue square"): nothing in them teaches agreement
+
+
+def _frag_relation(scene: Scene, rng: random.Random) -> str:
+    a, b = scene.groups
+    return sentence(f"{group_np(a)} {RELATIONS[scene.where]} {group_np(b)}")
+
+
+def _frag_place(scene: Scene, rng: random.Random) -> str:
+    return sentence(f"{group_np(scene.groups[0])} {PLACES[scene.where]}")
+
+
+def _frag_picture(scene: Scene, rng: random.Random) -> str:
+    return sentence("a picture of " + " and ".join(group_np(g) for g in scene.groups))
+
+
+def _frag_colour(scene: Scene, rng: random.Random) -> str:
+    g = rng.choice(scene.groups)
+    return sentence(f"{g.colour} {noun_form(g.shape, g.number)}")
+
+
+def _frag_count(scene: Scene, rng: random.Random) -> str:
+    g = rng.choice(scene.groups)
+    return sentence(f"{NUMBER_WORDS[g.count]} {noun_form(g.shape, g.number)}")
+
+
+FRAGMENT_TEMPLATES = (_frag_picture, _frag_colour, _frag_count)
+
+
+def captions(scene: Scene, rng: random.Random, k: int, style: str = "sentences") -> list[str]:
+    """``k`` captions of one scene, each from a different template where possible. Sentences: a
+    statement of where things are, an existence statement, and questions answered from the
+    scene (the caption counterparts of the VQA-style evaluation, as a parent's talk about a
+    picture book). Fragments: the same facts with no verb. Mixed: fragments for the
+    descriptions, and the questions."""
+    if style == "fragments":
+        first = _frag_relation if len(scene.groups) == 2 else _frag_place
+        rest = FRAGMENT_TEMPLATES
+    elif style == "mixed":
+        first = _frag_relation if len(scene.groups) == 2 else _frag_place
+        rest = (_frag_picture, _cap_colour_q, _cap_shape_q, _cap_count_q)
+    else:
+        first = _cap_relation if len(scene.groups) == 2 else _cap_place
+        rest = CAPTION_TEMPLATES
+    templates = [first] + rng.sample(rest, len(rest))
     return [templates[i % len(templates)](scene, rng) for i in range(k)]
 
 
@@ -678,7 +728,7 @@ def generate_world(cfg: WorldConfig, out: str | Path, progress: bool = True) -> 
     rng = random.Random(seeds["captions"])
     caption_rows = [{"image_id": image_id, "caption": c}
                     for image_id, scene in train
-                    for c in captions(scene, rng, cfg.captions_per_image)]
+                    for c in captions(scene, rng, cfg.captions_per_image, cfg.caption_style)]
     _write_jsonl(paths.captions, caption_rows)
 
     grammar = Grammar(random.Random(seeds["corpus"]))

@@ -229,6 +229,30 @@ def test_demo_never_writes_over_a_folder_or_file_it_did_not_start(tmp_path):
     _check_demo_folder(tmp_path / "empty")
 
 
+def test_the_vlm_reads_the_text_its_captions_leave_of_the_lms_budget(tmp_path):
+    """As in the paper (50M text + 50M caption words), half of the VLM's words may be captions:
+    it reads a prefix of the LM's text whose words and the captions' add up to the LM's."""
+    from types import SimpleNamespace
+
+    from babymerge.demo import _vlm_text
+
+    world = SimpleNamespace(corpus=tmp_path / "text" / "corpus.txt",
+                            captions=tmp_path / "captions.jsonl")
+    world.corpus.parent.mkdir()
+    lines = [f"sentence number {i} has six words." for i in range(100)]  # 600 words
+    world.corpus.write_text("\n".join(lines) + "\n")
+    world.captions.write_text("".join(json.dumps({"image_id": str(i), "caption": "red circles."})
+                                      + "\n" for i in range(120)))  # 240 words
+    text = _vlm_text(SCALES["small"], world)
+    kept = text.read_text().splitlines()
+    assert kept == lines[:60] and text != world.corpus  # 360 + 240 = 600 words
+    assert _vlm_text(dataclasses.replace(SCALES["small"], vlm_text="all"), world) == world.corpus
+    world.captions.write_text("".join(json.dumps({"image_id": str(i), "caption": "a b c d e f"})
+                                      + "\n" for i in range(100)))  # as many words as the text
+    with pytest.raises(ValueError, match="exceed the text's"):
+        _vlm_text(SCALES["small"], world)
+
+
 def test_demo_training_saves_its_resume_state_during_the_run(tmp_path):
     """An interrupted demo resumes training from the last save, not from step 0: the demo's
     train configs save the resume state periodically (the tiny VLM alone runs ~640 steps)."""
@@ -237,8 +261,9 @@ def test_demo_training_saves_its_resume_state_during_the_run(tmp_path):
     from babymerge.demo import _train_config
 
     world = SimpleNamespace(corpus=tmp_path / "corpus.txt", captions=tmp_path / "captions.jsonl")
-    for path in (world.corpus, world.captions, tmp_path / "features.h5"):
-        path.write_text("x\n")
+    world.corpus.write_text("the dog sees a cat.\n" * 20)
+    world.captions.write_text('{"image_id": "a", "caption": "two red circles."}\n')
+    (tmp_path / "features.h5").write_text("x\n")
     for kind in ("lm", "vlm"):
         cfg = _train_config(DemoConfig(out=tmp_path, scale="tiny"), SCALES["tiny"], kind,
                             tmp_path, world, tmp_path / "features.h5", tmp_path / "tok")
